@@ -1,0 +1,5 @@
+import sys
+
+from dfq.cli import main
+
+sys.exit(main())

@@ -1,0 +1,61 @@
+"""Self-describing checkpoints of quantized models.
+
+A checkpoint holds the resolved run configuration next to the state dict, so
+the quantized model is rebuilt from the file alone: create the float
+architecture by name, apply the saved quantization config, load the state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import dfq
+from dfq.config import RunConfig, from_dict
+from dfq.errors import DFQError
+from dfq.models import create_model
+from dfq.quant import quantize_model
+from dfq.utils.io import save_torch
+
+__all__ = ["CHECKPOINT_NAME", "load_quantized", "save_quantized"]
+
+CHECKPOINT_NAME = "model.pt"
+_FORMAT = "dfq-quantized-v1"
+
+
+def save_quantized(path: str | Path, model: nn.Module, config: RunConfig, **extra: Any) -> Path:
+    """Atomically write ``model``'s state with everything needed to rebuild it."""
+    payload = {
+        "format": _FORMAT,
+        "dfq_version": dfq.__version__,
+        "config": config.to_dict(),
+        "state_dict": model.state_dict(),
+        **extra,
+    }
+    return save_torch(payload, path)
+
+
+def load_quantized(path: str | Path) -> tuple[nn.Module, RunConfig]:
+    """Rebuild a quantized model from a checkpoint file or a run directory."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise DFQError(f"no dfq checkpoint at {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt or foreign file
+        raise DFQError(f"cannot read checkpoint {path}: corrupt or not a dfq checkpoint ({type(e).__name__})") from e
+    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
+        raise DFQError(f"{path} is not a dfq quantized checkpoint")
+    config = from_dict(RunConfig, payload["config"])
+    model = quantize_model(create_model(config.model), config.quant, inplace=True)
+    try:
+        model.load_state_dict(payload["state_dict"], strict=True)
+    except RuntimeError as e:
+        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
+        raise DFQError(f"checkpoint {path} does not match model '{config.model}': {first}") from e
+    return model.eval(), config

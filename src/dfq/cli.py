@@ -1,0 +1,224 @@
+"""Command-line interface: a thin layer over :mod:`dfq.api`.
+
+Every command that reports numbers accepts ``--json`` and then prints one JSON
+object as the last line of standard output. Errors a user can cause print one
+line on stderr and exit with code 2 (``--debug`` shows the traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import dfq
+from dfq.errors import DFQError
+
+EXIT_USER_ERROR = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except DFQError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"dfq: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("dfq: interrupted", file=sys.stderr)
+        return 130
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits with 2 on usage errors already; keep its message to one line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USER_ERROR, f"dfq: error: {message} (see `{self.prog} --help`)\n")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    common.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    common.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    parser = _Parser(prog="dfq", description="Data-free quantization of neural networks.")
+    parser.add_argument("--version", action="version", version=f"dfq {dfq.__version__}")
+    parser.set_defaults(debug=False)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("models", parents=[common], help="list the model zoo")
+    p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'resnet*'")
+    p.set_defaults(func=_cmd_models)
+
+    p = sub.add_parser("eval", parents=[common], help="evaluate a float model or a quantized run on real data")
+    p.add_argument("target", help="a model name from `dfq models`, or a run directory from `dfq quantize`")
+    p.add_argument("--data", required=True, help="test set: .npz, CIFAR archive/folder or ImageNet class folder")
+    p.add_argument("--weights", help="float checkpoint for a model name (default: the published weights)")
+    _add_data_args(p)
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("quantize", parents=[common], help="quantize a model without training data")
+    p.add_argument("model", help="model name from `dfq models`")
+    p.add_argument("--method", help="data-free method (default: zeroq)")
+    p.add_argument("--wbits", type=int, help="weight bit-width, 2-8 (default 4)")
+    p.add_argument("--abits", type=int, help="activation bit-width, 2-8 (default 4)")
+    p.add_argument("--weights", help="float checkpoint (default: the published weights)")
+    p.add_argument("--config", help="YAML preset; command-line values override it")
+    p.add_argument("--out", required=True, help="run directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--data", help="real test set, used only to report accuracy")
+    p.add_argument("--observer", choices=["ema", "paper", "minmax"], help="activation range observer")
+    p.add_argument("--steps", type=int, help="zeroq: optimisation steps of the distilled inputs")
+    p.add_argument("--num-samples", type=int, help="zeroq: number of distilled inputs")
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="PATTERN=WxAy",
+        help="per-layer bits by name pattern, e.g. conv1=W8 or 'linear=W8A8' (repeatable)",
+    )
+    _add_data_args(p)
+    p.set_defaults(func=_cmd_quantize)
+    return parser
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--batch-size", type=int, default=500, help="evaluation batch size")
+    p.add_argument("--workers", type=int, default=0, help="data loader worker processes (image folders)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N images")
+
+
+def _emit(args: argparse.Namespace, human: str, payload: dict[str, Any]) -> None:
+    print(human)
+    if args.json:
+        print(json.dumps(payload, sort_keys=True))
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from dfq.models import get_model_info, list_models
+
+    names = list_models(args.pattern)
+    rows = []
+    for n in names:
+        info = get_model_info(n)
+        rows.append({"name": n, "dataset": info.dataset, "num_classes": info.num_classes,
+                     "weights": list(info.weights), "description": info.description})
+    human = "\n".join(f"{r['name']:<22} {r['dataset']:<9} {r['num_classes']:>5}  {r['description']}" for r in rows)
+    _emit(args, human, {"models": rows})
+    return 0
+
+
+def _make_evaluator(args: argparse.Namespace, info: Any):
+    """An evaluation callback over the real test set (the only place real data is read)."""
+    from dfq.data import make_loader, open_dataset
+    from dfq.evaluate import evaluate
+
+    if args.batch_size < 1:
+        raise DFQError(f"--batch-size must be >= 1, got {args.batch_size}")
+    dataset = open_dataset(args.data, image_size=info.input_size[-1])
+    if dataset.num_classes > info.num_classes:
+        raise DFQError(
+            f"{args.data} has {dataset.num_classes} classes but model '{info.name}' predicts {info.num_classes}"
+        )
+    if tuple(dataset.image_size) != tuple(info.input_size[1:]):
+        raise DFQError(f"{args.data} has {dataset.image_size} images, model '{info.name}' expects {info.input_size[1:]}")
+    total = min(len(dataset), args.limit) if args.limit else len(dataset)
+
+    def run_eval(model: nn.Module) -> dict[str, Any]:
+        loader = make_loader(dataset, info.mean, info.std, batch_size=args.batch_size, workers=args.workers,
+                             limit=args.limit)
+        return evaluate(model, loader, total=total, progress=not args.no_progress)
+
+    return run_eval, dataset
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from dfq.checkpoint import load_quantized
+    from dfq.models import create_model
+
+    target = Path(args.target)
+    quantized = target.is_dir() or target.suffix == ".pt"
+    if quantized:
+        if args.weights:
+            raise DFQError("--weights applies to a model name, not to a run directory")
+        model, config = load_quantized(target)
+        name, bits = config.model, {"wbits": config.quant.wbits, "abits": config.quant.abits,
+                                    "method": config.method}
+    else:
+        model = create_model(args.target, pretrained=args.weights is None, weights=args.weights,
+                             progress=not args.no_progress)
+        name, bits = args.target, {"wbits": 32, "abits": 32}
+    run_eval, dataset = _make_evaluator(args, model.dfq_info)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        metrics = run_eval(model)
+    payload = {"model": name, "data": str(args.data), "dataset": dataset.name, **bits, **metrics,
+               "seconds": round(time.perf_counter() - start, 3)}
+    human = f"{name} on {dataset.name}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  ({metrics['n']} images)"
+    _emit(args, human, payload)
+    return 0
+
+
+_OVERRIDE = re.compile(r"^(?P<pattern>[^=]+)=(?:W(?P<w>\d+))?(?:A(?P<a>\d+))?$", re.IGNORECASE)
+
+
+def _parse_overrides(items: list[str]) -> dict[str, dict[str, int]]:
+    out = {}
+    for item in items:
+        m = _OVERRIDE.match(item.strip())
+        if not m or not (m["w"] or m["a"]):
+            raise DFQError(f"--override must look like PATTERN=W8, PATTERN=A8 or PATTERN=W8A8, got '{item}'")
+        out[m["pattern"]] = {k: int(v) for k, v in (("wbits", m["w"]), ("abits", m["a"])) if v}
+    return out
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from dfq.api import run
+    from dfq.config import load_yaml, resolve_config
+    from dfq.models import get_model_info
+
+    preset = load_yaml(args.config) if args.config else {}
+    overrides = {
+        "model": args.model,
+        "method": args.method,
+        "weights": args.weights,
+        "seed": args.seed,
+        "quant.wbits": args.wbits,
+        "quant.abits": args.abits,
+        "quant.act_observer": args.observer,
+        "zeroq.steps": args.steps,
+        "zeroq.num_samples": args.num_samples,
+    }
+    if args.override:
+        overrides["quant.overrides"] = {**preset.get("quant", {}).get("overrides", {}), **_parse_overrides(args.override)}
+    config = resolve_config(preset, overrides)
+    info = get_model_info(config.model)
+    if config.weights and not Path(config.weights).is_file():
+        raise DFQError(f"weights file not found: {config.weights}")
+    evaluator = _make_evaluator(args, info)[0] if args.data else None  # validates the data before any work
+    summary = run(config, args.out, evaluate=evaluator, overwrite=args.overwrite, progress=not args.no_progress)
+    bits = f"W{config.quant.wbits}A{config.quant.abits}"
+    human = f"{config.method} {bits} {config.model}: quantized in {summary['seconds']:.1f}s -> {args.out}"
+    if "top1" in summary:
+        human += (f"\n  top-1 {summary['top1']:.2f}% (full precision {summary['fp_top1']:.2f}%, "
+                  f"drop {summary['drop']:.2f}) on {summary['n']} images")
+    _emit(args, human, {**summary, "out": str(args.out)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Quantization primitives, quantizers, quantized layers and model conversion.
+
+This package knows nothing about training: methods and the engine use it.
+"""
+
+from dfq.quant.api import (
+    LayerOverride,
+    QuantConfig,
+    act_quantizers,
+    calibrate,
+    quant_disabled,
+    quantize_model,
+    set_act_mode,
+)
+from dfq.quant.functional import choose_qparams, dequantize, fake_quantize, quantize, round_ste
+from dfq.quant.modules import QuantConv2d, QuantLinear, QuantReLU
+from dfq.quant.quantizer import ActMode, ActQuantizer, WeightQuantizer
+from dfq.quant.spec import Granularity, QuantSpec
+
+__all__ = [
+    "ActMode",
+    "ActQuantizer",
+    "Granularity",
+    "LayerOverride",
+    "QuantConfig",
+    "QuantConv2d",
+    "QuantLinear",
+    "QuantReLU",
+    "QuantSpec",
+    "WeightQuantizer",
+    "act_quantizers",
+    "calibrate",
+    "choose_qparams",
+    "dequantize",
+    "fake_quantize",
+    "quant_disabled",
+    "quantize",
+    "quantize_model",
+    "round_ste",
+    "set_act_mode",
+]

@@ -1,0 +1,303 @@
+"""Turn a float model into a fake-quantized copy, and drive its quantizers.
+
+The papers' protocol (METHODS.md §1.4): every Conv2d/Linear gets a weight
+quantizer (first and last layer included), every ReLU/ReLU6 is followed by an
+activation quantizer, the input image is not quantized, BatchNorm stays
+unfolded. Models that apply activations functionally (``F.relu`` in
+``forward``) or reuse one ReLU module at several sites are rewritten with
+``torch.fx`` so that every activation site is its own module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fnmatch
+import operator
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from dfq.errors import DFQError, UnsupportedLayerError
+from dfq.quant.modules import QuantConv2d, QuantLinear, QuantReLU
+from dfq.quant.quantizer import OBSERVERS, ActMode, ActQuantizer, WeightQuantizer
+from dfq.quant.spec import Granularity, QuantSpec, check_bits
+
+__all__ = [
+    "LayerOverride",
+    "QuantConfig",
+    "act_quantizers",
+    "calibrate",
+    "quant_disabled",
+    "quantize_model",
+    "set_act_mode",
+]
+
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6)
+# Parameter-free modules that need no quantizer of their own under the papers' protocol.
+_PASSTHROUGH = (
+    nn.Identity,
+    nn.Dropout,
+    nn.Flatten,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.Sequential,
+    nn.ModuleList,
+    nn.ModuleDict,
+)
+_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
+_SUPPORTED = (nn.Conv2d, nn.Linear, QuantReLU, WeightQuantizer, ActQuantizer, *_ACTIVATIONS, *_BATCHNORM, *_PASSTHROUGH)
+# Known nonlinearities the protocol cannot place a quantizer after.
+_UNSUPPORTED_ACTIVATIONS = (
+    nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.Mish,
+)  # fmt: skip
+_FX_RELU_FUNCS = {F.relu: nn.ReLU, torch.relu: nn.ReLU, torch.relu_: nn.ReLU, F.relu6: nn.ReLU6}
+_FX_RELU_METHODS = {"relu": nn.ReLU, "relu_": nn.ReLU}
+_FX_UNSUPPORTED_FUNCS = {
+    F.gelu, F.silu, F.hardswish, F.leaky_relu, F.elu, torch.sigmoid, torch.tanh, F.conv1d, F.conv2d, F.conv3d, F.linear,
+}  # fmt: skip
+
+
+@dataclass
+class LayerOverride:
+    """Bit-widths for the layers whose names match a pattern (``None`` keeps the default)."""
+
+    wbits: int | None = None
+    abits: int | None = None
+
+    def __post_init__(self) -> None:
+        for what in ("wbits", "abits"):
+            if getattr(self, what) is not None:
+                check_bits(getattr(self, what), what)
+
+
+@dataclass
+class QuantConfig:
+    """How to quantize a model.
+
+    Attributes:
+        wbits: weight bit-width of every Conv2d/Linear (2-8; 16/32 as no-op checks).
+        abits: bit-width of every activation quantizer (after each ReLU/ReLU6).
+        weight_granularity: "per_channel" (the papers') or "per_tensor".
+        weight_symmetric: symmetric weights instead of the papers' asymmetric min/max.
+        act_symmetric: symmetric (unsigned after ReLU) activations instead of asymmetric.
+        act_observer: "ema" (bias-corrected EMA), "paper" (the papers' update, quirk
+            included) or "minmax" (running min/max).
+        act_momentum: EMA momentum of the observer.
+        overrides: fnmatch pattern on a layer's qualified name -> :class:`LayerOverride`.
+            For example ``{"conv1": LayerOverride(wbits=8), "linear": LayerOverride(wbits=8)}``
+            keeps the first and last layers at 8 bits; an activation site is named after its
+            ReLU module (``layer3.2.relu2``). Later patterns win.
+    """
+
+    wbits: int = 4
+    abits: int = 4
+    weight_granularity: str = "per_channel"
+    weight_symmetric: bool = False
+    act_symmetric: bool = False
+    act_observer: str = "ema"
+    act_momentum: float = 0.9
+    overrides: dict[str, LayerOverride] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_bits(self.wbits, "wbits")
+        check_bits(self.abits, "abits")
+        if self.weight_granularity not in {g.value for g in Granularity}:
+            raise DFQError(f"weight_granularity must be per_channel or per_tensor, got {self.weight_granularity!r}")
+        if self.act_observer not in OBSERVERS:
+            raise DFQError(f"act_observer must be one of {', '.join(OBSERVERS)}, got {self.act_observer!r}")
+        if not 0.0 < self.act_momentum < 1.0:
+            raise DFQError(f"act_momentum must be in (0, 1), got {self.act_momentum}")
+        self.overrides = {
+            str(k): v if isinstance(v, LayerOverride) else LayerOverride(**v) for k, v in self.overrides.items()
+        }
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> QuantConfig:
+        return cls(**d)
+
+    def bits_for(self, name: str) -> tuple[int, int]:
+        """(wbits, abits) for the layer called ``name``, after overrides."""
+        wbits, abits = self.wbits, self.abits
+        for pattern, o in self.overrides.items():
+            if fnmatch.fnmatchcase(name, pattern):
+                wbits = o.wbits if o.wbits is not None else wbits
+                abits = o.abits if o.abits is not None else abits
+        return wbits, abits
+
+
+def quantize_model(model: nn.Module, config: QuantConfig, *, inplace: bool = False) -> nn.Module:
+    """Return a fake-quantized copy of ``model`` (a float classifier) under ``config``.
+
+    Activation quantizers start in OBSERVE mode; calibrate them on (synthetic)
+    data, then freeze with :func:`set_act_mode`. The input model is left untouched
+    unless ``inplace``.
+
+    Raises:
+        UnsupportedLayerError: listing every layer that cannot be quantized, by name.
+
+    Example:
+        >>> from dfq.models import create_model
+        >>> q = quantize_model(create_model("resnet20a_cifar10"), QuantConfig(wbits=4, abits=4))
+        >>> type(q.conv1).__name__, type(q.layer1[0].relu1).__name__
+        ('QuantConv2d', 'QuantReLU')
+    """
+    info = getattr(model, "dfq_info", None)
+    model = model if inplace else copy.deepcopy(model)
+    model = _split_activation_sites(model)
+    _check_supported(model)
+    for name, module in list(model.named_modules()):
+        replacement = _quantized_version(name, module, config)
+        if replacement is not None:
+            _set_submodule(model, name, replacement)
+    if info is not None:
+        model.dfq_info = info  # type: ignore[assignment]
+    return model
+
+
+def _quantized_version(name: str, module: nn.Module, config: QuantConfig) -> nn.Module | None:
+    wbits, abits = config.bits_for(name)
+    if isinstance(module, nn.Conv2d | nn.Linear) and not isinstance(module, QuantConv2d | QuantLinear):
+        spec = QuantSpec(wbits, config.weight_symmetric, Granularity(config.weight_granularity))
+        cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
+        return cls.from_float(module, WeightQuantizer(spec))
+    if isinstance(module, _ACTIVATIONS):
+        spec = QuantSpec(abits, config.act_symmetric, Granularity.PER_TENSOR)
+        return QuantReLU.from_float(module, ActQuantizer(spec, config.act_observer, config.act_momentum))
+    return None
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
+
+
+def _check_supported(model: nn.Module) -> None:
+    bad = []
+    for name, m in model.named_modules():
+        if isinstance(m, _SUPPORTED) or isinstance(m, fx.GraphModule):
+            continue
+        has_own_params = any(True for _ in m.parameters(recurse=False))
+        if has_own_params or isinstance(m, _UNSUPPORTED_ACTIVATIONS) or _is_unsupported_leaf(m):
+            bad.append(f"{name or '<root>'} ({type(m).__name__})")
+    if bad:
+        raise UnsupportedLayerError(
+            f"cannot quantize {len(bad)} layer(s): {', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}; "
+            "supported: Conv2d, Linear, BatchNorm, ReLU, ReLU6 and parameter-free pooling/reshaping"
+        )
+
+
+def _is_unsupported_leaf(m: nn.Module) -> bool:
+    """torch.nn layers outside the supported set (a user's own parameter-free modules are fine)."""
+    return type(m).__module__.startswith("torch.nn") and not any(True for _ in m.children())
+
+
+def _split_activation_sites(model: nn.Module) -> nn.Module:
+    """Give every ReLU/ReLU6 application its own module, tracing with torch.fx if needed.
+
+    Returns the model unchanged when it already has one module per site, so zoo
+    models keep their class and parameter names.
+    """
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception as e:  # tracing fails on data-dependent control flow
+        warnings.warn(
+            f"torch.fx could not trace {type(model).__name__} ({type(e).__name__}); only ReLU/ReLU6 *modules* "
+            "get activation quantizers, functional activations in forward() stay in float",
+            stacklevel=3,
+        )
+        return model
+    bad = [f"{n.name} ({getattr(n.target, '__name__', n.target)})" for n in gm.graph.nodes if _fx_unsupported(n)]
+    if bad:
+        raise UnsupportedLayerError(f"cannot quantize functional call(s) in forward(): {', '.join(bad)}")
+    seen: set[str] = set()
+    rewrites = []
+    for node in gm.graph.nodes:
+        act = _fx_activation(gm, node)
+        if act is None:
+            continue
+        if node.op == "call_module" and node.target not in seen:
+            seen.add(node.target)
+            continue
+        rewrites.append((node, act))
+    if not rewrites:
+        return model
+    for node, act in rewrites:
+        name = f"{node.name}_act"
+        gm.add_submodule(name, act())
+        with gm.graph.inserting_after(node):
+            new = gm.graph.call_module(name, args=(node.args[0],))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _fx_activation(gm: fx.GraphModule, node: fx.Node) -> type[nn.Module] | None:
+    if node.op == "call_function" and node.target in _FX_RELU_FUNCS:
+        return _FX_RELU_FUNCS[node.target]
+    if node.op == "call_method" and node.target in _FX_RELU_METHODS:
+        return _FX_RELU_METHODS[node.target]
+    if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), _ACTIVATIONS):
+        return type(gm.get_submodule(str(node.target)))
+    return None
+
+
+def _fx_unsupported(node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _FX_UNSUPPORTED_FUNCS or node.target in (operator.matmul, torch.matmul)
+    return False
+
+
+def act_quantizers(model: nn.Module) -> Iterator[tuple[str, ActQuantizer]]:
+    """(name, quantizer) for every activation quantizer in ``model``."""
+    for name, m in model.named_modules():
+        if isinstance(m, ActQuantizer):
+            yield name, m
+
+
+def set_act_mode(model: nn.Module, mode: ActMode | str) -> None:
+    """Put every activation quantizer in ``mode`` ("observe", "frozen" or "disabled")."""
+    mode = ActMode[mode.upper()] if isinstance(mode, str) else mode
+    for _, q in act_quantizers(model):
+        q.set_mode(mode)
+
+
+@contextlib.contextmanager
+def quant_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` with activation and weight quantization off (restores the modes on exit)."""
+    saved = [(q, q.get_mode()) for _, q in act_quantizers(model)]
+    weight_qs = [m for m in model.modules() if isinstance(m, WeightQuantizer)]
+    specs = [q.spec for q in weight_qs]
+    try:
+        set_act_mode(model, ActMode.DISABLED)
+        for q in weight_qs:
+            q.spec = QuantSpec(32)
+        yield model
+    finally:
+        for q, mode in saved:
+            q.set_mode(mode)
+        for q, spec in zip(weight_qs, specs, strict=True):
+            q.spec = spec
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """Observe activation ranges on ``batches`` (model in eval mode), then freeze them."""
+    was_training = model.training
+    model.eval()
+    set_act_mode(model, ActMode.OBSERVE)
+    for x in batches:
+        model(x)
+    set_act_mode(model, ActMode.FROZEN)
+    model.train(was_training)

@@ -1,0 +1,106 @@
+"""Pure fake-quantization primitives (no state, no training logic).
+
+Convention: ``x_hat = (clamp(round(x / scale + zp), qmin, qmax) - zp) * scale`` with
+round-half-to-even. ``x / scale`` is computed as ``x * (1 / scale)`` as in
+``torch.fake_quantize_per_*_affine``. The zero point is added *before* rounding,
+as in the papers' formula: at exact ties (``x / scale`` ending in .5) with an odd
+zero point this picks the neighbour that the papers pick, where PyTorch and ONNX
+(which round first) pick the other one. Everywhere else the results are equal.
+
+The DFQ papers' asymmetric quantizer (METHODS.md §1.4) writes the same grid
+with an inverse step ``s = (2^k - 1) / (hi - lo)`` and a signed integer range;
+:func:`choose_qparams` returns the equivalent (scale, zero_point) on the unsigned
+grid ``[0, 2^k - 1]``, and the gradient is the papers' plain straight-through
+estimator: identity for x, with no mask on clamped elements.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["choose_qparams", "dequantize", "fake_quantize", "quantize", "round_ste"]
+
+_EPS = 1e-8  # the papers' floor on (hi - lo)
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round half to even in the forward pass, identity gradient in the backward pass.
+
+    Example:
+        >>> x = torch.tensor([0.5, 1.5, 2.4], requires_grad=True)
+        >>> round_ste(x).sum().backward(); x.grad
+        tensor([1., 1., 1.])
+    """
+    return _RoundSTE.apply(x)
+
+
+def choose_qparams(
+    lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Grid for the range ``[lo, hi]`` (tensors of any shape, e.g. one per channel).
+
+    Asymmetric (the papers'): ``2^k`` levels with step ``(hi - lo) / (2^k - 1)``,
+    the lowest level at ``round(lo / step) * step``, unsigned integers.
+    Symmetric: zero point 0; unsigned ``[0, 2^k - 1]`` when ``lo >= 0`` everywhere
+    (post-ReLU activations), otherwise the signed narrow grid ``[-(2^(k-1) - 1), 2^(k-1) - 1]``.
+
+    Returns:
+        ``(scale, zero_point, qmin, qmax)``; ``zero_point`` is a float tensor holding integers.
+    """
+    lo, hi = lo.detach().float(), hi.detach().float()
+    if not symmetric:
+        qmax = 2**bits - 1
+        scale = torch.clamp(hi - lo, min=_EPS) / qmax
+        zero_point = -torch.round(lo * (1.0 / scale))
+        return scale, zero_point, 0, qmax
+    if bool((lo >= 0).all()):
+        qmin, qmax = 0, 2**bits - 1
+        bound = hi
+    else:
+        qmax = 2 ** (bits - 1) - 1
+        qmin = -qmax
+        bound = torch.maximum(lo.abs(), hi.abs())
+    scale = torch.clamp(bound, min=_EPS) / qmax
+    return scale, torch.zeros_like(scale), qmin, qmax
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Integer codes of ``x`` (as floats), clamped to ``[qmin, qmax]``. No gradient."""
+    return torch.clamp(torch.round(x * (1.0 / scale) + zero_point), qmin, qmax)
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """Real values of integer codes."""
+    return (q - zero_point) * scale
+
+
+class _FakeQuantizeSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin, qmax):  # type: ignore[override]
+        return dequantize(quantize(x, scale, zero_point, qmin, qmax), scale, zero_point)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        return grad, None, None, None, None
+
+
+def fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
+) -> torch.Tensor:
+    """``dequantize(quantize(x))`` with the identity straight-through gradient for ``x``.
+
+    ``scale`` and ``zero_point`` broadcast against ``x`` (shape them ``(C, 1, 1, 1)``
+    for per-output-channel conv weights). The gradient is not masked outside the
+    clamp range, as in the DFQ papers' quantizer.
+    """
+    return _FakeQuantizeSTE.apply(x, scale, zero_point, qmin, qmax)

@@ -1,0 +1,1 @@
+"""Small shared utilities: seeding, atomic file writes."""

@@ -1,0 +1,50 @@
+"""Atomic writes: a file is either the old version or the complete new one."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+import yaml
+
+from dfq.errors import DFQError
+
+__all__ = ["atomic_write", "save_json", "save_torch", "save_yaml"]
+
+
+def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """Write via a temporary file in the same directory, fsync, then rename over ``path``."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise DFQError(f"cannot write to {path.parent}: {e.strerror}") from e
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise DFQError(f"cannot write {path}: {e.strerror}") from e
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def save_torch(obj: Any, path: str | Path) -> Path:
+    return atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def save_json(obj: Any, path: str | Path) -> Path:
+    return atomic_write(path, lambda f: f.write((json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()))
+
+
+def save_yaml(obj: Any, path: str | Path) -> Path:
+    return atomic_write(path, lambda f: f.write(yaml.safe_dump(obj, sort_keys=False).encode()))

@@ -1,0 +1,242 @@
+"""Quantizer lifecycle, layer conversion and gradients through the quantized model."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dfq.errors import DFQError, UnsupportedLayerError
+from dfq.models import create_model
+from dfq.quant import (
+    ActMode,
+    ActQuantizer,
+    LayerOverride,
+    QuantConfig,
+    QuantConv2d,
+    QuantLinear,
+    QuantReLU,
+    QuantSpec,
+    act_quantizers,
+    calibrate,
+    quant_disabled,
+    quantize_model,
+    set_act_mode,
+)
+
+SEED = 123
+
+
+def test_paper_observer_reproduces_the_quirk():
+    # METHODS.md §1.4: for a constant batch max m the stored value goes 1m, 5.3m, 17.8m, 47m, ...
+    q = ActQuantizer(QuantSpec(4), observer="paper")
+    seen = []
+    for _ in range(4):
+        q.observe(torch.tensor([0.0, 1.0]))
+        seen.append(float(q.hi))
+    assert seen == pytest.approx([1.0, 5.26316, 17.8481, 47.0000], rel=1e-5)
+    for _ in range(196):
+        q.observe(torch.tensor([0.0, 1.0]))
+    assert float(q.hi) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_ema_observer_is_bias_corrected():
+    q = ActQuantizer(QuantSpec(4), observer="ema", momentum=0.9)
+    q.observe(torch.tensor([0.0, 2.0]))
+    assert float(q.hi) == pytest.approx(2.0)
+    q.observe(torch.tensor([0.0, 4.0]))
+    ref = (0.9 * 0.1 * 2 + 0.1 * 4) / (1 - 0.81)
+    assert float(q.hi) == pytest.approx(ref)
+
+
+def test_minmax_observer_keeps_extremes():
+    q = ActQuantizer(QuantSpec(4), observer="minmax")
+    for hi in (1.0, 3.0, 2.0):
+        q.observe(torch.tensor([-hi / 2, hi]))
+    assert (float(q.lo), float(q.hi)) == (-1.5, 3.0)
+
+
+def test_lifecycle_observe_freeze_disable_and_state_in_buffers():
+    q = ActQuantizer(QuantSpec(2))
+    x = torch.linspace(0, 3, 7)
+    with pytest.raises(DFQError, match="never calibrated"):
+        q.set_mode(ActMode.FROZEN)
+        q(x)
+    q.set_mode(ActMode.OBSERVE)
+    y = q(x)
+    hi = float(q.hi)
+    assert len(y.unique()) == 4 and hi == pytest.approx(3.0)
+    q.set_mode(ActMode.FROZEN)
+    q(x * 10)
+    assert float(q.hi) == hi  # frozen: range unchanged
+    assert float(q(x * 10).max()) == pytest.approx(3.0)  # clamped to the frozen range
+    q.set_mode(ActMode.DISABLED)
+    assert torch.equal(q(x * 10), x * 10)
+    state = q.state_dict()
+    assert {"mode", "lo", "hi", "num_updates"} <= set(state)
+    fresh = ActQuantizer(QuantSpec(2))
+    fresh.load_state_dict(state)
+    assert fresh.get_mode() is ActMode.DISABLED and float(fresh.hi) == hi
+
+
+def _resnet():
+    torch.manual_seed(SEED)
+    return create_model("resnet20a_cifar10")
+
+
+def test_conversion_swaps_exactly_the_expected_layers():
+    fp = _resnet()
+    q = quantize_model(fp, QuantConfig(wbits=4, abits=4))
+    convs = {n for n, m in fp.named_modules() if isinstance(m, nn.Conv2d)}
+    relus = {n for n, m in fp.named_modules() if isinstance(m, nn.ReLU)}
+    assert {n for n, m in q.named_modules() if isinstance(m, QuantConv2d)} == convs
+    assert {n for n, m in q.named_modules() if isinstance(m, QuantLinear)} == {"linear"}
+    assert {n for n, m in q.named_modules() if isinstance(m, QuantReLU)} == relus
+    assert len(relus) == 19  # stem + 2 per block x 9 blocks: every site has its own quantizer
+    assert all(isinstance(m, nn.BatchNorm2d) for n, m in q.named_modules() if n.endswith(("bn1", "bn2")))
+    assert not any(isinstance(m, QuantConv2d) for m in fp.modules())  # the float model is untouched
+    assert q.dfq_info is fp.dfq_info
+
+
+def test_quantized_model_equals_float_when_quantization_disabled():
+    fp = _resnet().eval()
+    q = quantize_model(fp, QuantConfig(wbits=4, abits=4)).eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(SEED))
+    with quant_disabled(q):
+        assert torch.equal(q(x), fp(x))
+    assert next(iter(act_quantizers(q)))[1].get_mode() is ActMode.OBSERVE  # restored
+
+
+def test_w32a32_is_a_no_op():
+    fp = _resnet().eval()
+    q = quantize_model(fp, QuantConfig(wbits=32, abits=32)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(q(x), fp(x))
+
+
+def test_gradients_reach_every_parameter_through_the_ste():
+    q = quantize_model(_resnet(), QuantConfig(wbits=3, abits=3))
+    x = torch.randn(4, 3, 32, 32, requires_grad=True)
+    calibrate(q, [x.detach()])
+    q.train()
+    q(x).square().mean().backward()
+    missing = [n for n, p in q.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not missing, f"parameters without gradient: {missing}"
+    assert x.grad is not None and x.grad.abs().sum() > 0  # a generator upstream would get gradients too
+
+
+def test_overrides_by_name_pattern():
+    cfg = QuantConfig(
+        wbits=4, abits=4, overrides={"conv1": LayerOverride(wbits=8), "linear": {"wbits": 8}, "layer3.*": {"abits": 6}}
+    )
+    q = quantize_model(_resnet(), cfg)
+    assert q.conv1.weight_quantizer.spec.bits == 8
+    assert q.linear.weight_quantizer.spec.bits == 8
+    assert q.layer1[0].conv1.weight_quantizer.spec.bits == 4
+    assert q.layer3[2].relu2.act_quantizer.spec.bits == 6
+    assert q.layer2[2].relu2.act_quantizer.spec.bits == 4
+
+
+def test_calibrate_then_frozen_ranges_survive_state_dict():
+    q = quantize_model(_resnet(), QuantConfig())
+    calibrate(q, torch.randn(8, 3, 32, 32).split(4))
+    ranges = {n: float(a.hi) for n, a in act_quantizers(q)}
+    assert all(v > 0 for v in ranges.values())
+    q2 = quantize_model(_resnet(), QuantConfig())
+    q2.load_state_dict(q.state_dict())
+    assert {n: float(a.hi) for n, a in act_quantizers(q2)} == ranges
+    assert all(a.get_mode() is ActMode.FROZEN for _, a in act_quantizers(q2))
+
+
+class FunctionalNet(nn.Module):
+    """A user model that applies ReLU functionally and reuses one ReLU module twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.shared = nn.ReLU()
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.conv(x)))
+        x = self.shared(self.conv2(x)) + x
+        x = self.shared(x)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_functional_and_reused_relus_get_their_own_quantizers():
+    torch.manual_seed(SEED)
+    fp = FunctionalNet().eval()
+    q = quantize_model(fp, QuantConfig(wbits=8, abits=8)).eval()
+    assert len(list(act_quantizers(q))) == 3
+    x = torch.randn(2, 3, 8, 8)
+    with quant_disabled(q):
+        torch.testing.assert_close(q(x), fp(x))
+    set_act_mode(q, "observe")
+    q(x)
+    assert all(float(a.hi) > 0 for _, a in act_quantizers(q))
+
+
+class WithLayerNorm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.norm = nn.LayerNorm(4)
+        self.act = nn.GELU()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.act(self.norm(self.conv(x).mean((2, 3)))))
+
+
+def test_unsupported_layers_are_reported_by_name():
+    with pytest.raises(UnsupportedLayerError, match=r"norm \(LayerNorm\).*act \(GELU\)"):
+        quantize_model(WithLayerNorm(), QuantConfig())
+
+
+class FunctionalGelu(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(F.gelu(x))
+
+
+def test_unsupported_functional_call_is_reported():
+    with pytest.raises(UnsupportedLayerError, match="gelu"):
+        quantize_model(FunctionalGelu(), QuantConfig())
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow defeats torch.fx
+            x = x * 2
+        return self.fc(self.relu(x))
+
+
+def test_untraceable_model_falls_back_to_module_swap_with_a_warning():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        q = quantize_model(Untraceable(), QuantConfig())
+    assert isinstance(q.relu, QuantReLU) and isinstance(q.fc, QuantLinear)
+    assert any("could not trace" in str(w.message) for w in caught)
+
+
+def test_config_validation_messages():
+    with pytest.raises(DFQError, match="wbits"):
+        QuantConfig(wbits=9)
+    with pytest.raises(DFQError, match="act_observer"):
+        QuantConfig(act_observer="max")
+    with pytest.raises(DFQError, match="abits"):
+        QuantConfig(overrides={"x": {"abits": 1}})
+    cfg = QuantConfig(wbits=3, overrides={"conv1": {"wbits": 8}})
+    assert QuantConfig.from_dict(cfg.to_dict()) == cfg
