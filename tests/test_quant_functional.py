@@ -72,9 +72,7 @@ def test_per_channel_weight_quantizer_equals_torch(bits, symmetric):
     w = torch.randn(6, 3, 3, 3, generator=g)
     wq = WeightQuantizer(QuantSpec(bits, symmetric, Granularity.PER_CHANNEL))
     scale, zp, qmin, qmax = wq.qparams(w)
-    ref = torch.fake_quantize_per_channel_affine(
-        w, scale.flatten(), zp.flatten().to(torch.int32), 0, qmin, qmax
-    )
+    ref = torch.fake_quantize_per_channel_affine(w, scale.flatten(), zp.flatten().to(torch.int32), 0, qmin, qmax)
     assert torch.equal(wq(w), ref)
 
 

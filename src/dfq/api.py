@@ -65,8 +65,9 @@ def quantize(
     size = input_size or (info.input_size if info else None)
     if size is None:
         raise DFQError("input_size=(C, H, W) is required for a model outside the dfq zoo")
-    config = resolve_config(None, {"method": method, "seed": seed, "quant.wbits": wbits, "quant.abits": abits,
-                                   **options})
+    config = resolve_config(
+        None, {"method": method, "seed": seed, "quant.wbits": wbits, "quant.abits": abits, **options}
+    )
     return _quantize(model, config, tuple(size), progress)
 
 

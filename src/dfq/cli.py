@@ -115,8 +115,15 @@ def _cmd_models(args: argparse.Namespace) -> int:
     rows = []
     for n in names:
         info = get_model_info(n)
-        rows.append({"name": n, "dataset": info.dataset, "num_classes": info.num_classes,
-                     "weights": list(info.weights), "description": info.description})
+        rows.append(
+            {
+                "name": n,
+                "dataset": info.dataset,
+                "num_classes": info.num_classes,
+                "weights": list(info.weights),
+                "description": info.description,
+            }
+        )
     human = "\n".join(f"{r['name']:<22} {r['dataset']:<9} {r['num_classes']:>5}  {r['description']}" for r in rows)
     _emit(args, human, {"models": rows})
     return 0
@@ -135,12 +142,15 @@ def _make_evaluator(args: argparse.Namespace, info: Any):
             f"{args.data} has {dataset.num_classes} classes but model '{info.name}' predicts {info.num_classes}"
         )
     if tuple(dataset.image_size) != tuple(info.input_size[1:]):
-        raise DFQError(f"{args.data} has {dataset.image_size} images, model '{info.name}' expects {info.input_size[1:]}")
+        raise DFQError(
+            f"{args.data} has {dataset.image_size} images, model '{info.name}' expects {info.input_size[1:]}"
+        )
     total = min(len(dataset), args.limit) if args.limit else len(dataset)
 
     def run_eval(model: nn.Module) -> dict[str, Any]:
-        loader = make_loader(dataset, info.mean, info.std, batch_size=args.batch_size, workers=args.workers,
-                             limit=args.limit)
+        loader = make_loader(
+            dataset, info.mean, info.std, batch_size=args.batch_size, workers=args.workers, limit=args.limit
+        )
         return evaluate(model, loader, total=total, progress=not args.no_progress)
 
     return run_eval, dataset
@@ -156,19 +166,27 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if args.weights:
             raise DFQError("--weights applies to a model name, not to a run directory")
         model, config = load_quantized(target)
-        name, bits = config.model, {"wbits": config.quant.wbits, "abits": config.quant.abits,
-                                    "method": config.method}
+        name, bits = config.model, {"wbits": config.quant.wbits, "abits": config.quant.abits, "method": config.method}
     else:
-        model = create_model(args.target, pretrained=args.weights is None, weights=args.weights,
-                             progress=not args.no_progress)
+        model = create_model(
+            args.target, pretrained=args.weights is None, weights=args.weights, progress=not args.no_progress
+        )
         name, bits = args.target, {"wbits": 32, "abits": 32}
     run_eval, dataset = _make_evaluator(args, model.dfq_info)
     start = time.perf_counter()
     with torch.inference_mode():
         metrics = run_eval(model)
-    payload = {"model": name, "data": str(args.data), "dataset": dataset.name, **bits, **metrics,
-               "seconds": round(time.perf_counter() - start, 3)}
-    human = f"{name} on {dataset.name}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  ({metrics['n']} images)"
+    payload = {
+        "model": name,
+        "data": str(args.data),
+        "dataset": dataset.name,
+        **bits,
+        **metrics,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    human = (
+        f"{name} on {dataset.name}: top-1 {metrics['top1']:.2f}%  top-5 {metrics['top5']:.2f}%  ({metrics['n']} images)"
+    )
     _emit(args, human, payload)
     return 0
 
@@ -204,7 +222,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         "zeroq.num_samples": args.num_samples,
     }
     if args.override:
-        overrides["quant.overrides"] = {**preset.get("quant", {}).get("overrides", {}), **_parse_overrides(args.override)}
+        overrides["quant.overrides"] = {
+            **preset.get("quant", {}).get("overrides", {}),
+            **_parse_overrides(args.override),
+        }
     config = resolve_config(preset, overrides)
     info = get_model_info(config.model)
     if config.weights and not Path(config.weights).is_file():
@@ -214,8 +235,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     bits = f"W{config.quant.wbits}A{config.quant.abits}"
     human = f"{config.method} {bits} {config.model}: quantized in {summary['seconds']:.1f}s -> {args.out}"
     if "top1" in summary:
-        human += (f"\n  top-1 {summary['top1']:.2f}% (full precision {summary['fp_top1']:.2f}%, "
-                  f"drop {summary['drop']:.2f}) on {summary['n']} images")
+        human += (
+            f"\n  top-1 {summary['top1']:.2f}% (full precision {summary['fp_top1']:.2f}%, "
+            f"drop {summary['drop']:.2f}) on {summary['n']} images"
+        )
     _emit(args, human, {**summary, "out": str(args.out)})
     return 0
 

@@ -48,8 +48,9 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise DFQError(f"unknown method '{self.method}'{did_you_mean(self.method, METHODS)}; "
-                           f"available: {', '.join(METHODS)}")
+            raise DFQError(
+                f"unknown method '{self.method}'{did_you_mean(self.method, METHODS)}; available: {', '.join(METHODS)}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

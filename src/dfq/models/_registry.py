@@ -161,7 +161,9 @@ def read_state_dict(path: str | Path) -> StateDict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for corrupt/foreign files
-        raise DFQError(f"cannot read weights file {path}: not a PyTorch checkpoint or corrupt ({type(e).__name__})") from e
+        raise DFQError(
+            f"cannot read weights file {path}: not a PyTorch checkpoint or corrupt ({type(e).__name__})"
+        ) from e
     for key in ("state_dict", "model", "net"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

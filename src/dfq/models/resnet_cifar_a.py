@@ -83,8 +83,13 @@ class CifarResNetA(nn.Module):
 
 
 # (depth, sha256 prefix from the published file name, published top-1 on the full CIFAR-10 test set)
-_PUBLISHED = {20: ("12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8", 91.73),
-              32: ("d509ac18", 92.63), 44: ("014dd654", 93.10), 56: ("4bfd9763", 93.39), 110: ("1d1ed7c2", 93.68)}
+_PUBLISHED = {
+    20: ("12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8", 91.73),
+    32: ("d509ac18", 92.63),
+    44: ("014dd654", 93.10),
+    56: ("4bfd9763", 93.39),
+    110: ("1d1ed7c2", 93.68),
+}
 
 
 def _register(depth: int) -> None:

@@ -184,7 +184,7 @@ def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 def _check_supported(model: nn.Module) -> None:
     bad = []
     for name, m in model.named_modules():
-        if isinstance(m, _SUPPORTED) or isinstance(m, fx.GraphModule):
+        if isinstance(m, (_SUPPORTED, fx.GraphModule)):
             continue
         has_own_params = any(True for _ in m.parameters(recurse=False))
         if has_own_params or isinstance(m, _UNSUPPORTED_ACTIVATIONS) or _is_unsupported_leaf(m):

@@ -94,9 +94,7 @@ class _FakeQuantizeSTE(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-def fake_quantize(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
-) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """``dequantize(quantize(x))`` with the identity straight-through gradient for ``x``.
 
     ``scale`` and ``zero_point`` broadcast against ``x`` (shape them ``(C, 1, 1, 1)``

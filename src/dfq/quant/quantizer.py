@@ -15,7 +15,7 @@ from dfq.errors import DFQError
 from dfq.quant.functional import choose_qparams, fake_quantize
 from dfq.quant.spec import Granularity, QuantSpec
 
-__all__ = ["ActMode", "ActQuantizer", "OBSERVERS", "WeightQuantizer"]
+__all__ = ["OBSERVERS", "ActMode", "ActQuantizer", "WeightQuantizer"]
 
 
 class WeightQuantizer(nn.Module):

@@ -1,0 +1,58 @@
+"""Provenance for benchmark results: command, git commit, machine, date."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def provenance() -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True, text=True
+            ).stdout.strip()
+        )
+    except OSError:
+        commit, dirty = "unknown", False
+    return {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "git_commit": commit + ("-dirty" if dirty else ""),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+        },
+    }
+
+
+def write_result(name: str, payload: dict) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({**provenance(), **payload}, indent=2) + "\n")
+    return path
+
+
+def run_cli(args: list[str]) -> dict:
+    """Run ``dfq ... --json`` in a subprocess and return its JSON line (the last of stdout)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "dfq", *args, "--json", "--no-progress"], cwd=ROOT, capture_output=True, text=True
+    )
+    if proc.returncode:
+        raise RuntimeError(f"dfq {' '.join(args)} failed: {proc.stderr.strip()}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -1,0 +1,70 @@
+"""ZeroQ baseline on resnet20a_cifar10 at several bit-widths, on both ../shared/data test sets.
+
+Usage: python benchmarks/zeroq_cifar10.py [--bits 8 6 4] [--seed 0]
+Writes benchmarks/results/zeroq_resnet20a_cifar10.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from _common import SHARED_DATA, run_cli, write_result
+
+WEIGHTS = SHARED_DATA / "resnet20-12fca82f.th"
+SETS = {
+    "4class-lossless": SHARED_DATA / "cifar10-test-4class-lossless.npz",
+    "jpeg75": SHARED_DATA / "cifar10-test-jpeg75.npz",
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--bits", type=int, nargs="+", default=[8, 6, 4])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if not WEIGHTS.is_file():
+        print(f"skipped: {WEIGHTS} not found", file=sys.stderr)
+        return 0
+    rows = []
+    fp = {
+        name: run_cli(["eval", "resnet20a_cifar10", "--weights", str(WEIGHTS), "--data", str(path)])["top1"]
+        for name, path in SETS.items()
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        for bits in args.bits:
+            out = Path(tmp) / f"w{bits}a{bits}"
+            cmd = [
+                "quantize",
+                "resnet20a_cifar10",
+                "--method",
+                "zeroq",
+                "--wbits",
+                str(bits),
+                "--abits",
+                str(bits),
+                "--weights",
+                str(WEIGHTS),
+                "--seed",
+                str(args.seed),
+                "--out",
+                str(out),
+            ]
+            summary = run_cli(cmd)
+            row = {"wbits": bits, "abits": bits, "seconds": summary["seconds"], "command": "dfq " + " ".join(cmd)}
+            for name, path in SETS.items():
+                top1 = run_cli(["eval", str(out), "--data", str(path)])["top1"]
+                row[name] = {"top1": top1, "fp_top1": fp[name], "drop": round(fp[name] - top1, 2)}
+            rows.append(row)
+            print(row, flush=True)
+    path = write_result(
+        "zeroq_resnet20a_cifar10", {"model": "resnet20a_cifar10", "method": "zeroq", "seed": args.seed, "results": rows}
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""Model zoo: float classifiers by name, with normalization and published weights.
+
+Importing this package registers every model.
+"""
+
+from dfq.models import mobilenetv2, resnet_cifar_a, resnet_cifar_pcv, resnet_imagenet  # noqa: F401  (registers models)
+from dfq.models._registry import (
+    ModelInfo,
+    WeightSource,
+    create_model,
+    get_model_info,
+    list_models,
+    load_weights,
+    read_state_dict,
+    register_model,
+)
+
+__all__ = [
+    "ModelInfo",
+    "WeightSource",
+    "create_model",
+    "get_model_info",
+    "list_models",
+    "load_weights",
+    "read_state_dict",
+    "register_model",
+]
