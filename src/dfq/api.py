@@ -10,7 +10,6 @@ construction.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,17 +18,15 @@ from torch import nn
 
 import dfq
 from dfq.checkpoint import CHECKPOINT_NAME, save_quantized
-from dfq.config import RunConfig, resolve_config
+from dfq.config import RunConfig, from_dict, load_yaml, resolve_config
+from dfq.engine import TRAIN_CHECKPOINT, Engine, Evaluator
 from dfq.errors import DFQError
 from dfq.methods.zeroq import zeroq
 from dfq.models import create_model
 from dfq.utils.io import save_json, save_yaml
 from dfq.utils.seed import seed_everything
 
-__all__ = ["Evaluator", "quantize", "run"]
-
-# model -> {"top1", "top5", "n", ...}; supplied by the caller (CLI, tests), never by a method.
-Evaluator = Callable[[nn.Module], dict[str, Any]]
+__all__ = ["Evaluator", "load_run_config", "quantize", "run"]
 
 
 def quantize(
@@ -38,21 +35,26 @@ def quantize(
     wbits: int = 4,
     abits: int = 4,
     *,
+    num_classes: int | None = None,
     input_size: tuple[int, int, int] | None = None,
     seed: int = 0,
+    evaluate: Evaluator | None = None,
+    run_dir: str | Path | None = None,
     progress: bool = True,
     **options: Any,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Quantize a float classifier without data; returns ``(Q, summary)``.
 
     Args:
-        model: float model in eval mode (Conv2d/Linear/BatchNorm/ReLU/ReLU6 and pooling).
-        method: data-free method (``"zeroq"``).
+        model: float classifier (Conv2d/Linear/BatchNorm/ReLU/ReLU6 and pooling); not modified.
+        method: "zeroq", "gdfq", "zaq", "adasg" or "adadfq".
         wbits, abits: weight and activation bit-widths.
-        input_size: (C, H, W) of one input; taken from ``model.dfq_info`` for zoo models.
-        seed: seed of the synthetic data.
-        options: dotted config overrides, e.g. ``{"zeroq.steps": 200, "quant.act_observer": "minmax"}``
-            passed as ``**{"zeroq.steps": 200}``.
+        num_classes, input_size: the model's outputs and (C, H, W) input; taken from
+            ``model.dfq_info`` for zoo models.
+        seed: seed of every random stream.
+        evaluate: optional callback ``model -> {"top1": ...}`` on real data.
+        run_dir: optional directory for checkpoints and metrics of generator-based methods.
+        options: dotted config overrides, e.g. ``**{"train.epochs": 10, "adadfq.lambda_l": 0.3}``.
 
     Example:
         >>> from dfq.models import create_model
@@ -63,28 +65,60 @@ def quantize(
     """
     info = getattr(model, "dfq_info", None)
     size = input_size or (info.input_size if info else None)
+    classes = num_classes or (info.num_classes if info else None)
     if size is None:
         raise DFQError("input_size=(C, H, W) is required for a model outside the dfq zoo")
+    if classes is None and method != "zeroq":
+        raise DFQError(f"num_classes is required by '{method}' for a model outside the dfq zoo")
     config = resolve_config(
         None, {"method": method, "seed": seed, "quant.wbits": wbits, "quant.abits": abits, **options}
     )
-    return _quantize(model, config, tuple(size), progress)
+    return _quantize(
+        model, config, int(classes or 0), tuple(size), evaluate=evaluate, run_dir=run_dir, progress=progress
+    )
 
 
 def _quantize(
-    model: nn.Module, config: RunConfig, input_size: tuple[int, ...], progress: bool
+    model: nn.Module,
+    config: RunConfig,
+    num_classes: int,
+    input_size: tuple[int, ...],
+    *,
+    evaluate: Evaluator | None = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
 ) -> tuple[nn.Module, dict[str, Any]]:
     seed_everything(config.seed)
-    gen = torch.Generator().manual_seed(config.seed)
-    start = time.perf_counter()
-    q, _ = zeroq(model, config.quant, config.zeroq, input_size, generator=gen, progress=progress)
-    summary = {
-        "method": config.method,
-        "wbits": config.quant.wbits,
-        "abits": config.quant.abits,
-        "seconds": round(time.perf_counter() - start, 3),
-    }
-    return q, summary
+    if config.method == "zeroq":
+        start = time.perf_counter()
+        gen = torch.Generator().manual_seed(config.seed)
+        q, _ = zeroq(model, config.quant, config.zeroq, input_size, generator=gen, progress=progress)
+        summary = {
+            "method": "zeroq",
+            "wbits": config.quant.wbits,
+            "abits": config.quant.abits,
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        if evaluate:
+            metrics = evaluate(q)
+            summary.update(top1=metrics["top1"], top5=metrics["top5"])
+        return q, summary
+    engine = Engine(
+        config,
+        model,
+        num_classes=num_classes,
+        input_size=input_size,
+        run_dir=run_dir,
+        evaluate=evaluate,
+        progress=progress,
+    )
+    return engine.run(resume=resume)
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    """The resolved configuration saved in a run directory."""
+    return from_dict(RunConfig, load_yaml(Path(run_dir) / "config.yaml"))
 
 
 def run(
@@ -93,24 +127,40 @@ def run(
     *,
     evaluate: Evaluator | None = None,
     overwrite: bool = False,
+    resume: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Quantize ``config.model`` and write ``config.yaml``, ``model.pt`` and ``summary.json`` to ``out_dir``."""
+    """Quantize ``config.model``; write ``config.yaml``, ``model.pt``, ``summary.json`` (and, for
+    generator-based methods, ``checkpoint.pt`` and ``metrics.jsonl``) to ``out_dir``.
+
+    The summary's ``top1`` is the final model's accuracy; ``top1_best`` is the best over the
+    evaluations during training, which selects on the test set (the papers' protocol).
+    """
     out = Path(out_dir)
-    if (out / CHECKPOINT_NAME).exists() and not overwrite:
-        raise DFQError(f"run directory {out} already holds a run; pass --overwrite to replace it")
-    save_yaml(config.to_dict(), out / "config.yaml")  # early: also checks that out_dir is writable
+    started = (out / CHECKPOINT_NAME).exists() or (out / TRAIN_CHECKPOINT).exists()
+    if resume and not (out / TRAIN_CHECKPOINT).exists():
+        raise DFQError(f"nothing to resume in {out}: no {TRAIN_CHECKPOINT}")
+    if started and not (overwrite or resume):
+        raise DFQError(
+            f"run directory {out} already holds a run; pass --resume to continue it or --overwrite to replace it"
+        )
+    # Load P before touching the run directory: a bad weights file must not cost the previous run.
     p = create_model(config.model, pretrained=config.weights is None, weights=config.weights, progress=progress)
+    info = p.dfq_info
+    if overwrite and not resume:
+        for name in (TRAIN_CHECKPOINT, "metrics.jsonl"):
+            (out / name).unlink(missing_ok=True)
+    save_yaml(config.to_dict(), out / "config.yaml")
     summary: dict[str, Any] = {"model": config.model, "dfq_version": dfq.__version__}
     if evaluate:
         fp = evaluate(p)
-        summary.update(fp_top1=fp["top1"], fp_top5=fp["top5"])
-    q, result = _quantize(p, config, p.dfq_info.input_size, progress)
+        summary.update(fp_top1=fp["top1"], fp_top5=fp["top5"], n=fp["n"])
+    q, result = _quantize(
+        p, config, info.num_classes, info.input_size, evaluate=evaluate, run_dir=out, resume=resume, progress=progress
+    )
     summary.update(result)
     save_quantized(out / CHECKPOINT_NAME, q, config, summary=summary)
-    if evaluate:
-        metrics = evaluate(q)
-        summary.update(top1=metrics["top1"], top5=metrics["top5"], n=metrics["n"])
+    if "top1" in summary and "fp_top1" in summary:
         summary["drop"] = round(summary["fp_top1"] - summary["top1"], 2)
     save_json(summary, out / "summary.json")
     return summary

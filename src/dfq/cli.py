@@ -84,6 +84,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--observer", choices=["ema", "paper", "minmax"], help="activation range observer")
     p.add_argument("--steps", type=int, help="zeroq: optimisation steps of the distilled inputs")
     p.add_argument("--num-samples", type=int, help="zeroq: number of distilled inputs")
+    p.add_argument("--epochs", type=int, help="generator-based methods: epochs of the game")
+    p.add_argument("--iters-per-epoch", type=int, help="generator-based methods: iterations per epoch")
+    p.add_argument("--batch-size", type=int, help="generator-based methods: generated images per iteration")
+    p.add_argument("--eval-every", type=int, help="evaluate on --data every K epochs (and after the last)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument(
         "--override",
         action="append",
@@ -91,13 +96,13 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="PATTERN=WxAy",
         help="per-layer bits by name pattern, e.g. conv1=W8 or 'linear=W8A8' (repeatable)",
     )
-    _add_data_args(p)
+    _add_data_args(p, batch_flag="--eval-batch-size")
     p.set_defaults(func=_cmd_quantize)
     return parser
 
 
-def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--batch-size", type=int, default=500, help="evaluation batch size")
+def _add_data_args(p: argparse.ArgumentParser, batch_flag: str = "--batch-size") -> None:
+    p.add_argument(batch_flag, dest="eval_batch_size", type=int, default=500, help="evaluation batch size")
     p.add_argument("--workers", type=int, default=0, help="data loader worker processes (image folders)")
     p.add_argument("--limit", type=int, help="evaluate only the first N images")
 
@@ -134,8 +139,8 @@ def _make_evaluator(args: argparse.Namespace, info: Any):
     from dfq.data import make_loader, open_dataset
     from dfq.evaluate import evaluate
 
-    if args.batch_size < 1:
-        raise DFQError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.eval_batch_size < 1:
+        raise DFQError(f"the evaluation batch size must be >= 1, got {args.eval_batch_size}")
     dataset = open_dataset(args.data, image_size=info.input_size[-1])
     if dataset.num_classes > info.num_classes:
         raise DFQError(
@@ -149,7 +154,7 @@ def _make_evaluator(args: argparse.Namespace, info: Any):
 
     def run_eval(model: nn.Module) -> dict[str, Any]:
         loader = make_loader(
-            dataset, info.mean, info.std, batch_size=args.batch_size, workers=args.workers, limit=args.limit
+            dataset, info.mean, info.std, batch_size=args.eval_batch_size, workers=args.workers, limit=args.limit
         )
         return evaluate(model, loader, total=total, progress=not args.no_progress)
 
@@ -205,10 +210,12 @@ def _parse_overrides(items: list[str]) -> dict[str, dict[str, int]]:
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    from dfq.api import run
+    from dfq.api import load_run_config
     from dfq.config import load_yaml, resolve_config
     from dfq.models import get_model_info
 
+    if args.resume:
+        return _finish_quantize(args, load_run_config(args.out), get_model_info)
     preset = load_yaml(args.config) if args.config else {}
     overrides = {
         "model": args.model,
@@ -220,25 +227,40 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         "quant.act_observer": args.observer,
         "zeroq.steps": args.steps,
         "zeroq.num_samples": args.num_samples,
+        "train.epochs": args.epochs,
+        "train.iters_per_epoch": args.iters_per_epoch,
+        "train.batch_size": args.batch_size,
+        "train.eval_every": args.eval_every,
     }
     if args.override:
-        overrides["quant.overrides"] = {
-            **preset.get("quant", {}).get("overrides", {}),
-            **_parse_overrides(args.override),
-        }
-    config = resolve_config(preset, overrides)
+        overrides["quant.overrides"] = _parse_overrides(args.override)
+    return _finish_quantize(args, resolve_config(preset, overrides), get_model_info)
+
+
+def _finish_quantize(args: argparse.Namespace, config: Any, get_model_info: Any) -> int:
+    from dfq.api import run
+
     info = get_model_info(config.model)
     if config.weights and not Path(config.weights).is_file():
         raise DFQError(f"weights file not found: {config.weights}")
     evaluator = _make_evaluator(args, info)[0] if args.data else None  # validates the data before any work
-    summary = run(config, args.out, evaluate=evaluator, overwrite=args.overwrite, progress=not args.no_progress)
+    summary = run(
+        config,
+        args.out,
+        evaluate=evaluator,
+        overwrite=args.overwrite,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
     bits = f"W{config.quant.wbits}A{config.quant.abits}"
     human = f"{config.method} {bits} {config.model}: quantized in {summary['seconds']:.1f}s -> {args.out}"
-    if "top1" in summary:
+    if "top1" in summary and "fp_top1" in summary:
         human += (
-            f"\n  top-1 {summary['top1']:.2f}% (full precision {summary['fp_top1']:.2f}%, "
+            f"\n  final top-1 {summary['top1']:.2f}% (full precision {summary['fp_top1']:.2f}%, "
             f"drop {summary['drop']:.2f}) on {summary['n']} images"
         )
+        if "top1_best" in summary:
+            human += f"\n  best top-1 over evaluations {summary['top1_best']:.2f}% (selected on the test set)"
     _emit(args, human, {**summary, "out": str(args.out)})
     return 0
 

@@ -16,12 +16,73 @@ from typing import Any, TypeVar
 import yaml
 
 from dfq.errors import DFQError, did_you_mean
+from dfq.methods import list_methods, method_class
+from dfq.methods.adadfq import AdaDFQConfig, AdaSGConfig
+from dfq.methods.gdfq import GDFQConfig
+from dfq.methods.zaq import ZAQConfig
 from dfq.methods.zeroq import ZeroQConfig
 from dfq.quant import LayerOverride, QuantConfig
 
-__all__ = ["METHODS", "RunConfig", "from_dict", "load_yaml", "resolve_config"]
+__all__ = ["METHODS", "GeneratorConfig", "RunConfig", "TrainConfig", "from_dict", "load_yaml", "resolve_config"]
 
-METHODS = ("zeroq",)
+METHODS = ("zeroq", *list_methods())
+DEFAULT_METHOD = "zeroq"
+
+
+@dataclass
+class TrainConfig:
+    """The shared schedule of the generator-based methods (METHODS.md §1.7).
+
+    Attributes:
+        epochs, iters_per_epoch: length of the game; each iteration draws a fresh batch.
+        batch_size: generated images per iteration.
+        warmup_epochs: epochs in which only G trains (Q's loss is computed, not stepped).
+        observe_epochs: epochs in which Q's activation ranges are observed; frozen afterwards.
+        q_*: Q's SGD (learning rate, momentum, weight decay, Nesterov, per-epoch milestones).
+        g_*: G's Adam (learning rate, betas, per-epoch milestones).
+        lr_gamma: learning-rate factor at each milestone.
+        eval_every: evaluate on the real test set every K epochs (and after the last one).
+        checkpoint_every: write a resumable checkpoint every K epochs (and after the last one).
+    """
+
+    epochs: int = 400
+    iters_per_epoch: int = 200
+    batch_size: int = 16
+    warmup_epochs: int = 4
+    observe_epochs: int = 4
+    q_lr: float = 1e-4
+    q_momentum: float = 0.9
+    q_weight_decay: float = 1e-4
+    q_nesterov: bool = True
+    q_milestones: list[int] = field(default_factory=lambda: [100, 200, 300])
+    g_lr: float = 1e-3
+    g_betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+    g_milestones: list[int] = field(default_factory=lambda: [100, 200, 300])
+    lr_gamma: float = 0.1
+    eval_every: int = 1
+    checkpoint_every: int = 1
+
+    def __post_init__(self) -> None:
+        for key in ("epochs", "iters_per_epoch", "batch_size", "eval_every", "checkpoint_every"):
+            if getattr(self, key) < 1:
+                raise DFQError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        for key in ("warmup_epochs", "observe_epochs"):
+            if getattr(self, key) < 0:
+                raise DFQError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if len(self.g_betas) != 2:
+            raise DFQError(f"train.g_betas must have two values, got {self.g_betas}")
+
+
+@dataclass
+class GeneratorConfig:
+    """Attributes:
+    name: generator architecture; ``None`` picks the method's (cifar, imagenet or unconditional).
+    latent_dim: noise dimension; ``None`` uses the method's (100, or 256 for ZAQ).
+    """
+
+    name: str | None = None
+    latent_dim: int | None = None
+
 
 T = TypeVar("T")
 
@@ -36,15 +97,23 @@ class RunConfig:
         method: data-free method.
         seed: seed of every random stream of the run.
         quant: the quantizer protocol.
-        zeroq: ZeroQ settings (used when ``method == "zeroq"``).
+        train: the game's schedule (generator-based methods).
+        generator: the generator (generator-based methods).
+        zeroq, gdfq, zaq, adasg, adadfq: each method's own settings (only the chosen one is used).
     """
 
     model: str = "resnet20a_cifar10"
     weights: str | None = None
-    method: str = "zeroq"
+    method: str = DEFAULT_METHOD
     seed: int = 0
     quant: QuantConfig = field(default_factory=QuantConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     zeroq: ZeroQConfig = field(default_factory=ZeroQConfig)
+    gdfq: GDFQConfig = field(default_factory=GDFQConfig)
+    zaq: ZAQConfig = field(default_factory=ZAQConfig)
+    adasg: AdaSGConfig = field(default_factory=AdaSGConfig)
+    adadfq: AdaDFQConfig = field(default_factory=AdaDFQConfig)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -76,12 +145,17 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
 
 def _coerce(hint: Any, value: Any, name: str) -> Any:
     if dataclasses.is_dataclass(hint):
-        return from_dict(hint, value, name)
+        return from_dict(hint, {} if value is None else value, name)  # "section:" with every key commented out
     origin = typing.get_origin(hint)
     if origin is dict and typing.get_args(hint)[1] is LayerOverride:
         if not isinstance(value, dict):
             raise DFQError(f"config key '{name}' must be a mapping of layer pattern -> bits")
         return {k: from_dict(LayerOverride, v, f"{name}.{k}") for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise DFQError(f"config key '{name}' must be a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(item, v, f"{name}[{i}]") for i, v in enumerate(value)]
     allowed = typing.get_args(hint) if origin in (typing.Union, types.UnionType) else (hint,)
     if value is None and type(None) in allowed:
         return None
@@ -108,17 +182,41 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
 
 def resolve_config(preset: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Defaults, then the preset, then dotted command-line overrides (``{"quant.wbits": 4}``)."""
-    data = _deep_copy(preset or {})
-    for dotted, value in (overrides or {}).items():
-        if value is None:
-            continue
+    """Defaults, then the method's paper defaults, then the preset, then dotted command-line
+    overrides (``{"quant.wbits": 4}``; ``None`` values are ignored)."""
+    preset = preset or {}
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    method = overrides.get("method", preset.get("method", DEFAULT_METHOD))
+    data: dict[str, Any] = {}
+    if method in METHODS and method != "zeroq":
+        _set_dotted(data, method_class(method).defaults)
+    _merge(data, _deep_copy(preset))
+    _set_dotted(data, overrides)
+    return from_dict(RunConfig, data)
+
+
+def _set_dotted(data: dict[str, Any], values: dict[str, Any]) -> None:
+    for dotted, value in values.items():
         node = data
         *parents, leaf = dotted.split(".")
         for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return from_dict(RunConfig, data)
+            if node.get(p) is None:
+                node[p] = {}
+            node = node[p]
+            if not isinstance(node, dict):
+                raise DFQError(f"config section '{p}' must be a mapping")
+        if isinstance(value, dict) and isinstance(node.get(leaf), dict):
+            _merge(node[leaf], value)  # e.g. per-layer overrides add to the preset's
+        else:
+            node[leaf] = value
+
+
+def _merge(into: dict[str, Any], other: dict[str, Any]) -> None:
+    for k, v in other.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
 
 
 def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:

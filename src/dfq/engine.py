@@ -1,0 +1,378 @@
+"""The one training loop of the generator-based methods.
+
+The engine owns the game (METHODS.md §1.7): per iteration a generator step and
+the quantized model's step(s) in the order the method declares; warm-up epochs
+in which only G trains; the activation-range observation window, then frozen
+ranges; per-epoch multi-step learning rates; Nesterov SGD for Q and Adam for G;
+Q's BatchNorm with fixed statistics unless the method says otherwise. It also
+owns checkpoints (atomic, every K epochs, bit-identical resume on CPU), metrics
+(``metrics.jsonl``) and evaluation, which it receives as a callback: the engine
+never reads real data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import dfq
+from dfq.config import RunConfig, from_dict
+from dfq.errors import DFQError
+from dfq.generators import BNStatsLoss, create_generator
+from dfq.methods import GameMethod, Outputs, create_method
+from dfq.methods.zaq import feature_layers
+from dfq.quant import ActMode, act_quantizers, quantize_model, set_act_mode
+from dfq.utils.io import save_torch
+
+__all__ = ["TRAIN_CHECKPOINT", "Engine", "Evaluator"]
+
+Evaluator = Callable[[nn.Module], dict[str, Any]]
+TRAIN_CHECKPOINT = "checkpoint.pt"
+_FORMAT = "dfq-train-v1"
+
+
+@dataclass
+class _State:
+    epoch: int = 0  # next epoch to run
+    train_seconds: float = 0.0
+    history: list[dict[str, Any]] = field(default_factory=list)  # evaluations
+
+
+class Engine:
+    """Run a generator-based method on a float teacher.
+
+    Args:
+        config: the resolved run configuration.
+        teacher: the float model P (not modified).
+        num_classes: classes of P's output.
+        input_size: (C, H, W) of one input.
+        run_dir: where checkpoints and metrics go (``None``: keep nothing on disk).
+        evaluate: callback returning ``{"top1": ...}`` for a model on real data.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        teacher: nn.Module,
+        *,
+        num_classes: int,
+        input_size: tuple[int, int, int],
+        run_dir: str | Path | None = None,
+        evaluate: Evaluator | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.config, self.train = config, config.train
+        self.method: GameMethod = create_method(config.method, getattr(config, config.method))
+        self.num_classes, self.input_size = num_classes, tuple(input_size)
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.evaluate, self.progress = evaluate, progress
+
+        self.teacher = teacher.eval()
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.student = quantize_model(teacher, config.quant)
+        for p in self.student.parameters():
+            p.requires_grad_(True)
+        self.student.train(self.method.student_bn_train)
+        self.generator = self._make_generator().train()
+        self.features = feature_layers(teacher, config.zaq.feature_layers) if self.method.uses_features else []
+        self._bns = BNStatsLoss(self.teacher) if self.method.uses_bns else None
+
+        t = self.train
+        self.q_opt = torch.optim.SGD(
+            self.student.parameters(),
+            lr=t.q_lr,
+            momentum=t.q_momentum,
+            weight_decay=t.q_weight_decay,
+            nesterov=t.q_nesterov,
+        )
+        self.g_opt = torch.optim.Adam(self.generator.parameters(), lr=t.g_lr, betas=tuple(t.g_betas))
+        self.sampler = torch.Generator().manual_seed(config.seed)
+        self.state = _State()
+
+    # ----------------------------------------------------------------- set-up
+    def _make_generator(self) -> nn.Module:
+        gc, m = self.config.generator, self.method
+        c, h, w = self.input_size
+        if h != w:
+            raise DFQError(f"the generators make square images; the model expects {h}x{w}")
+        name = gc.name or m.generator or ("cifar" if h <= 64 else "imagenet")
+        gen = create_generator(name, self.num_classes, h, gc.latent_dim or m.latent_dim, channels=c)
+        if getattr(gen, "conditional", True) != m.conditional:
+            raise DFQError(
+                f"method '{m.name}' needs a {'conditional' if m.conditional else 'unconditional'} "
+                f"generator, '{name}' is not"
+            )
+        return gen
+
+    @staticmethod
+    def _lr(base: float, milestones: list[int], gamma: float, epoch: int) -> float:
+        """Per-epoch multi-step schedule: one factor ``gamma`` per milestone already reached."""
+        return base * gamma ** sum(1 for m in milestones if epoch >= m)
+
+    # --------------------------------------------------------------- sampling
+    def _sample(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b = self.train.batch_size
+        z = torch.randn(b, self.generator.latent_dim, generator=self.sampler)
+        y = torch.randint(self.num_classes, (b,), generator=self.sampler) if self.method.conditional else None
+        return z, y
+
+    @contextlib.contextmanager
+    def _capture(self, model: nn.Module) -> Iterator[list[torch.Tensor]]:
+        """Record the outputs of the method's feature layers during a forward."""
+        feats: dict[str, torch.Tensor] = {}
+        modules = dict(model.named_modules())
+        handles = [
+            modules[n].register_forward_hook(lambda _m, _i, o, n=n: feats.__setitem__(n, o)) for n in self.features
+        ]
+        out: list[torch.Tensor] = []
+        try:
+            yield out
+        finally:
+            for h in handles:
+                h.remove()
+            out.extend(feats[n] for n in self.features if n in feats)
+
+    def _teacher_forward(self, x: torch.Tensor, bns: bool) -> tuple[torch.Tensor, torch.Tensor | None, list]:
+        stack = contextlib.ExitStack()
+        with stack:
+            recorder = stack.enter_context(self._bns) if bns and self._bns else None
+            feats = stack.enter_context(self._capture(self.teacher))
+            logits = self.teacher(x)
+            bns_loss = recorder.loss() if recorder else None
+        return logits, bns_loss, feats
+
+    def _student_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list]:
+        with self._capture(self.student) as feats:
+            logits = self.student(x)
+        return logits, feats
+
+    # ------------------------------------------------------------------ steps
+    def _generator_step(self) -> tuple[Outputs, dict[str, torch.Tensor]]:
+        m = self.method
+        z, y = self._sample()
+        x = self.generator(z, y)
+        p_logits, bns, p_feats = self._teacher_forward(x, m.uses_bns)
+        q_logits, q_feats = None, None
+        if m.generator_uses_student:
+            # Gradients reach G through Q's straight-through estimator; Q's own
+            # weight gradients would be thrown away, so they are not computed.
+            with _no_param_grads(self.student):
+                q_logits, q_feats = self._student_forward(x)
+        out = Outputs(x, y, p_logits, q_logits, bns, p_feats, q_feats)
+        losses = m.generator_loss(out)
+        self.g_opt.zero_grad(set_to_none=True)
+        _check_finite(losses, "generator")
+        losses["loss"].backward()
+        self.g_opt.step()
+        return out, losses
+
+    @torch.no_grad()
+    def _fresh_student_batch(self) -> Outputs:
+        z, y = self._sample()
+        x = self.generator(z, y)
+        p_logits, _, p_feats = self._teacher_forward(x, bns=False)
+        return Outputs(x, y, p_logits, p_feats=p_feats)
+
+    def _student_step(self, batch: Outputs, train_q: bool) -> dict[str, torch.Tensor]:
+        x = batch.x.detach()
+        p_feats = [f.detach() for f in batch.p_feats] if batch.p_feats else batch.p_feats
+        with torch.set_grad_enabled(train_q):
+            q_logits, q_feats = self._student_forward(x)
+            out = Outputs(x, batch.y, batch.p_logits.detach(), q_logits, None, p_feats, q_feats)
+            losses = self.method.student_loss(out)
+        _check_finite(losses, "quantized-model")
+        if train_q:
+            self.q_opt.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            self.q_opt.step()
+        return losses
+
+    def _iteration(self, train_q: bool) -> dict[str, torch.Tensor]:
+        m, logs = self.method, {}
+        student_logs: list[dict[str, torch.Tensor]] = []
+        if m.student_first:
+            student_logs = [self._student_step(self._fresh_student_batch(), train_q) for _ in range(m.student_steps)]
+        batch, g_losses = self._generator_step()
+        if not m.student_first:
+            for k in range(m.student_steps):
+                b = self._fresh_student_batch() if (m.fresh_student_batches and k) else batch
+                student_logs.append(self._student_step(b, train_q))
+        logs.update({f"g_{k}": v.detach() for k, v in g_losses.items()})
+        logs.update({f"q_{k}": v.detach() for k, v in student_logs[-1].items()})
+        return logs
+
+    # ------------------------------------------------------------------- loop
+    def run(self, resume: bool = False) -> tuple[nn.Module, dict[str, Any]]:
+        """Train (or continue training) and return ``(Q, summary)``."""
+        if resume:
+            self._load_checkpoint()
+        t, st = self.train, self.state
+        total = t.epochs * t.iters_per_epoch
+        bar = tqdm(
+            total=total,
+            initial=st.epoch * t.iters_per_epoch,
+            desc=f"{self.method.name}",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
+        try:
+            for epoch in range(st.epoch, t.epochs):
+                self._run_epoch(epoch, bar)
+        finally:
+            bar.close()
+        return self.student, self.summary()
+
+    def _run_epoch(self, epoch: int, bar: tqdm) -> None:
+        t, st = self.train, self.state
+        for group in self.q_opt.param_groups:
+            group["lr"] = self._lr(t.q_lr, t.q_milestones, t.lr_gamma, epoch)
+        for group in self.g_opt.param_groups:
+            group["lr"] = self._lr(t.g_lr, t.g_milestones, t.lr_gamma, epoch)
+        set_act_mode(self.student, ActMode.OBSERVE if epoch < t.observe_epochs else ActMode.FROZEN)
+        train_q = epoch >= t.warmup_epochs
+        start = time.perf_counter()
+        sums: dict[str, torch.Tensor] = {}
+        for it in range(t.iters_per_epoch):
+            logs = self._iteration(train_q)
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0) + v
+            bar.update(1)
+            if it % 20 == 0 or it == t.iters_per_epoch - 1:
+                bar.set_postfix({k: f"{float(v):.3g}" for k, v in logs.items() if k.endswith("loss")}, refresh=False)
+        st.train_seconds += time.perf_counter() - start
+        record: dict[str, Any] = {
+            "epoch": epoch,
+            "train_q": train_q,
+            "q_lr": self.q_opt.param_groups[0]["lr"],
+            "g_lr": self.g_opt.param_groups[0]["lr"],
+            **{k: float(v) / t.iters_per_epoch for k, v in sums.items()},
+        }
+        last = epoch == t.epochs - 1
+        if self.evaluate and ((epoch + 1) % t.eval_every == 0 or last):
+            metrics = self._evaluate()
+            record.update(top1=metrics["top1"], top5=metrics.get("top5"))
+            st.history.append({"epoch": epoch, "top1": metrics["top1"]})
+            bar.write(f"epoch {epoch}: top-1 {metrics['top1']:.2f}%")
+        record["train_seconds"] = round(st.train_seconds, 3)
+        st.epoch = epoch + 1
+        if (epoch + 1) % t.checkpoint_every == 0 or last:
+            self._save_checkpoint()
+        self._append_metrics(record)
+
+    def _evaluate(self) -> dict[str, Any]:
+        """Evaluate Q with its ranges frozen, so real data never moves them."""
+        modes = [(q, q.get_mode()) for _, q in act_quantizers(self.student)]
+        set_act_mode(self.student, ActMode.FROZEN)
+        try:
+            return self.evaluate(self.student)
+        finally:
+            for q, mode in modes:
+                q.set_mode(mode)
+
+    def summary(self) -> dict[str, Any]:
+        st, c = self.state, self.config
+        out: dict[str, Any] = {
+            "method": c.method,
+            "model": c.model,
+            "wbits": c.quant.wbits,
+            "abits": c.quant.abits,
+            "epochs": c.train.epochs,
+            "iters_per_epoch": c.train.iters_per_epoch,
+            "batch_size": c.train.batch_size,
+            "seconds": round(st.train_seconds, 3),
+        }
+        if st.history:
+            best = max(st.history, key=lambda r: r["top1"])
+            out.update(top1=st.history[-1]["top1"], top1_best=best["top1"], best_epoch=best["epoch"])
+        return out
+
+    # ------------------------------------------------------------ persistence
+    def _save_checkpoint(self) -> None:
+        if self.run_dir is None:
+            return
+        save_torch(
+            {
+                "format": _FORMAT,
+                "dfq_version": dfq.__version__,
+                "config": self.config.to_dict(),
+                "epoch": self.state.epoch,
+                "train_seconds": self.state.train_seconds,
+                "history": self.state.history,
+                "student": self.student.state_dict(),
+                "generator": self.generator.state_dict(),
+                "q_opt": self.q_opt.state_dict(),
+                "g_opt": self.g_opt.state_dict(),
+                "sampler": self.sampler.get_state(),
+                "torch_rng": torch.get_rng_state(),
+            },
+            self.run_dir / TRAIN_CHECKPOINT,
+        )
+
+    def _load_checkpoint(self) -> None:
+        if self.run_dir is None or not (self.run_dir / TRAIN_CHECKPOINT).is_file():
+            raise DFQError(f"nothing to resume: no {TRAIN_CHECKPOINT} in {self.run_dir}")
+        ckpt = read_train_checkpoint(self.run_dir)
+        saved = from_dict(RunConfig, ckpt["config"])
+        if saved != self.config:
+            raise DFQError(
+                f"the checkpoint in {self.run_dir} was written with a different configuration; "
+                "resume with the run's own config.yaml"
+            )
+        self.student.load_state_dict(ckpt["student"])
+        self.generator.load_state_dict(ckpt["generator"])
+        self.q_opt.load_state_dict(ckpt["q_opt"])
+        self.g_opt.load_state_dict(ckpt["g_opt"])
+        self.sampler.set_state(ckpt["sampler"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        self.state = _State(ckpt["epoch"], ckpt["train_seconds"], list(ckpt["history"]))
+
+    def _append_metrics(self, record: dict[str, Any]) -> None:
+        if self.run_dir is None:
+            return
+        path = self.run_dir / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        # Drop records of epochs that a resumed run is redoing.
+        kept = [ln for ln in lines if json.loads(ln)["epoch"] < record["epoch"]]
+        path.write_text("".join(ln + "\n" for ln in [*kept, json.dumps(record)]))
+
+
+def read_train_checkpoint(run_dir: str | Path) -> dict[str, Any]:
+    """Load a training checkpoint safely (tensors and plain containers only)."""
+    path = Path(run_dir) / TRAIN_CHECKPOINT
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt or foreign file
+        raise DFQError(f"cannot read {path}: corrupt or not a dfq checkpoint ({type(e).__name__})") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != _FORMAT:
+        raise DFQError(f"{path} is not a dfq training checkpoint")
+    return ckpt
+
+
+@contextlib.contextmanager
+def _no_param_grads(model: nn.Module) -> Iterator[None]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+def _check_finite(losses: dict[str, torch.Tensor], phase: str) -> None:
+    if not torch.isfinite(losses["loss"]):
+        raise DFQError(
+            f"the {phase} loss became {float(losses['loss'])}; the run diverged "
+            "(lower the learning rate or check the model)"
+        )

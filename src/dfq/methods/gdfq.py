@@ -1,0 +1,53 @@
+"""GDFQ (Xu et al., ECCV 2020): the common baseline (METHODS.md §2).
+
+G: ``CE(P(x), y) + 0.1·BNS``. Q: ``α·T²·KL(P ‖ Q) + CE(Q(x), y)`` on the same batch,
+with the teacher logits of the forward done before the G update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from dfq.methods.base import GameMethod, Outputs, register_method
+from dfq.methods.losses import kd_loss
+
+__all__ = ["GDFQ", "GDFQConfig"]
+
+
+@dataclass
+class GDFQConfig:
+    """Attributes:
+    temperature: KD temperature T.
+    kd_weight: α, the weight of the KD term.
+    kd_reduction: "mean" (the official code: KL summed then divided by B·C, so the
+        per-sample weight is T²/C) or "batchmean" (divided by B).
+    bns_weight: weight of the BNS term in G's loss.
+    ce_weight: weight of Q's cross-entropy to the sampled labels.
+    """
+
+    temperature: float = 20.0
+    kd_weight: float = 1.0
+    kd_reduction: str = "mean"
+    bns_weight: float = 0.1
+    ce_weight: float = 1.0
+
+
+@register_method
+class GDFQ(GameMethod):
+    name = "gdfq"
+    config_cls = GDFQConfig
+    defaults = {"train.batch_size": 200, "train.q_lr": 1e-4, "train.warmup_epochs": 4}
+
+    def generator_loss(self, out: Outputs) -> dict[str, torch.Tensor]:
+        ce = F.cross_entropy(out.p_logits, out.y)
+        loss = ce + self.config.bns_weight * out.bns
+        return {"loss": loss, "ce": ce, "bns": out.bns}
+
+    def student_loss(self, out: Outputs) -> dict[str, torch.Tensor]:
+        c = self.config
+        kd = kd_loss(out.q_logits, out.p_logits, c.temperature, c.kd_reduction)
+        ce = F.cross_entropy(out.q_logits, out.y)
+        return {"loss": c.kd_weight * kd + c.ce_weight * ce, "kd": kd, "ce": ce}
