@@ -63,12 +63,11 @@ class TrainConfig:
     checkpoint_every: int = 1
 
     def __post_init__(self) -> None:
-        for key in ("epochs", "iters_per_epoch", "batch_size", "eval_every", "checkpoint_every"):
+        for key in ("epochs", "iters_per_epoch", "batch_size", "eval_every", "checkpoint_every", "observe_epochs"):
             if getattr(self, key) < 1:
                 raise DFQError(f"train.{key} must be >= 1, got {getattr(self, key)}")
-        for key in ("warmup_epochs", "observe_epochs"):
-            if getattr(self, key) < 0:
-                raise DFQError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if self.warmup_epochs < 0:
+            raise DFQError(f"train.warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if len(self.g_betas) != 2:
             raise DFQError(f"train.g_betas must have two values, got {self.g_betas}")
 

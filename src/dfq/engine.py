@@ -32,6 +32,7 @@ from dfq.methods import GameMethod, Outputs, create_method
 from dfq.methods.zaq import feature_layers
 from dfq.quant import ActMode, act_quantizers, quantize_model, set_act_mode
 from dfq.utils.io import save_torch
+from dfq.utils.seed import seed_everything
 
 __all__ = ["TRAIN_CHECKPOINT", "Engine", "Evaluator"]
 
@@ -76,6 +77,7 @@ class Engine:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.evaluate, self.progress = evaluate, progress
 
+        seed_everything(config.seed)  # G's initial weights come from the global stream
         self.teacher = teacher.eval()
         for p in self.teacher.parameters():
             p.requires_grad_(False)
@@ -140,6 +142,9 @@ class Engine:
         finally:
             for h in handles:
                 h.remove()
+            missing = [n for n in self.features if n not in feats]
+            if missing and feats:
+                raise DFQError(f"feature layer(s) {', '.join(missing)} were not called during the forward pass")
             out.extend(feats[n] for n in self.features if n in feats)
 
     def _teacher_forward(self, x: torch.Tensor, bns: bool) -> tuple[torch.Tensor, torch.Tensor | None, list]:
@@ -203,12 +208,15 @@ class Engine:
         if m.student_first:
             student_logs = [self._student_step(self._fresh_student_batch(), train_q) for _ in range(m.student_steps)]
         batch, g_losses = self._generator_step()
-        if not m.student_first:
+        # During warm-up a method whose G step already ran Q has nothing to gain from a second
+        # forward (the official AdaSG/AdaDFQ loops skip it); GDFQ still needs it to observe ranges.
+        if not m.student_first and (train_q or not m.generator_uses_student):
             for k in range(m.student_steps):
                 b = self._fresh_student_batch() if (m.fresh_student_batches and k) else batch
                 student_logs.append(self._student_step(b, train_q))
         logs.update({f"g_{k}": v.detach() for k, v in g_losses.items()})
-        logs.update({f"q_{k}": v.detach() for k, v in student_logs[-1].items()})
+        if student_logs:
+            logs.update({f"q_{k}": v.detach() for k, v in student_logs[-1].items()})
         return logs
 
     # ------------------------------------------------------------------- loop
@@ -265,17 +273,20 @@ class Engine:
             bar.write(f"epoch {epoch}: top-1 {metrics['top1']:.2f}%")
         record["train_seconds"] = round(st.train_seconds, 3)
         st.epoch = epoch + 1
+        self._append_metrics(record)  # before the checkpoint: a resumed run rewrites redone epochs
         if (epoch + 1) % t.checkpoint_every == 0 or last:
             self._save_checkpoint()
-        self._append_metrics(record)
 
     def _evaluate(self) -> dict[str, Any]:
         """Evaluate Q with its ranges frozen, so real data never moves them."""
         modes = [(q, q.get_mode()) for _, q in act_quantizers(self.student)]
+        was_training = self.student.training
         set_act_mode(self.student, ActMode.FROZEN)
+        self.student.eval()  # BN statistics must not move either
         try:
             return self.evaluate(self.student)
         finally:
+            self.student.train(was_training)
             for q, mode in modes:
                 q.set_mode(mode)
 
@@ -340,6 +351,7 @@ class Engine:
         if self.run_dir is None:
             return
         path = self.run_dir / "metrics.jsonl"
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         lines = path.read_text().splitlines() if path.exists() else []
         # Drop records of epochs that a resumed run is redoing.
         kept = [ln for ln in lines if json.loads(ln)["epoch"] < record["epoch"]]

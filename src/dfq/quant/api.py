@@ -201,27 +201,56 @@ def _is_unsupported_leaf(m: nn.Module) -> bool:
     return type(m).__module__.startswith("torch.nn") and not any(True for _ in m.children())
 
 
-def _split_activation_sites(model: nn.Module) -> nn.Module:
-    """Give every ReLU/ReLU6 application its own module, tracing with torch.fx if needed.
+class _ShallowTracer(fx.Tracer):
+    """Traces one module's own ``forward``: every submodule is a leaf."""
 
-    Returns the model unchanged when it already has one module per site, so zoo
-    models keep their class and parameter names.
+    def __init__(self, root: nn.Module) -> None:
+        super().__init__()
+        self._root = root
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return m is not self._root
+
+
+def _split_activation_sites(model: nn.Module) -> nn.Module:
+    """Give every ReLU/ReLU6 application its own module, rewriting with torch.fx where needed.
+
+    Each module's own ``forward`` is traced separately, children before parents,
+    and only modules that apply an activation functionally or call one ReLU
+    module twice are replaced (by a GraphModule with the same submodule names).
+    Every other module keeps its class, so names and forward hooks still work.
     """
+    for name, module in reversed(list(model.named_modules())):  # descendants before ancestors
+        if type(module).__module__.startswith("torch.nn") and not any(True for _ in module.children()):
+            continue  # built-in leaf layers call no activation of their own
+        new = _split_local(module, name)
+        if new is module:
+            continue
+        if name:
+            _set_submodule(model, name, new)
+        else:
+            model = new
+    return model
+
+
+def _split_local(module: nn.Module, name: str) -> nn.Module:
+    where = name or type(module).__name__
     try:
-        gm = fx.symbolic_trace(model)
+        graph = _ShallowTracer(module).trace(module)
     except Exception as e:  # tracing fails on data-dependent control flow
         warnings.warn(
-            f"torch.fx could not trace {type(model).__name__} ({type(e).__name__}); only ReLU/ReLU6 *modules* "
-            "get activation quantizers, functional activations in forward() stay in float",
-            stacklevel=3,
+            f"torch.fx could not trace {where} ({type(e).__name__}); only ReLU/ReLU6 *modules* in it get "
+            "activation quantizers, functional activations in its forward() stay in float",
+            stacklevel=4,
         )
-        return model
-    bad = [f"{n.name} ({getattr(n.target, '__name__', n.target)})" for n in gm.graph.nodes if _fx_unsupported(n)]
+        return module
+    gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+    bad = [f"{n.name} ({getattr(n.target, '__name__', n.target)})" for n in graph.nodes if _fx_unsupported(n)]
     if bad:
-        raise UnsupportedLayerError(f"cannot quantize functional call(s) in forward(): {', '.join(bad)}")
+        raise UnsupportedLayerError(f"cannot quantize functional call(s) in {where}.forward(): {', '.join(bad)}")
     seen: set[str] = set()
     rewrites = []
-    for node in gm.graph.nodes:
+    for node in graph.nodes:
         act = _fx_activation(gm, node)
         if act is None:
             continue
@@ -230,15 +259,15 @@ def _split_activation_sites(model: nn.Module) -> nn.Module:
             continue
         rewrites.append((node, act))
     if not rewrites:
-        return model
+        return module
     for node, act in rewrites:
-        name = f"{node.name}_act"
-        gm.add_submodule(name, act())
-        with gm.graph.inserting_after(node):
-            new = gm.graph.call_module(name, args=(node.args[0],))
+        child = f"{node.name}_act"
+        gm.add_submodule(child, act())
+        with graph.inserting_after(node):
+            new = graph.call_module(child, args=(node.args[0],))
         node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-    gm.graph.lint()
+        graph.erase_node(node)
+    graph.lint()
     gm.recompile()
     return gm
 
