@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 import dfq
@@ -18,7 +17,7 @@ from dfq.config import RunConfig, from_dict
 from dfq.errors import DFQError
 from dfq.models import create_model
 from dfq.quant import quantize_model
-from dfq.utils.io import save_torch
+from dfq.utils.io import load_payload, save_torch
 
 __all__ = ["CHECKPOINT_NAME", "load_quantized", "save_quantized"]
 
@@ -43,14 +42,7 @@ def load_quantized(path: str | Path) -> tuple[nn.Module, RunConfig]:
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_NAME
-    if not path.is_file():
-        raise DFQError(f"no dfq checkpoint at {path}")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt or foreign file
-        raise DFQError(f"cannot read checkpoint {path}: corrupt or not a dfq checkpoint ({type(e).__name__})") from e
-    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-        raise DFQError(f"{path} is not a dfq quantized checkpoint")
+    payload = load_payload(path, _FORMAT, "dfq quantized checkpoint")
     config = from_dict(RunConfig, payload["config"])
     model = quantize_model(create_model(config.model), config.quant, inplace=True)
     try:

@@ -31,7 +31,7 @@ from dfq.generators import BNStatsLoss, create_generator
 from dfq.methods import GameMethod, Outputs, create_method
 from dfq.methods.zaq import feature_layers
 from dfq.quant import ActMode, act_quantizers, quantize_model, set_act_mode
-from dfq.utils.io import save_torch
+from dfq.utils.io import load_payload, save_torch
 from dfq.utils.seed import seed_everything
 
 __all__ = ["TRAIN_CHECKPOINT", "Engine", "Evaluator"]
@@ -360,14 +360,7 @@ class Engine:
 
 def read_train_checkpoint(run_dir: str | Path) -> dict[str, Any]:
     """Load a training checkpoint safely (tensors and plain containers only)."""
-    path = Path(run_dir) / TRAIN_CHECKPOINT
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt or foreign file
-        raise DFQError(f"cannot read {path}: corrupt or not a dfq checkpoint ({type(e).__name__})") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != _FORMAT:
-        raise DFQError(f"{path} is not a dfq training checkpoint")
-    return ckpt
+    return load_payload(Path(run_dir) / TRAIN_CHECKPOINT, _FORMAT, "dfq training checkpoint")
 
 
 @contextlib.contextmanager

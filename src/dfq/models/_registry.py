@@ -70,6 +70,11 @@ class ModelInfo:
     description: str = ""
 
 
+def imagenet_info(name: str, weights: Mapping[str, WeightSource], description: str) -> ModelInfo:
+    """ModelInfo of a 1000-class 224x224 ImageNet classifier with the usual normalization."""
+    return ModelInfo(name, "imagenet", 1000, (3, 224, 224), IMAGENET_MEAN, IMAGENET_STD, weights, description)
+
+
 _MODELS: dict[str, tuple[ModelInfo, Callable[..., nn.Module]]] = {}
 
 # layout name -> converter from that layout's state dict to dfq's keys.

@@ -20,11 +20,9 @@ from torch import nn
 
 from dfq.hub import RemoteFile
 from dfq.models._registry import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ModelInfo,
     StateDict,
     WeightSource,
+    imagenet_info,
     register_layout,
     register_model,
 )
@@ -125,12 +123,8 @@ def pytorchcv_mobilenetv2(state: StateDict) -> StateDict:
     return out
 
 
-def _info(name: str, weights: dict[str, WeightSource], description: str) -> ModelInfo:
-    return ModelInfo(name, "imagenet", 1000, (3, 224, 224), IMAGENET_MEAN, IMAGENET_STD, weights, description)
-
-
 @register_model(
-    _info(
+    imagenet_info(
         "mobilenetv2",
         {
             # Top-1 as reported by the DFQ papers that use these weights.
@@ -151,7 +145,7 @@ def mobilenetv2(num_classes: int = 1000) -> nn.Module:
 
 
 @register_model(
-    _info(
+    imagenet_info(
         "mobilenetv2b",
         {
             "torchvision": WeightSource(

@@ -20,11 +20,9 @@ from torch import nn
 
 from dfq.hub import RemoteFile
 from dfq.models._registry import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    ModelInfo,
     StateDict,
     WeightSource,
+    imagenet_info,
     register_layout,
     register_model,
 )
@@ -150,12 +148,8 @@ def _torchvision_source(fname: str, top1: float) -> WeightSource:
     )
 
 
-def _info(name: str, weights: dict[str, WeightSource], description: str) -> ModelInfo:
-    return ModelInfo(name, "imagenet", 1000, (3, 224, 224), IMAGENET_MEAN, IMAGENET_STD, weights, description)
-
-
 @register_model(
-    _info(
+    imagenet_info(
         "resnet18",
         {
             # Top-1 as reported by the DFQ papers that use these weights.
@@ -172,7 +166,7 @@ def resnet18(num_classes: int = 1000) -> nn.Module:
 
 
 @register_model(
-    _info(
+    imagenet_info(
         "resnet50",
         {
             "pytorchcv": pytorchcv_source(
@@ -187,7 +181,7 @@ def resnet50(num_classes: int = 1000) -> nn.Module:
 
 
 @register_model(
-    _info(
+    imagenet_info(
         "resnet50b",
         {
             "torchvision": _torchvision_source("resnet50-0676ba61.pth", 76.13),

@@ -14,7 +14,7 @@ import yaml
 
 from dfq.errors import DFQError
 
-__all__ = ["atomic_write", "save_json", "save_torch", "save_yaml"]
+__all__ = ["atomic_write", "load_payload", "save_json", "save_torch", "save_yaml"]
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
@@ -48,3 +48,17 @@ def save_json(obj: Any, path: str | Path) -> Path:
 
 def save_yaml(obj: Any, path: str | Path) -> Path:
     return atomic_write(path, lambda f: f.write(yaml.safe_dump(obj, sort_keys=False).encode()))
+
+
+def load_payload(path: str | Path, fmt: str, what: str) -> dict[str, Any]:
+    """Load a dfq file written with :func:`save_torch` safely (``weights_only``) and check its format tag."""
+    path = Path(path)
+    if not path.is_file():
+        raise DFQError(f"no {what} at {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt or foreign files
+        raise DFQError(f"cannot read {path}: corrupt or not a {what} ({type(e).__name__})") from e
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        raise DFQError(f"{path} is not a {what}")
+    return payload
