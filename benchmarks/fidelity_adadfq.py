@@ -1,0 +1,76 @@
+"""Fidelity of dfq's AdaDFQ against the official code, same model, data, CPU and schedule.
+
+The anchor (measured on this machine with the official AdaDFQ code, see the method-study issue): resnet20a_cifar10,
+68 epochs x 200 iterations, batch 16, LR milestones 17/34/51 for G and Q, everything else at the CIFAR-10 config,
+one seed. The dfq side is `configs/cpu/adadfq_resnet20a_cifar10.yaml`, run with
+
+    dfq quantize resnet20a_cifar10 --config configs/cpu/adadfq_resnet20a_cifar10.yaml --wbits B --abits B \
+        --weights ../shared/data/resnet20-12fca82f.th --data ../shared/data/cifar10-test-4class-lossless.npz --out RUN
+
+This script reads finished (or partial) run directories, evaluates the final model on both test sets and writes
+benchmarks/results/fidelity_adadfq.json.
+
+Usage: python benchmarks/fidelity_adadfq.py RUN_W4A4 [RUN_W3A3 ...]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import yaml
+from _common import SHARED_DATA, run_cli, write_result
+
+LOSSLESS = SHARED_DATA / "cifar10-test-4class-lossless.npz"
+JPEG = SHARED_DATA / "cifar10-test-jpeg75.npz"
+OFFICIAL = {  # final top-1 after 30 minutes of the official code; and after the 4 range-calibration epochs
+    4: {"lossless": 94.18, "jpeg75": 79.08, "after_calibration": {"lossless": 92.53, "jpeg75": 75.59}},
+    3: {"lossless": 89.00, "jpeg75": 71.27, "after_calibration": {"lossless": 72.10, "jpeg75": 54.31}},
+}
+FP = {"lossless": 94.95, "jpeg75": 81.03}
+
+
+def describe(run: Path) -> dict:
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    bits = config["quant"]["wbits"]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    trajectory = [{"epoch": m["epoch"], "top1_lossless": m["top1"]} for m in metrics if "top1" in m]
+    row = {
+        "run": run.name,
+        "wbits": bits,
+        "abits": config["quant"]["abits"],
+        "epochs_done": len(metrics),
+        "epochs_planned": config["train"]["epochs"],
+        "train_seconds": metrics[-1]["train_seconds"] if metrics else None,
+        "official": OFFICIAL.get(bits),
+        "fp": FP,
+        "trajectory": trajectory,
+    }
+    if (run / "model.pt").is_file():
+        final = {
+            name: run_cli(["eval", str(run), "--data", str(path)])["top1"]
+            for name, path in (("lossless", LOSSLESS), ("jpeg75", JPEG))
+        }
+        row["final"] = final
+        if bits in OFFICIAL:
+            row["final_minus_official"] = {k: round(final[k] - OFFICIAL[bits][k], 2) for k in final}
+    return row
+
+
+def main() -> int:
+    runs = [Path(p) for p in sys.argv[1:]]
+    if not runs:
+        print(__doc__, file=sys.stderr)
+        return 2
+    rows = [describe(r) for r in runs]
+    for r in rows:
+        print(json.dumps({k: r[k] for k in r if k != "trajectory"}))
+    print(
+        f"wrote {write_result('fidelity_adadfq', {'model': 'resnet20a_cifar10', 'method': 'adadfq', 'results': rows})}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
