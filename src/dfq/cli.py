@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import dfq
+from dfq.engine import RunInterrupted
 from dfq.errors import DFQError
 
 EXIT_USER_ERROR = 2
@@ -31,6 +32,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
+    except RunInterrupted as e:
+        print(f"dfq: {e}", file=sys.stderr)
+        return e.exit_code
     except DFQError as e:
         if args.debug:
             traceback.print_exc()

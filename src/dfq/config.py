@@ -43,6 +43,7 @@ class TrainConfig:
         lr_gamma: learning-rate factor at each milestone.
         eval_every: evaluate on the real test set every K epochs (and after the last one).
         checkpoint_every: write a resumable checkpoint every K epochs (and after the last one).
+        checkpoint_every_iters: also write one every N iterations (0: only at epoch ends).
     """
 
     epochs: int = 400
@@ -61,11 +62,14 @@ class TrainConfig:
     lr_gamma: float = 0.1
     eval_every: int = 1
     checkpoint_every: int = 1
+    checkpoint_every_iters: int = 0
 
     def __post_init__(self) -> None:
         for key in ("epochs", "iters_per_epoch", "batch_size", "eval_every", "checkpoint_every", "observe_epochs"):
             if getattr(self, key) < 1:
                 raise DFQError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if self.checkpoint_every_iters < 0:
+            raise DFQError(f"train.checkpoint_every_iters must be >= 0, got {self.checkpoint_every_iters}")
         if self.warmup_epochs < 0:
             raise DFQError(f"train.warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if len(self.g_betas) != 2:

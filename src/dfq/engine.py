@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,7 +36,7 @@ from dfq.quant import ActMode, act_quantizers, quantize_model, set_act_mode
 from dfq.utils.io import load_payload, save_torch
 from dfq.utils.seed import seed_everything
 
-__all__ = ["TRAIN_CHECKPOINT", "Engine", "Evaluator"]
+__all__ = ["TRAIN_CHECKPOINT", "Engine", "Evaluator", "RunInterrupted"]
 
 Evaluator = Callable[[nn.Module], dict[str, Any]]
 TRAIN_CHECKPOINT = "checkpoint.pt"
@@ -43,9 +45,11 @@ _FORMAT = "dfq-train-v1"
 
 @dataclass
 class _State:
-    epoch: int = 0  # next epoch to run
+    epoch: int = 0  # epoch in progress (or next to run)
+    iteration: int = 0  # next iteration within ``epoch``
     train_seconds: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)  # evaluations
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)  # logged values summed over the epoch so far
 
 
 class Engine:
@@ -221,26 +225,30 @@ class Engine:
 
     # ------------------------------------------------------------------- loop
     def run(self, resume: bool = False) -> tuple[nn.Module, dict[str, Any]]:
-        """Train (or continue training) and return ``(Q, summary)``."""
+        """Train (or continue training) and return ``(Q, summary)``.
+
+        SIGINT/SIGTERM finish the current iteration, write a checkpoint and raise
+        :class:`RunInterrupted`; ``run(resume=True)`` then continues to the same result.
+        """
         if resume:
             self._load_checkpoint()
         t, st = self.train, self.state
-        total = t.epochs * t.iters_per_epoch
         bar = tqdm(
-            total=total,
-            initial=st.epoch * t.iters_per_epoch,
-            desc=f"{self.method.name}",
+            total=t.epochs * t.iters_per_epoch,
+            initial=st.epoch * t.iters_per_epoch + st.iteration,
+            desc=self.method.name,
             disable=not self.progress,
             dynamic_ncols=True,
         )
         try:
-            for epoch in range(st.epoch, t.epochs):
-                self._run_epoch(epoch, bar)
+            with _stop_requests() as stop:
+                for epoch in range(st.epoch, t.epochs):
+                    self._run_epoch(epoch, bar, stop)
         finally:
             bar.close()
         return self.student, self.summary()
 
-    def _run_epoch(self, epoch: int, bar: tqdm) -> None:
+    def _run_epoch(self, epoch: int, bar: tqdm, stop: list[int] | None = None) -> None:
         t, st = self.train, self.state
         for group in self.q_opt.param_groups:
             group["lr"] = self._lr(t.q_lr, t.q_milestones, t.lr_gamma, epoch)
@@ -248,22 +256,38 @@ class Engine:
             group["lr"] = self._lr(t.g_lr, t.g_milestones, t.lr_gamma, epoch)
         set_act_mode(self.student, ActMode.OBSERVE if epoch < t.observe_epochs else ActMode.FROZEN)
         train_q = epoch >= t.warmup_epochs
-        start = time.perf_counter()
-        sums: dict[str, torch.Tensor] = {}
-        for it in range(t.iters_per_epoch):
+        st.epoch = epoch
+        while st.iteration < t.iters_per_epoch:
+            start = time.perf_counter()
             logs = self._iteration(train_q)
             for k, v in logs.items():
-                sums[k] = sums.get(k, 0) + v
+                st.sums[k] = st.sums.get(k, 0) + v
+            st.iteration += 1
+            st.train_seconds += time.perf_counter() - start
             bar.update(1)
-            if it % 20 == 0 or it == t.iters_per_epoch - 1:
+            if st.iteration % 20 == 1 or st.iteration == t.iters_per_epoch:
                 bar.set_postfix({k: f"{float(v):.3g}" for k, v in logs.items() if k.endswith("loss")}, refresh=False)
-        st.train_seconds += time.perf_counter() - start
+            if st.iteration == t.iters_per_epoch:
+                break
+            global_iter = epoch * t.iters_per_epoch + st.iteration
+            if t.checkpoint_every_iters and global_iter % t.checkpoint_every_iters == 0:
+                self._save_checkpoint()
+            if stop:
+                self._save_checkpoint()
+                raise RunInterrupted(stop[0], epoch, st.iteration, self.run_dir)
+        self._end_epoch(epoch, train_q, bar)
+        if stop and epoch < t.epochs - 1:
+            self._save_checkpoint()
+            raise RunInterrupted(stop[0], epoch + 1, 0, self.run_dir)
+
+    def _end_epoch(self, epoch: int, train_q: bool, bar: tqdm) -> None:
+        t, st = self.train, self.state
         record: dict[str, Any] = {
             "epoch": epoch,
             "train_q": train_q,
             "q_lr": self.q_opt.param_groups[0]["lr"],
             "g_lr": self.g_opt.param_groups[0]["lr"],
-            **{k: float(v) / t.iters_per_epoch for k, v in sums.items()},
+            **{k: float(v) / t.iters_per_epoch for k, v in st.sums.items()},
         }
         last = epoch == t.epochs - 1
         if self.evaluate and ((epoch + 1) % t.eval_every == 0 or last):
@@ -272,7 +296,7 @@ class Engine:
             st.history.append({"epoch": epoch, "top1": metrics["top1"]})
             bar.write(f"epoch {epoch}: top-1 {metrics['top1']:.2f}%")
         record["train_seconds"] = round(st.train_seconds, 3)
-        st.epoch = epoch + 1
+        st.epoch, st.iteration, st.sums = epoch + 1, 0, {}
         self._append_metrics(record)  # before the checkpoint: a resumed run rewrites redone epochs
         if (epoch + 1) % t.checkpoint_every == 0 or last:
             self._save_checkpoint()
@@ -317,6 +341,8 @@ class Engine:
                 "dfq_version": dfq.__version__,
                 "config": self.config.to_dict(),
                 "epoch": self.state.epoch,
+                "iteration": self.state.iteration,
+                "sums": self.state.sums,
                 "train_seconds": self.state.train_seconds,
                 "history": self.state.history,
                 "student": self.student.state_dict(),
@@ -345,7 +371,9 @@ class Engine:
         self.g_opt.load_state_dict(ckpt["g_opt"])
         self.sampler.set_state(ckpt["sampler"])
         torch.set_rng_state(ckpt["torch_rng"])
-        self.state = _State(ckpt["epoch"], ckpt["train_seconds"], list(ckpt["history"]))
+        self.state = _State(
+            ckpt["epoch"], ckpt["iteration"], ckpt["train_seconds"], list(ckpt["history"]), dict(ckpt["sums"])
+        )
 
     def _append_metrics(self, record: dict[str, Any]) -> None:
         if self.run_dir is None:
@@ -361,6 +389,48 @@ class Engine:
 def read_train_checkpoint(run_dir: str | Path) -> dict[str, Any]:
     """Load a training checkpoint safely (tensors and plain containers only)."""
     return load_payload(Path(run_dir) / TRAIN_CHECKPOINT, _FORMAT, "dfq training checkpoint")
+
+
+class RunInterrupted(DFQError):
+    """A run stopped by SIGINT/SIGTERM after writing a checkpoint it can resume from."""
+
+    def __init__(self, signum: int, epoch: int, iteration: int, run_dir: Path | None) -> None:
+        self.exit_code = 128 + signum
+        where = f"epoch {epoch}, iteration {iteration}"
+        if run_dir is None:
+            super().__init__(f"interrupted by {signal.Signals(signum).name} at {where} (no run directory: not saved)")
+        else:
+            super().__init__(
+                f"interrupted by {signal.Signals(signum).name} at {where}; checkpoint saved, continue "
+                f"with: dfq quantize MODEL --out {run_dir} --resume"
+            )
+
+
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[list[int]]:
+    """Turn the first SIGINT/SIGTERM into a stop request (a list holding the signal number).
+
+    A second signal gets the default behaviour, so a stuck run can still be killed.
+    Outside the main thread (where handlers cannot be installed) nothing is caught.
+    """
+    stop: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def request(signum: int, _frame: object) -> None:
+        stop.append(signum)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    for sig in previous:
+        signal.signal(sig, request)
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @contextlib.contextmanager
