@@ -222,7 +222,10 @@ def test_after_warmup_q_moves():
 @pytest.mark.parametrize(("method", "observations_per_iter"), [("gdfq", 1), ("adadfq", 2), ("zaq", 6)])
 def test_ranges_are_observed_then_frozen(method, observations_per_iter):
     iters = 3
-    engine = make_engine(make_config(method, train__observe_epochs=2, train__epochs=4, train__warmup_epochs=0))
+    # ZAQ's Q learning rate of 0.1 blows up this tiny Q's BatchNorm statistics; the test is about ranges.
+    engine = make_engine(
+        make_config(method, train__observe_epochs=2, train__epochs=4, train__warmup_epochs=0, train__q_lr=1e-3)
+    )
     bar = quiet_bar()
     assert set(ranges(engine.student)) == {"relu.act_quantizer", "layer1.2.act_quantizer", "layer2.2.act_quantizer"}
     snapshots = [ranges(engine.student)]

@@ -154,3 +154,52 @@ def test_cli_sigterm_then_resume(tmp_path):
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["epochs"] == 40 and (out / "model.pt").is_file()
+
+
+def _inject_nan(e, at_calls):
+    """Make the generator loss NaN on the given (1-based) generator-step calls."""
+    calls = {"n": 0}
+    original = e.method.generator_loss
+
+    def loss(out):
+        calls["n"] += 1
+        losses = original(out)
+        if calls["n"] in at_calls:
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    e.method.generator_loss = loss
+    return calls
+
+
+def test_nan_loss_rolls_back_with_lower_lr_and_finishes(tmp_path):
+    e = engine(tmp_path)
+    _inject_nan(e, {7})  # epoch 1, iteration 3
+    _, summary = e.run()
+    assert summary["rollbacks"] == 1 and e.state.lr_scale == 0.5
+    assert all(torch.isfinite(t).all() for t in e.student.state_dict().values() if t.is_floating_point())
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [0, 1, 2]  # epoch 1 redone from its start, logged once
+    assert lines[2]["q_lr"] == pytest.approx(1e-4 * 0.5)
+
+
+def test_persistent_nan_stops_with_a_clear_error_and_no_nan_checkpoint(tmp_path):
+    from dfq.engine import read_train_checkpoint
+    from dfq.errors import DFQError
+
+    e = engine(tmp_path, **{"train.max_rollbacks": 2})
+    _inject_nan(e, set(range(6, 1000)))
+    with pytest.raises(DFQError, match="non-finite again after 2 rollback"):
+        e.run()
+    ckpt = read_train_checkpoint(tmp_path)
+    assert ckpt["epoch"] == 1  # the last good state, never a diverged one
+    assert all(torch.isfinite(t).all() for t in ckpt["student"].values() if t.is_floating_point())
+
+
+def test_nan_gradient_is_detected(tmp_path):
+    e = engine(None)
+    param = next(e.generator.parameters())
+    hook = param.register_hook(lambda g: g * float("nan"))
+    with pytest.raises(Exception, match="generator gradient"):
+        e._generator_step()
+    hook.remove()

@@ -44,6 +44,8 @@ class TrainConfig:
         eval_every: evaluate on the real test set every K epochs (and after the last one).
         checkpoint_every: write a resumable checkpoint every K epochs (and after the last one).
         checkpoint_every_iters: also write one every N iterations (0: only at epoch ends).
+        max_rollbacks: on a NaN/Inf loss, gradient or range, return to the last checkpoint at most this often.
+        rollback_lr_factor: multiply both learning rates by this at each rollback.
     """
 
     epochs: int = 400
@@ -63,11 +65,15 @@ class TrainConfig:
     eval_every: int = 1
     checkpoint_every: int = 1
     checkpoint_every_iters: int = 0
+    max_rollbacks: int = 3
+    rollback_lr_factor: float = 0.5
 
     def __post_init__(self) -> None:
         for key in ("epochs", "iters_per_epoch", "batch_size", "eval_every", "checkpoint_every", "observe_epochs"):
             if getattr(self, key) < 1:
                 raise DFQError(f"train.{key} must be >= 1, got {getattr(self, key)}")
+        if self.max_rollbacks < 0 or not 0.0 < self.rollback_lr_factor <= 1.0:
+            raise DFQError("train.max_rollbacks must be >= 0 and train.rollback_lr_factor in (0, 1]")
         if self.checkpoint_every_iters < 0:
             raise DFQError(f"train.checkpoint_every_iters must be >= 0, got {self.checkpoint_every_iters}")
         if self.warmup_epochs < 0:

@@ -13,6 +13,7 @@ never reads real data.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import signal
 import threading
@@ -50,6 +51,7 @@ class _State:
     train_seconds: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)  # evaluations
     sums: dict[str, torch.Tensor] = field(default_factory=dict)  # logged values summed over the epoch so far
+    lr_scale: float = 1.0  # lowered by each rollback after a divergence
 
 
 class Engine:
@@ -104,6 +106,8 @@ class Engine:
         self.g_opt = torch.optim.Adam(self.generator.parameters(), lr=t.g_lr, betas=tuple(t.g_betas))
         self.sampler = torch.Generator().manual_seed(config.seed)
         self.state = _State()
+        self._last_good: dict[str, Any] | None = None
+        self.rollbacks = 0
 
     # ----------------------------------------------------------------- set-up
     def _make_generator(self) -> nn.Module:
@@ -180,8 +184,9 @@ class Engine:
         out = Outputs(x, y, p_logits, q_logits, bns, p_feats, q_feats)
         losses = m.generator_loss(out)
         self.g_opt.zero_grad(set_to_none=True)
-        _check_finite(losses, "generator")
+        _check_finite(losses["loss"], "generator loss")
         losses["loss"].backward()
+        _check_grads(self.g_opt, "generator gradient")
         self.g_opt.step()
         return out, losses
 
@@ -199,10 +204,11 @@ class Engine:
             q_logits, q_feats = self._student_forward(x)
             out = Outputs(x, batch.y, batch.p_logits.detach(), q_logits, None, p_feats, q_feats)
             losses = self.method.student_loss(out)
-        _check_finite(losses, "quantized-model")
+        _check_finite(losses["loss"], "quantized-model loss")
         if train_q:
             self.q_opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
+            _check_grads(self.q_opt, "quantized-model gradient")
             self.q_opt.step()
         return losses
 
@@ -240,10 +246,15 @@ class Engine:
             disable=not self.progress,
             dynamic_ncols=True,
         )
+        if self._last_good is None:
+            self._last_good = self._snapshot()  # a divergence before the first checkpoint restarts from here
         try:
             with _stop_requests() as stop:
-                for epoch in range(st.epoch, t.epochs):
-                    self._run_epoch(epoch, bar, stop)
+                while self.state.epoch < t.epochs:
+                    try:
+                        self._run_epoch(self.state.epoch, bar, stop)
+                    except _Diverged as e:
+                        self._rollback(str(e), bar)
         finally:
             bar.close()
         return self.student, self.summary()
@@ -251,15 +262,19 @@ class Engine:
     def _run_epoch(self, epoch: int, bar: tqdm, stop: list[int] | None = None) -> None:
         t, st = self.train, self.state
         for group in self.q_opt.param_groups:
-            group["lr"] = self._lr(t.q_lr, t.q_milestones, t.lr_gamma, epoch)
+            group["lr"] = self._lr(t.q_lr, t.q_milestones, t.lr_gamma, epoch) * st.lr_scale
         for group in self.g_opt.param_groups:
-            group["lr"] = self._lr(t.g_lr, t.g_milestones, t.lr_gamma, epoch)
+            group["lr"] = self._lr(t.g_lr, t.g_milestones, t.lr_gamma, epoch) * st.lr_scale
         set_act_mode(self.student, ActMode.OBSERVE if epoch < t.observe_epochs else ActMode.FROZEN)
         train_q = epoch >= t.warmup_epochs
         st.epoch = epoch
         while st.iteration < t.iters_per_epoch:
             start = time.perf_counter()
             logs = self._iteration(train_q)
+            if epoch < t.observe_epochs:
+                ranges = [v for _, q in act_quantizers(self.student) for v in (q.lo, q.hi)]
+                if ranges:
+                    _check_finite(torch.stack(ranges), "activation range")
             for k, v in logs.items():
                 st.sums[k] = st.sums.get(k, 0) + v
             st.iteration += 1
@@ -325,6 +340,7 @@ class Engine:
             "iters_per_epoch": c.train.iters_per_epoch,
             "batch_size": c.train.batch_size,
             "seconds": round(st.train_seconds, 3),
+            "rollbacks": self.rollbacks,
         }
         if st.history:
             best = max(st.history, key=lambda r: r["top1"])
@@ -332,10 +348,9 @@ class Engine:
         return out
 
     # ------------------------------------------------------------ persistence
-    def _save_checkpoint(self) -> None:
-        if self.run_dir is None:
-            return
-        save_torch(
+    def _snapshot(self) -> dict[str, Any]:
+        """Everything needed to continue bit-identically (tensors copied, not aliased)."""
+        return copy.deepcopy(
             {
                 "format": _FORMAT,
                 "dfq_version": dfq.__version__,
@@ -343,6 +358,7 @@ class Engine:
                 "epoch": self.state.epoch,
                 "iteration": self.state.iteration,
                 "sums": self.state.sums,
+                "lr_scale": self.state.lr_scale,
                 "train_seconds": self.state.train_seconds,
                 "history": self.state.history,
                 "student": self.student.state_dict(),
@@ -351,8 +367,33 @@ class Engine:
                 "g_opt": self.g_opt.state_dict(),
                 "sampler": self.sampler.get_state(),
                 "torch_rng": torch.get_rng_state(),
-            },
-            self.run_dir / TRAIN_CHECKPOINT,
+            }
+        )
+
+    def _save_checkpoint(self) -> None:
+        """Keep the current state as the last good one, in memory and (atomically) on disk."""
+        for name, model in (("quantized model", self.student), ("generator", self.generator)):
+            for t in model.state_dict().values():
+                if t.is_floating_point():
+                    _check_finite(t, f"{name} state")  # never keep a NaN model
+        self._last_good = self._snapshot()
+        if self.run_dir is not None:
+            save_torch(self._last_good, self.run_dir / TRAIN_CHECKPOINT)
+
+    def _restore(self, ckpt: dict[str, Any]) -> None:
+        self.student.load_state_dict(ckpt["student"])
+        self.generator.load_state_dict(ckpt["generator"])
+        self.q_opt.load_state_dict(ckpt["q_opt"])
+        self.g_opt.load_state_dict(ckpt["g_opt"])
+        self.sampler.set_state(ckpt["sampler"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        self.state = _State(
+            ckpt["epoch"],
+            ckpt["iteration"],
+            ckpt["train_seconds"],
+            list(ckpt["history"]),
+            dict(ckpt["sums"]),
+            ckpt["lr_scale"],
         )
 
     def _load_checkpoint(self) -> None:
@@ -365,14 +406,26 @@ class Engine:
                 f"the checkpoint in {self.run_dir} was written with a different configuration; "
                 "resume with the run's own config.yaml"
             )
-        self.student.load_state_dict(ckpt["student"])
-        self.generator.load_state_dict(ckpt["generator"])
-        self.q_opt.load_state_dict(ckpt["q_opt"])
-        self.g_opt.load_state_dict(ckpt["g_opt"])
-        self.sampler.set_state(ckpt["sampler"])
-        torch.set_rng_state(ckpt["torch_rng"])
-        self.state = _State(
-            ckpt["epoch"], ckpt["iteration"], ckpt["train_seconds"], list(ckpt["history"]), dict(ckpt["sums"])
+        self._restore(ckpt)
+        self._last_good = ckpt
+
+    def _rollback(self, reason: str, bar: tqdm) -> None:
+        """Return to the last good state with lower learning rates, or stop with a clear error."""
+        self.rollbacks += 1
+        t = self.train
+        if self.rollbacks > t.max_rollbacks:
+            raise DFQError(
+                f"{reason} again after {t.max_rollbacks} rollback(s) with lower learning rates; "
+                "the run stopped without saving a diverged model (lower train.q_lr / train.g_lr)"
+            )
+        scale = self.state.lr_scale
+        self._restore(self._last_good)
+        self.state.lr_scale = scale * t.rollback_lr_factor
+        bar.n = self.state.epoch * t.iters_per_epoch + self.state.iteration
+        bar.write(
+            f"{reason} at epoch {self.state.epoch}: rolled back to epoch {self.state.epoch}, iteration "
+            f"{self.state.iteration} with learning rates x{self.state.lr_scale:g} "
+            f"(rollback {self.rollbacks}/{t.max_rollbacks})"
         )
 
     def _append_metrics(self, record: dict[str, Any]) -> None:
@@ -445,9 +498,16 @@ def _no_param_grads(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
-def _check_finite(losses: dict[str, torch.Tensor], phase: str) -> None:
-    if not torch.isfinite(losses["loss"]):
-        raise DFQError(
-            f"the {phase} loss became {float(losses['loss'])}; the run diverged "
-            "(lower the learning rate or check the model)"
-        )
+class _Diverged(Exception):
+    """A NaN/Inf appeared; the engine rolls back to the last good state."""
+
+
+def _check_finite(value: torch.Tensor, what: str) -> None:
+    if not bool(torch.isfinite(value).all()):
+        raise _Diverged(f"the {what} became non-finite")
+
+
+def _check_grads(opt: torch.optim.Optimizer, what: str) -> None:
+    grads = [p.grad for group in opt.param_groups for p in group["params"] if p.grad is not None]
+    if grads:
+        _check_finite(torch.nn.utils.get_total_norm(grads), what)
