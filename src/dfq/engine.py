@@ -84,7 +84,7 @@ class Engine:
         self.evaluate, self.progress = evaluate, progress
 
         seed_everything(config.seed)  # G's initial weights come from the global stream
-        self.teacher = teacher.eval()
+        self.teacher = copy.deepcopy(teacher).eval()  # the caller's model keeps its flags and mode
         for p in self.teacher.parameters():
             p.requires_grad_(False)
         self.student = quantize_model(teacher, config.quant)
