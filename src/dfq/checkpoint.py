@@ -18,6 +18,7 @@ from dfq.errors import DFQError
 from dfq.models import create_model
 from dfq.quant import quantize_model
 from dfq.utils.io import load_payload, save_torch
+from dfq.utils.state import state_dict_mismatch
 
 __all__ = ["CHECKPOINT_NAME", "load_quantized", "save_quantized"]
 
@@ -45,9 +46,8 @@ def load_quantized(path: str | Path) -> tuple[nn.Module, RunConfig]:
     payload = load_payload(path, _FORMAT, "dfq quantized checkpoint")
     config = from_dict(RunConfig, payload["config"])
     model = quantize_model(create_model(config.model), config.quant, inplace=True)
-    try:
-        model.load_state_dict(payload["state_dict"], strict=True)
-    except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise DFQError(f"checkpoint {path} does not match model '{config.model}': {first}") from e
+    problem = state_dict_mismatch(model.state_dict(), payload["state_dict"])
+    if problem:
+        raise DFQError(f"checkpoint {path} does not match model '{config.model}': {problem}")
+    model.load_state_dict(payload["state_dict"], strict=True)
     return model.eval(), config

@@ -43,6 +43,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dfq: interrupted", file=sys.stderr)
         return 130
+    except (MemoryError, torch.OutOfMemoryError) as e:
+        if args.debug:
+            traceback.print_exc()
+        print(
+            f"dfq: error: out of memory ({type(e).__name__}); lower --batch-size or --eval-batch-size", file=sys.stderr
+        )
+        return EXIT_USER_ERROR
 
 
 class _Parser(argparse.ArgumentParser):

@@ -36,6 +36,7 @@ from dfq.methods.zaq import feature_layers
 from dfq.quant import ActMode, act_quantizers, quantize_model, set_act_mode
 from dfq.utils.io import load_payload, save_torch
 from dfq.utils.seed import seed_everything
+from dfq.utils.state import state_dict_mismatch
 
 __all__ = ["TRAIN_CHECKPOINT", "Engine", "Evaluator", "RunInterrupted"]
 
@@ -406,6 +407,10 @@ class Engine:
                 f"the checkpoint in {self.run_dir} was written with a different configuration; "
                 "resume with the run's own config.yaml"
             )
+        for name, module in (("student", self.student), ("generator", self.generator)):
+            problem = state_dict_mismatch(module.state_dict(), ckpt[name])
+            if problem:
+                raise DFQError(f"the checkpoint in {self.run_dir} does not fit this run's {name}: {problem}")
         self._restore(ckpt)
         self._last_good = ckpt
 

@@ -18,6 +18,7 @@ from torch import nn
 
 from dfq.errors import DFQError, did_you_mean
 from dfq.hub import RemoteFile, fetch
+from dfq.utils.state import state_dict_mismatch
 
 __all__ = [
     "ModelInfo",
@@ -194,7 +195,7 @@ def load_weights(model: nn.Module, path: str | Path, layout: str | None = None) 
         if converted is None:
             continue
         converted = _fill_bn_counters(expected, converted)
-        problems = _mismatch(expected, converted)
+        problems = state_dict_mismatch(expected, converted)
         if not problems:
             model.load_state_dict(converted, strict=True)
             return
@@ -214,17 +215,3 @@ def _fill_bn_counters(expected: Mapping[str, torch.Tensor], got: StateDict) -> S
     """Add BatchNorm ``num_batches_tracked`` counters that old checkpoints (PyTorch < 0.4.1) lack."""
     missing = {k: expected[k] for k in expected if k.endswith("num_batches_tracked") and k not in got}
     return {**got, **missing} if missing else got
-
-
-def _mismatch(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]) -> str:
-    """Describe the first difference between two state dicts, or '' if they fit."""
-    missing = [k for k in expected if k not in got]
-    if missing:
-        return f"{len(missing)} missing key(s), first '{missing[0]}'"
-    extra = [k for k in got if k not in expected]
-    if extra:
-        return f"{len(extra)} unexpected key(s), first '{extra[0]}'"
-    for k, v in expected.items():
-        if v.shape != got[k].shape:
-            return f"'{k}' has shape {tuple(got[k].shape)}, model expects {tuple(v.shape)}"
-    return ""

@@ -1,0 +1,52 @@
+"""Checkpoints are validated before any state is touched; out-of-memory gives a clear message."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dfq import cli
+from dfq.checkpoint import load_quantized, save_quantized
+from dfq.config import resolve_config
+from dfq.errors import DFQError
+from dfq.models import create_model
+from dfq.quant import quantize_model
+
+
+def _saved(tmp_path, mutate):
+    config = resolve_config(None, {"quant.wbits": 4, "quant.abits": 4})
+    q = quantize_model(create_model(config.model), config.quant)
+    path = save_quantized(tmp_path / "model.pt", q, config)
+    payload = torch.load(path, weights_only=True)
+    mutate(payload["state_dict"])
+    torch.save(payload, path)
+    return path
+
+
+def test_checkpoint_missing_tensor_is_named(tmp_path):
+    path = _saved(tmp_path, lambda sd: sd.pop("layer2.1.conv1.weight"))
+    with pytest.raises(DFQError, match=r"missing key\(s\), first 'layer2.1.conv1.weight'"):
+        load_quantized(path)
+
+
+def test_checkpoint_wrong_shape_is_named(tmp_path):
+    path = _saved(tmp_path, lambda sd: sd.__setitem__("linear.weight", torch.zeros(3, 64)))
+    with pytest.raises(DFQError, match=r"'linear.weight' has shape \(3, 64\), model expects \(10, 64\)"):
+        load_quantized(path)
+
+
+def test_foreign_file_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "model.pt"
+    torch.save({"weights": torch.zeros(2)}, path)
+    with pytest.raises(DFQError, match="not a dfq quantized checkpoint"):
+        load_quantized(path)
+
+
+def test_out_of_memory_is_one_clear_line(monkeypatch, capsys, tmp_path):
+    def boom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr("dfq.api.run", boom)
+    rc = cli.main(["quantize", "resnet20a_cifar10", "--out", str(tmp_path / "r"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "out of memory" in err[0] and "--batch-size" in err[0]
