@@ -23,7 +23,7 @@ from dfq.engine import TRAIN_CHECKPOINT, Engine, Evaluator
 from dfq.errors import DFQError
 from dfq.methods.zeroq import zeroq
 from dfq.models import create_model
-from dfq.utils.io import save_json, save_yaml
+from dfq.utils.io import remove_stale_temporaries, save_json, save_yaml
 from dfq.utils.seed import seed_everything
 
 __all__ = ["Evaluator", "load_run_config", "quantize", "run"]
@@ -137,6 +137,7 @@ def run(
     evaluations during training, which selects on the test set (the papers' protocol).
     """
     out = Path(out_dir)
+    remove_stale_temporaries(out)
     started = (out / CHECKPOINT_NAME).exists() or (out / TRAIN_CHECKPOINT).exists()
     if resume and not (out / TRAIN_CHECKPOINT).exists():
         raise DFQError(f"nothing to resume in {out}: no {TRAIN_CHECKPOINT}")

@@ -34,7 +34,7 @@ from dfq.generators import BNStatsLoss, create_generator
 from dfq.methods import GameMethod, Outputs, create_method
 from dfq.methods.zaq import feature_layers
 from dfq.quant import ActMode, act_quantizers, quantize_model, set_act_mode
-from dfq.utils.io import load_payload, save_torch
+from dfq.utils.io import atomic_write, load_payload, save_torch
 from dfq.utils.seed import seed_everything
 from dfq.utils.state import state_dict_mismatch
 
@@ -437,11 +437,11 @@ class Engine:
         if self.run_dir is None:
             return
         path = self.run_dir / "metrics.jsonl"
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         lines = path.read_text().splitlines() if path.exists() else []
-        # Drop records of epochs that a resumed run is redoing.
+        # Drop records of epochs that a resumed run is redoing; rewrite atomically (a kill never leaves half a line).
         kept = [ln for ln in lines if json.loads(ln)["epoch"] < record["epoch"]]
-        path.write_text("".join(ln + "\n" for ln in [*kept, json.dumps(record)]))
+        text = "".join(ln + "\n" for ln in [*kept, json.dumps(record)])
+        atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def read_train_checkpoint(run_dir: str | Path) -> dict[str, Any]:

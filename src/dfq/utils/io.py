@@ -14,7 +14,7 @@ import yaml
 
 from dfq.errors import DFQError
 
-__all__ = ["atomic_write", "load_payload", "save_json", "save_torch", "save_yaml"]
+__all__ = ["atomic_write", "load_payload", "remove_stale_temporaries", "save_json", "save_torch", "save_yaml"]
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
@@ -36,6 +36,14 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
     finally:
         Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def remove_stale_temporaries(directory: str | Path) -> None:
+    """Delete temporary files that a killed :func:`atomic_write` left behind (never a finished file)."""
+    directory = Path(directory)
+    if directory.is_dir():
+        for tmp in directory.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def save_torch(obj: Any, path: str | Path) -> Path:
