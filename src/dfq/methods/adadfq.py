@@ -66,7 +66,19 @@ class AdaDFQ(GameMethod):
         ds = F.cross_entropy(disagreement, out.y)
         agree = F.cross_entropy(out.p_logits + out.q_logits, out.y)
         loss = bg + c.beta * (c.alpha_ds * ds + c.alpha_as * agree) + c.gamma * out.bns
-        return {"loss": loss, "bg": bg, "ds": ds, "as": agree, "bns": out.bns, "h_norm": h_norm.detach().mean()}
+        q10, q50, q90 = torch.quantile(h_norm.detach(), torch.tensor([0.1, 0.5, 0.9], dtype=h_norm.dtype))
+        # H′ quantiles: where the batch's adaptability sits against the [λ_l, λ_u] band (for reports).
+        return {
+            "loss": loss,
+            "bg": bg,
+            "ds": ds,
+            "as": agree,
+            "bns": out.bns,
+            "h_norm": h_norm.detach().mean(),
+            "h_norm_p10": q10,
+            "h_norm_p50": q50,
+            "h_norm_p90": q90,
+        }
 
     def student_loss(self, out: Outputs) -> dict[str, torch.Tensor]:
         loss = student_entropy_loss(out.p_logits, out.q_logits, self.config.temperature)
