@@ -109,6 +109,11 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_data_args(p, batch_flag="--eval-batch-size")
     p.set_defaults(func=_cmd_quantize)
+
+    p = sub.add_parser("report", parents=[common], help="plots and a comparison table of run directories")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories from `dfq quantize`")
+    p.add_argument("--out", required=True, help="directory for report.md, report.html and the PNG plots")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 
@@ -273,6 +278,16 @@ def _finish_quantize(args: argparse.Namespace, config: Any, get_model_info: Any)
         if "top1_best" in summary:
             human += f"\n  best top-1 over evaluations {summary['top1_best']:.2f}% (selected on the test set)"
     _emit(args, human, {**summary, "out": str(args.out)})
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from dfq.report import write_report
+
+    result = write_report(args.runs, args.out)
+    n = len(result["rows"])
+    human = f"report of {n} run{'s' if n != 1 else ''} with {len(result['images'])} plots -> {result['markdown']}"
+    _emit(args, human, result)
     return 0
 
 

@@ -125,6 +125,8 @@ class RunConfig:
     adadfq: AdaDFQConfig = field(default_factory=AdaDFQConfig)
 
     def __post_init__(self) -> None:
+        if not -(2**63) <= self.seed < 2**63:  # what torch.manual_seed accepts
+            raise DFQError(f"seed must be a 64-bit signed integer, got {self.seed}")
         if self.method not in METHODS:
             raise DFQError(
                 f"unknown method '{self.method}'{did_you_mean(self.method, METHODS)}; available: {', '.join(METHODS)}"
@@ -183,11 +185,20 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise DFQError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise DFQError(f"config file {path} is not valid YAML: {e}") from e
+    except (yaml.YAMLError, ValueError, RecursionError) as e:
+        # ValueError: undecodable bytes, impossible dates (2001-13-01), "!!int abc"; RecursionError: deep nesting.
+        raise DFQError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from e
     if not isinstance(data, dict):
         raise DFQError(f"config file {path} must hold a mapping at the top level")
     return data
+
+
+def _yaml_problem(e: Exception) -> str:
+    """One line: PyYAML's messages span several lines (context, snippet and caret)."""
+    problem, mark = getattr(e, "problem", None), getattr(e, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(e).split())
 
 
 def resolve_config(preset: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:

@@ -109,6 +109,7 @@ class Engine:
         self.state = _State()
         self._last_good: dict[str, Any] | None = None
         self.rollbacks = 0
+        self.share_student_forward = True  # exact: see _shared_iteration (off only to test the equivalence)
 
     # ----------------------------------------------------------------- set-up
     def _make_generator(self) -> nn.Module:
@@ -213,7 +214,52 @@ class Engine:
             self.q_opt.step()
         return losses
 
+    def _can_share_student_forward(self, train_q: bool) -> bool:
+        """AdaSG/AdaDFQ's Q step runs Q on the same images with the same weights as the G step did:
+        outside the range-observation window (where every forward moves the ranges) one forward serves both."""
+        m = self.method
+        return (
+            self.share_student_forward
+            and train_q
+            and m.generator_uses_student
+            and not m.student_first
+            and m.student_steps == 1
+            and not m.student_bn_train
+            and all(q.get_mode() is not ActMode.OBSERVE for _, q in act_quantizers(self.student))
+        )
+
+    def _shared_iteration(self) -> dict[str, torch.Tensor]:
+        """One G step and one Q step from a single Q forward; gradients routed with ``autograd.grad``
+        so that G gets only its gradients (through Q's STE) and Q only its own, as in the two-forward loop."""
+        m = self.method
+        z, y = self._sample()
+        x = self.generator(z, y)
+        p_logits, bns, p_feats = self._teacher_forward(x, m.uses_bns)
+        q_logits, q_feats = self._student_forward(x)
+        g_losses = m.generator_loss(Outputs(x, y, p_logits, q_logits, bns, p_feats, q_feats))
+        detached = [f.detach() for f in p_feats] if p_feats else p_feats
+        q_losses = m.student_loss(Outputs(x.detach(), y, p_logits.detach(), q_logits, None, detached, q_feats))
+        _check_finite(g_losses["loss"], "generator loss")
+        _check_finite(q_losses["loss"], "quantized-model loss")
+        for opt, loss, retain, what in (
+            (self.g_opt, g_losses["loss"], True, "generator gradient"),
+            (self.q_opt, q_losses["loss"], False, "quantized-model gradient"),
+        ):
+            params = [p for group in opt.param_groups for p in group["params"]]
+            grads = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
+            _check_grads(opt, what)
+        self.g_opt.step()
+        self.q_opt.step()
+        return {
+            **{f"g_{k}": v.detach() for k, v in g_losses.items()},
+            **{f"q_{k}": v.detach() for k, v in q_losses.items()},
+        }
+
     def _iteration(self, train_q: bool) -> dict[str, torch.Tensor]:
+        if self._can_share_student_forward(train_q):
+            return self._shared_iteration()
         m, logs = self.method, {}
         student_logs: list[dict[str, torch.Tensor]] = []
         if m.student_first:

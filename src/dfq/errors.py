@@ -25,5 +25,5 @@ class UnsupportedLayerError(DFQError):
 
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return a ' (did you mean X?)' hint, or '' when nothing is close."""
-    close = difflib.get_close_matches(name, list(choices), n=1)
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1)  # YAML keys may be ints
     return f" (did you mean '{close[0]}'?)" if close else ""

@@ -64,7 +64,9 @@ class ImageFolderDataset(ImageDataset):
         try:
             with Image.open(path) as image:
                 image = resize_center_crop(image.convert("RGB"), self.image_size[0])
-        except (OSError, ValueError) as e:  # UnidentifiedImageError and truncated files are OSErrors
+        # UnidentifiedImageError and truncated files are OSErrors; PIL raises SyntaxError for broken PNG
+        # chunks while decoding and DecompressionBombError for absurd declared sizes.
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             raise DFQError(f"{path}: cannot decode image ({e})") from e
         return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous(), label
 

@@ -8,7 +8,6 @@ much faster than a ``DataLoader`` collating 10,000 single items.
 from __future__ import annotations
 
 import math
-import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -114,8 +113,9 @@ def load_npz(path: Path) -> ArrayDataset:
             class_names = npz["class_names"] if "class_names" in npz.files else None
     except DFQError:
         raise
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zipfile.LargeZipFile) as e:
-        # ValueError covers pickled (object) arrays and malformed .npy headers.
+    except Exception as e:  # any parse failure of untrusted bytes is the file's fault, not ours
+        # e.g. ValueError (pickled arrays, bad .npy headers), zlib.error (corrupt deflate data),
+        # NotImplementedError and RuntimeError (zip flags), MemoryError (absurd declared shapes).
         raise DFQError(f"{path}: not a readable .npz archive, truncated or corrupt ({e})") from e
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
         raise DFQError(f"{path}: 'images' is {_describe(images)}, expected uint8 N×H×W×3 (RGB)")
