@@ -171,7 +171,7 @@ def test_generator_samples(runs: dict[str, Path]) -> None:
     s = generator_samples(runs["adadfq"])
     assert torch.equal(torch.get_rng_state(), state)  # the global random stream is left alone
     assert s["images"].shape == (80, 3, 32, 32) and s["classes"] == list(range(10)) and s["per_row"] == 8
-    assert 0.0 <= float(s["images"].min()) and float(s["images"].max()) <= 1.0
+    assert float(s["images"].min()) >= 0.0 and float(s["images"].max()) <= 1.0
     assert float(s["images"].std()) > 0.01
     assert torch.equal(generator_samples(runs["adadfq"])["images"], s["images"])  # fixed seed
     u = generator_samples(runs["zaq"])  # unconditional: an 8x8 grid

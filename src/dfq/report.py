@@ -270,9 +270,9 @@ def _matplotlib() -> Any:
     return new_figure
 
 
-def _save(fig: Any, path: Path, dpi: int = 110) -> Path:
+def _save(fig: Any, path: Path, dpi: int = 110, tight: bool = True) -> Path:
     try:
-        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+        fig.savefig(path, dpi=dpi, bbox_inches="tight" if tight else None)
     except OSError as e:
         raise DFQError(f"cannot write {path}: {e.strerror or e}") from e
     return path
@@ -289,13 +289,36 @@ def _series(run: Run, key: str) -> tuple[list[int], list[float]]:
     return epochs, values
 
 
-def _shade_warmup(ax: Any, run: Run) -> bool:
-    """Grey band over the epochs in which only G trained; True if there was one."""
+def _lr_drops(run: Run) -> list[int]:
+    """Epochs whose learning rate (Q's or G's) is below the previous epoch's."""
+    drops, prev = [], None
+    for r in run.metrics:
+        lrs = (r.get("q_lr"), r.get("g_lr"))
+        lower = [a is not None and b is not None and a < b * 0.999 for a, b in zip(lrs, prev or lrs, strict=True)]
+        if any(lower):
+            drops.append(int(r["epoch"]))
+        prev = lrs
+    return drops
+
+
+def _epoch_axis(ax: Any, run: Run) -> tuple[bool, bool]:
+    """Integer epoch ticks, a grey band over the warm-up epochs (only G trains) and dotted lines
+    at learning-rate drops; returns (warm-up shown, drops shown)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     warm = [int(r["epoch"]) for r in run.metrics if r.get("train_q") is False]
-    if not warm:
-        return False
-    ax.axvspan(min(warm) - 0.5, max(warm) + 0.5, color="0.9", zorder=0, lw=0)
-    return True
+    if warm:
+        ax.axvspan(min(warm) - 0.5, max(warm) + 0.5, color="0.9", zorder=0, lw=0)
+    drops = _lr_drops(run)
+    for e in drops:
+        ax.axvline(e - 0.5, ls=":", color="0.35", lw=1.1, zorder=1)
+    return bool(warm), bool(drops)
+
+
+def _epoch_note(warm: bool, drops: bool) -> str:
+    parts = (["grey: warm-up, only G trains"] if warm else []) + (["dotted: learning-rate drop"] if drops else [])
+    return f"  ({'; '.join(parts)})" if parts else ""
 
 
 def _plot_top1(new_figure: Any, runs: list[tuple[int, Run]], path: Path) -> Path:
@@ -353,10 +376,15 @@ def _thousands() -> Any:
     return FuncFormatter(lambda v, _pos: f"{v / 1000:g}k" if abs(v) >= 1000 else f"{v:g}")
 
 
+def _is_loss(key: str) -> bool:
+    """A logged loss component (not a learning rate, not H′)."""
+    return key[:2] in ("g_", "q_") and key not in ("g_lr", "q_lr") and "h_norm" not in key
+
+
 def _loss_keys(run: Run) -> list[str]:
     keys: list[str] = []
     for r in run.metrics:
-        keys += [k for k in r if k not in keys and k[:2] in ("g_", "q_") and "h_norm" not in k]
+        keys += [k for k in r if k not in keys and _is_loss(k)]
 
     def order(k: str) -> tuple[int, int, str]:
         return (k[0] == "q", k[2:] != "loss", k)
@@ -371,7 +399,7 @@ def _plot_losses(new_figure: Any, run: Run, i: int, path: Path) -> Path:
     fig = new_figure(figsize=(4.2 * ncols, 2.9 * nrows + 0.6), layout="constrained")
     for k, key in enumerate(keys):
         ax = fig.add_subplot(nrows, ncols, k + 1)
-        warm = _shade_warmup(ax, run)
+        warm, drops = _epoch_axis(ax, run)
         epochs, values = _series(run, key)
         ax.plot(epochs, values, "-o", color=_color(i), ms=2.5, lw=1.3)
         ax.set_title(f"{_COMPONENTS.get(key, key)}  ({key})", fontsize=9.5)
@@ -379,9 +407,8 @@ def _plot_losses(new_figure: Any, run: Run, i: int, path: Path) -> Path:
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
         ax.ticklabel_format(axis="y", useOffset=False)
-    note = "  (grey: warm-up, only G trains)" if warm else ""
-    fig.suptitle(f"{run.name}: loss components, mean per epoch{note}", fontsize=11)
-    return _save(fig, path)
+    fig.suptitle(f"{run.name}: loss components, mean per epoch{_epoch_note(warm, drops)}", fontsize=11)
+    return _save(fig, path, tight=False)
 
 
 def _plot_hnorm(new_figure: Any, run: Run, i: int, path: Path) -> tuple[Path, bool]:
@@ -389,8 +416,9 @@ def _plot_hnorm(new_figure: Any, run: Run, i: int, path: Path) -> tuple[Path, bo
     lo, hi = cfg.lambda_l, cfg.lambda_u
     fig = new_figure(figsize=(8.0, 4.6))
     ax = fig.add_subplot()
-    warm = _shade_warmup(ax, run)
-    ax.axhspan(lo, hi, color="tab:green", alpha=0.13, lw=0, label=f"target band [λ_l, λ_u] = [{lo:g}, {hi:g}]")
+    warm, drops = _epoch_axis(ax, run)
+    band = rf"target band [$\lambda_l$, $\lambda_u$] = [{lo:g}, {hi:g}]"
+    ax.axhspan(lo, hi, color="tab:green", alpha=0.13, lw=0, label=band)
     for y in (lo, hi):
         ax.axhline(y, color="tab:green", lw=0.8, alpha=0.6)
     epochs, mean = _series(run, "g_h_norm")
@@ -413,9 +441,11 @@ def _plot_hnorm(new_figure: Any, run: Run, i: int, path: Path) -> tuple[Path, bo
     )
     if warm:
         ax.plot([], [], "s", color="0.9", ms=10, label="warm-up (only G trains)")
+    if drops:
+        ax.plot([], [], ls=":", color="0.35", lw=1.1, label="learning-rate drop")
     ax.set_ylim(0, 1)
     ax.set_xlabel("epoch")
-    ax.set_ylabel("H′ (normalised entropy of softmax(z_p − z_q))")
+    ax.set_ylabel(r"H′: normalised entropy of softmax($z_p - z_q$)")
     title = f"{run.name}: sample adaptability H′, per-epoch means"
     if not quantiles:
         title += "\n(this run logged only the batch mean of H′, no quantiles)"
@@ -515,9 +545,12 @@ def _plot_samples(new_figure: Any, run: Run, path: Path) -> Path:
         ax.set_yticks([])
     for spine in ax.spines.values():
         spine.set_visible(False)
-    where = f"epoch {s['epoch']}" + (f", iteration {s['iteration']}" if s["iteration"] else "")
+    if s["iteration"]:
+        where = f"at epoch {s['epoch']}, iteration {s['iteration']}"
+    else:
+        where = f"after {s['epoch']} epoch{'s' if s['epoch'] != 1 else ''}"
     kind = "one row per class" if s["classes"] is not None else "unconditional"
-    ax.set_title(f"{run.name}: generator samples ({kind})\ncheckpoint at {where}, seed {SAMPLE_SEED}", fontsize=10)
+    ax.set_title(f"{run.name}: generator samples ({kind})\ncheckpoint {where}, seed {SAMPLE_SEED}", fontsize=10)
     return _save(fig, path, dpi=130)
 
 
