@@ -18,7 +18,7 @@ from PIL import Image
 
 from dfq.cli import main
 from dfq.config import resolve_config
-from dfq.engine import Engine
+from dfq.engine import TRAIN_CHECKPOINT, Engine
 from dfq.errors import DFQError
 from dfq.models import create_model, get_model_info
 from dfq.report import generator_samples, load_run, write_report
@@ -212,11 +212,12 @@ def test_cli_bad_run_dir_is_one_line(
 
 def test_same_names_get_distinct_files(runs: dict[str, Path], tmp_path: Path) -> None:
     copy = tmp_path / "elsewhere" / "gdfq"
-    shutil.copytree(runs["gdfq"], copy)
+    shutil.copytree(runs["gdfq"], copy, ignore=shutil.ignore_patterns("*.pt"))  # no samples: faster
     result = write_report([runs["gdfq"], copy, runs["gdfq"]], tmp_path / "r")  # the repeat is dropped
     names = [r["run"] for r in result["rows"]]
     assert len(names) == 2 and names[1] == "elsewhere/gdfq" and names[0].endswith("/gdfq")
     assert len({Path(p).name for p in result["images"] if "losses_" in p}) == 2
+    assert any(f"elsewhere/gdfq: no {TRAIN_CHECKPOINT}" in n for n in result["notes"])
 
 
 def test_without_matplotlib(runs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

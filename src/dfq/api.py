@@ -118,7 +118,10 @@ def _quantize(
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
     """The resolved configuration saved in a run directory."""
-    return from_dict(RunConfig, load_yaml(Path(run_dir) / "config.yaml"))
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise DFQError(f"nothing to resume in {run_dir}: no config.yaml (was a run started there?)")
+    return from_dict(RunConfig, load_yaml(path))
 
 
 def run(

@@ -78,8 +78,16 @@ class TrainConfig:
             raise DFQError(f"train.checkpoint_every_iters must be >= 0, got {self.checkpoint_every_iters}")
         if self.warmup_epochs < 0:
             raise DFQError(f"train.warmup_epochs must be >= 0, got {self.warmup_epochs}")
-        if len(self.g_betas) != 2:
-            raise DFQError(f"train.g_betas must have two values, got {self.g_betas}")
+        if len(self.g_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.g_betas):
+            raise DFQError(f"train.g_betas must be two values in [0, 1), got {self.g_betas}")
+        # The optimizers' own checks, reported as config errors instead of tracebacks mid-run.
+        for key in ("q_lr", "g_lr", "q_momentum", "q_weight_decay"):
+            if not getattr(self, key) >= 0:
+                raise DFQError(f"train.{key} must be >= 0, got {getattr(self, key)}")
+        if self.q_nesterov and self.q_momentum <= 0:
+            raise DFQError("train.q_nesterov needs train.q_momentum > 0")
+        if not self.lr_gamma > 0:
+            raise DFQError(f"train.lr_gamma must be > 0, got {self.lr_gamma}")
 
 
 @dataclass
@@ -91,6 +99,10 @@ class GeneratorConfig:
 
     name: str | None = None
     latent_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.latent_dim is not None and self.latent_dim < 1:
+            raise DFQError(f"generator.latent_dim must be >= 1, got {self.latent_dim}")
 
 
 T = TypeVar("T")
@@ -184,7 +196,13 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise DFQError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
+    except OSError as e:
+        raise DFQError(f"cannot read config file {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise DFQError(f"config file {path} is not a text (UTF-8) file") from e
+    try:
+        data = yaml.safe_load(text) or {}
     except (yaml.YAMLError, ValueError, RecursionError) as e:
         # ValueError: undecodable bytes, impossible dates (2001-13-01), "!!int abc"; RecursionError: deep nesting.
         raise DFQError(f"config file {path} is not valid YAML: {_yaml_problem(e)}") from e

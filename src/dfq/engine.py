@@ -336,11 +336,11 @@ class Engine:
                 self._save_checkpoint()
             if stop:
                 self._save_checkpoint()
-                raise RunInterrupted(stop[0], epoch, st.iteration, self.run_dir)
+                raise RunInterrupted(stop[0], epoch, st.iteration, self.run_dir, self.config.model)
         self._end_epoch(epoch, train_q, bar)
         if stop and epoch < t.epochs - 1:
             self._save_checkpoint()
-            raise RunInterrupted(stop[0], epoch + 1, 0, self.run_dir)
+            raise RunInterrupted(stop[0], epoch + 1, 0, self.run_dir, self.config.model)
 
     def _end_epoch(self, epoch: int, train_q: bool, bar: tqdm) -> None:
         t, st = self.train, self.state
@@ -498,7 +498,7 @@ def read_train_checkpoint(run_dir: str | Path) -> dict[str, Any]:
 class RunInterrupted(DFQError):
     """A run stopped by SIGINT/SIGTERM after writing a checkpoint it can resume from."""
 
-    def __init__(self, signum: int, epoch: int, iteration: int, run_dir: Path | None) -> None:
+    def __init__(self, signum: int, epoch: int, iteration: int, run_dir: Path | None, model: str = "MODEL") -> None:
         self.exit_code = 128 + signum
         where = f"epoch {epoch}, iteration {iteration}"
         if run_dir is None:
@@ -506,7 +506,7 @@ class RunInterrupted(DFQError):
         else:
             super().__init__(
                 f"interrupted by {signal.Signals(signum).name} at {where}; checkpoint saved, continue "
-                f"with: dfq quantize MODEL --out {run_dir} --resume"
+                f"with: dfq quantize {model} --out {run_dir} --resume"
             )
 
 

@@ -563,7 +563,8 @@ def _markdown(blocks: list[tuple[str, Any]]) -> str:
         elif kind == "p":
             out.append(value)
         elif kind == "img":
-            out.append(f"![{value[1]}]({value[0]})")
+            alt = str(value[1]).replace("[", "(").replace("]", ")")
+            out.append(f"![{alt}]({value[0]})")
         elif kind == "table":
             header, rows = value
 
@@ -691,7 +692,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, A
             name = f"hnorm_{run.slug}.png"
             path, quantiles = _plot_hnorm(new_figure, run, i, out / name)
             images.append(path)
-            section += [("h3", "Sample adaptability H′"), ("img", (name, f"{run.name} H′ against [λ_l, λ_u]"))]
+            section += [("h3", "Sample adaptability H′"), ("img", (name, f"{run.name} H′ against the λ_l–λ_u band"))]
             if not quantiles:
                 section.append(("p", "This run logged only the batch mean of H′ (written before quantiles were)."))
         if run.has_checkpoint:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from dfq.errors import DFQError
 from dfq.methods.base import GameMethod, Outputs, register_method
 from dfq.methods.losses import kd_loss
 
@@ -33,6 +34,12 @@ class GDFQConfig:
     kd_reduction: str = "mean"
     bns_weight: float = 0.1
     ce_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.kd_reduction not in ("mean", "batchmean"):
+            raise DFQError(f"gdfq.kd_reduction must be 'mean' or 'batchmean', got {self.kd_reduction!r}")
+        if not self.temperature > 0:
+            raise DFQError(f"gdfq.temperature must be > 0, got {self.temperature}")
 
 
 @register_method

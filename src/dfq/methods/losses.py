@@ -32,7 +32,8 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, re
         raise ValueError(f"reduction must be 'mean' or 'batchmean', got {reduction!r}")
     log_q = F.log_softmax(student / temperature, dim=1)
     p = F.softmax(teacher / temperature, dim=1)
-    return temperature**2 * F.kl_div(log_q, p, reduction=reduction)
+    total = F.kl_div(log_q, p, reduction="sum")  # "mean" by hand: torch warns on that reduction
+    return temperature**2 * total / (log_q.numel() if reduction == "mean" else log_q.shape[0])
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:

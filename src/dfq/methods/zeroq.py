@@ -42,6 +42,8 @@ class ZeroQConfig:
                 raise DFQError(f"zeroq.{key} must be >= 1, got {getattr(self, key)}")
         if self.lr <= 0:
             raise DFQError(f"zeroq.lr must be > 0, got {self.lr}")
+        if self.calib_batch_size < 0:
+            raise DFQError(f"zeroq.calib_batch_size must be >= 0 (0: all samples at once), got {self.calib_batch_size}")
 
 
 def distill_inputs(
