@@ -114,6 +114,15 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories from `dfq quantize`")
     p.add_argument("--out", required=True, help="directory for report.md, report.html and the PNG plots")
     p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("bench", parents=[common], help="time the training iteration against its lower bound")
+    p.add_argument("model", help="model name from `dfq models` (random weights: timings do not depend on them)")
+    p.add_argument("--method", required=True, help="generator-based method")
+    p.add_argument("--batch-size", type=int, required=True, help="generated images per iteration")
+    p.add_argument("--iters", type=int, default=30, help="timed iterations after the warm-up")
+    p.add_argument("--warmup", type=int, default=5, help="untimed iterations first")
+    p.add_argument("--bits", type=int, default=4, help="weight and activation bit-width")
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 
@@ -288,6 +297,31 @@ def _cmd_report(args: argparse.Namespace) -> int:
     n = len(result["rows"])
     human = f"report of {n} run{'s' if n != 1 else ''} with {len(result['images'])} plots -> {result['markdown']}"
     _emit(args, human, result)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from dfq.bench import bench
+
+    for flag in ("batch_size", "iters"):
+        if getattr(args, flag) < 1:
+            raise DFQError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    r = bench(
+        args.model,
+        args.method,
+        args.batch_size,
+        iters=args.iters,
+        warmup=max(args.warmup, 0),
+        wbits=args.bits,
+        abits=args.bits,
+    )
+    human = (
+        f"{r['method']} {r['model']} batch {r['batch_size']} ({r['threads']} threads): median {r['ms_median']:.1f} ms "
+        f"(min {r['ms_min']:.1f}, max {r['ms_max']:.1f}) per iteration; lower bound {r['lower_bound_ms']:.1f} ms "
+        f"(x{r['ratio_to_lower_bound']:.2f}); peak RSS {r['peak_rss_mib']:.0f} MiB\n  phases (ms): "
+        + ", ".join(f"{k} {v:.1f}" for k, v in r["phases_ms"].items())
+    )
+    _emit(args, human, r)
     return 0
 
 
