@@ -32,6 +32,7 @@ train: {epochs: 6, iters_per_epoch: 5, batch_size: 4, warmup_epochs: 1, observe_
         checkpoint_every_iters: 1}
 """
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+TOTAL_ITERS = 6 * 5
 
 
 def _cmd(weights: Path, config: Path, out: Path, resume: bool) -> list[str]:
@@ -41,39 +42,44 @@ def _cmd(weights: Path, config: Path, out: Path, resume: bool) -> list[str]:
 
 def _progress(out: Path) -> int:
     """Iterations saved in the run's checkpoint (0 if none)."""
-    if not (out / "checkpoint.pt").exists():
+    try:
+        ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    except (FileNotFoundError, RuntimeError, EOFError):  # not written yet
         return 0
-    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     return ckpt["epoch"] * 5 + ckpt["iteration"]
 
 
 def kill_and_resume(weights: Path, config: Path, out: Path, kills: int, seed: int) -> list[dict]:
-    rng, events = random.Random(seed), []
-    while True:
+    """SIGKILL the run once it has saved each of ``kills`` seeded random iteration counts (plus a random
+    few milliseconds, so the kill lands anywhere in the next iteration or checkpoint write), resuming each time."""
+    rng = random.Random(seed)
+    targets = sorted(rng.sample(range(1, TOTAL_ITERS), kills))
+    events = []
+    for target in [*targets, None]:
         resume = (out / "checkpoint.pt").exists()
         proc = subprocess.Popen(
             _cmd(weights, config, out, resume), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
         )
-        if len(events) == kills:
+        if target is None:
             _, err = proc.communicate(timeout=600)
             if proc.returncode:
                 raise RuntimeError(err)
             return events
-        delay = rng.uniform(2.0, 8.0)  # the interpreter and torch take ~2 s to start
-        time.sleep(delay)
-        finished = proc.poll() is not None
+        while _progress(out) < target and proc.poll() is None:
+            time.sleep(0.02)
+        jitter = rng.uniform(0.0, 0.3)
+        time.sleep(jitter)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
         events.append(
             {
-                "after_seconds": round(delay, 2),
-                "already_finished": finished,
-                "saved_iterations": _progress(out),
+                "target_iteration": target,
+                "extra_seconds": round(jitter, 3),
+                "saved_iterations_after_kill": _progress(out),
                 "stale_tmp_files": len(list(out.glob(".*.tmp"))),
             }
         )
-        if (out / "model.pt").exists():
-            return events
+    return events
 
 
 def sigterm_latency(weights: Path, config: Path, out: Path) -> dict:
