@@ -34,8 +34,10 @@ def measure(method: str, batch: int, iters: int, warmup: int, threads: int, wbit
 
     torch.set_num_threads(threads)
     teacher = create_model("resnet20a_cifar10")
+    # Random weights: a tiny Q learning rate keeps Q finite; a step costs the same at any learning rate.
     config = resolve_config(
-        None, {"method": method, "train.batch_size": batch, "quant.wbits": wbits, "quant.abits": wbits}
+        None,
+        {"method": method, "train.batch_size": batch, "train.q_lr": 1e-9, "quant.wbits": wbits, "quant.abits": wbits},
     )
     engine = Engine(config, teacher, num_classes=10, input_size=(3, 32, 32), progress=False)
     calibrate(engine.student, [torch.randn(batch, 3, 32, 32)])  # steady state: frozen ranges

@@ -116,7 +116,14 @@ def bench(
     info = get_model_info(model)
     config = resolve_config(
         None,
-        {"method": method, "model": model, "train.batch_size": batch_size, "quant.wbits": wbits, "quant.abits": abits},
+        {
+            "method": method,
+            "model": model,
+            "train.batch_size": batch_size,
+            "train.q_lr": 1e-9,  # random weights: keep Q finite; a step costs the same at any learning rate
+            "quant.wbits": wbits,
+            "quant.abits": abits,
+        },
     )
     engine = Engine(
         config, create_model(model), num_classes=info.num_classes, input_size=info.input_size, progress=False
