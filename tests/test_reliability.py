@@ -50,3 +50,30 @@ def test_out_of_memory_is_one_clear_line(monkeypatch, capsys, tmp_path):
     rc = cli.main(["quantize", "resnet20a_cifar10", "--out", str(tmp_path / "r"), "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "out of memory" in err[0] and "--batch-size" in err[0]
+
+
+def test_checkpoint_from_a_newer_dfq_is_refused(tmp_path):
+    path = _saved(tmp_path, lambda sd: None)
+    payload = torch.load(path, weights_only=True)
+    payload["dfq_version"] = "99.0.0"
+    torch.save(payload, path)
+    with pytest.raises(DFQError, match=r"written by dfq 99.0.0, newer than this dfq"):
+        load_quantized(path)
+
+
+def test_full_disk_is_a_clear_error_and_keeps_the_old_file(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from dfq.utils.io import save_json
+
+    target = save_json({"ok": 1}, tmp_path / "summary.json")
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    with pytest.raises(DFQError, match="No space left on device"):
+        save_json({"ok": 2}, target)
+    assert target.read_text().strip().endswith("}") and '"ok": 1' in target.read_text()
+    assert not list(tmp_path.glob(".*.tmp"))

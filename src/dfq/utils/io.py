@@ -12,6 +12,7 @@ from typing import IO, Any
 import torch
 import yaml
 
+import dfq
 from dfq.errors import DFQError
 
 __all__ = ["atomic_write", "load_payload", "remove_stale_temporaries", "save_json", "save_torch", "save_yaml"]
@@ -69,4 +70,11 @@ def load_payload(path: str | Path, fmt: str, what: str) -> dict[str, Any]:
         raise DFQError(f"cannot read {path}: corrupt or not a {what} ({type(e).__name__})") from e
     if not isinstance(payload, dict) or payload.get("format") != fmt:
         raise DFQError(f"{path} is not a {what}")
+    written_by = str(payload.get("dfq_version", "0"))
+    if _version(written_by) > _version(dfq.__version__):
+        raise DFQError(f"{path} was written by dfq {written_by}, newer than this dfq {dfq.__version__}; upgrade dfq")
     return payload
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in text.split("+")[0].split(".")[:3] if p.isdigit())
