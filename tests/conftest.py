@@ -8,6 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 RESNET20_WEIGHTS = SHARED_DATA / "resnet20-12fca82f.th"
@@ -46,6 +47,15 @@ def http_server(tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tests use tiny batches: intra-op threads gain nothing, and on a busy 2-core machine they cost a lot."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

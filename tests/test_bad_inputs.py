@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import pickle
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -26,14 +25,6 @@ from dfq.models import create_model, get_model_info
 from dfq.quant import quantize_model
 
 MODEL = "resnet20a_cifar10"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

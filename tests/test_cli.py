@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,15 +21,6 @@ from dfq.quant import QuantLinear, QuantReLU, act_quantizers
 
 MODEL = "resnet20a_cifar10"
 TINY = ["--steps", "2", "--num-samples", "4", "--no-progress"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny batches gain nothing from intra-op threads; two threads on two busy cores are ~30x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -34,15 +34,6 @@ LOGGED = {
 INPUT = (3, 8, 8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: on a loaded 2-core machine, intra-op threads only add contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 class TinyNet(nn.Module):
     """conv-bn-relu stem, a residual stage ``layer1``, a strided stage ``layer2``, pool, linear."""
 

@@ -11,14 +11,6 @@ from dfq.models import create_model
 from dfq.quant import calibrate
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _engine(method: str, shared: bool) -> Engine:
     torch.manual_seed(0)
     config = resolve_config(None, {"method": method, "seed": 3, "train.batch_size": 6})

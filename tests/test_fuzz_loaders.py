@@ -15,7 +15,7 @@ import tarfile
 import warnings
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -40,14 +40,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning:PIL"),
     pytest.mark.filterwarnings(r"ignore:dtype\(\).*align"),  # flipped bytes in a pickled dtype
 ]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # --------------------------------------------------------------------------- valid specimens

@@ -28,14 +28,6 @@ SMALL = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def engine(run_dir, **overrides):
     torch.manual_seed(0)
     teacher = create_model("resnet20a_cifar10")

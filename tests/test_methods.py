@@ -39,15 +39,6 @@ TEACHER = [[2.0, 0.0, -1.0], [-0.7, 1.5, 0.4]]
 LABELS = [2, 0]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: thread start-up costs more than the math on a loaded machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ------------------------------------------------------------------ references
 def _softmax(row: list[float]) -> list[float]:
     m = max(row)

@@ -36,15 +36,6 @@ _ACTIVATION_SITES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny batches gain nothing from intra-op threads, and OpenMP workers spinning on a busy core cost 100x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("name", list_models())
 def test_model_runs_and_every_parameter_gets_a_gradient(name: str) -> None:
     torch.manual_seed(0)

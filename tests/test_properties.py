@@ -8,8 +8,6 @@ ones that read values back through float32 arithmetic use tolerances derived in 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import numpy as np
 import pytest
 import torch
@@ -37,14 +35,6 @@ VALUES = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False, width=32)
 # Per-tensor: any small shape. Per-channel: axis 0 is the channel (C, ...), as for conv/linear weights.
 TENSORS = hnp.arrays(np.float32, hnp.array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=5), elements=VALUES)
 WEIGHTS = hnp.arrays(np.float32, hnp.array_shapes(min_dims=2, max_dims=4, min_side=1, max_side=5), elements=VALUES)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @st.composite

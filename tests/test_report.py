@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,14 +28,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:reduction. 'mean' divides")  # G
 MODEL = "resnet20a_cifar10"
 SCORES = {"adadfq": [31.25, 27.5], "gdfq": [12.5, 40.0], "zaq": []}
 FP_TOP1 = 91.73
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _train(run_dir: Path, method: str, evaluate: bool = True, epochs: int = 2) -> dict:
