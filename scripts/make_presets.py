@@ -10,6 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from dfq.methods.zaq import ZAQ
+
 ROOT = Path(__file__).resolve().parents[1] / "configs"
 
 MODELS = {  # preset stem -> (model, dataset family)
@@ -81,22 +83,10 @@ def adadfq(stem: str, bits: int) -> dict:
 
 def zaq(stem: str, bits: int) -> dict:
     """ZAQ's argparse defaults (§5.5); the official code has no ImageNet path, these presets are dfq's."""
-    out = {
-        "train": {
-            "batch_size": 256,
-            "epochs": 300,
-            "iters_per_epoch": 60,
-            "warmup_epochs": 0,
-            "q_lr": 0.1,
-            "q_weight_decay": 5e-4,
-            "q_nesterov": False,
-            "q_milestones": [100, 200],
-            "g_milestones": [100, 200],
-            "g_betas": [0.9, 0.999],
-        },
-        "quant": {"act_observer": "minmax"},
-        "zaq": {"alpha": 1.0, "beta": 0.1, "gamma_r": 0.1},
-    }
+    out: dict = {"zaq": {"alpha": 1.0, "beta": 0.1, "gamma_r": 0.1}}
+    for dotted, value in ZAQ.defaults.items():  # one source for ZAQ's paper defaults
+        section, key = dotted.split(".")
+        out.setdefault(section, {})[key] = list(value) if isinstance(value, list) else value
     if MODELS[stem][1] == "imagenet":
         out["train"]["batch_size"] = 32  # 256 images of 224x224 per step do not fit a single GPU comfortably
     if stem == "imagenet_mobilenetv2":
