@@ -75,7 +75,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_models)
 
     p = sub.add_parser("eval", parents=[common], help="evaluate a float model or a quantized run on real data")
-    p.add_argument("target", help="a model name from `dfq models`, or a run directory from `dfq quantize`")
+    p.add_argument(
+        "target", help="a model name from `dfq models`, a run directory from `dfq quantize`, or an exported .onnx"
+    )
     p.add_argument("--data", required=True, help="test set: .npz, CIFAR archive/folder or ImageNet class folder")
     p.add_argument("--weights", help="float checkpoint for a model name (default: the published weights)")
     _add_data_args(p)
@@ -93,6 +95,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--data", help="real test set, used only to report accuracy")
     p.add_argument("--observer", choices=["ema", "paper", "minmax"], help="activation range observer")
+    p.add_argument(
+        "--protocol",
+        choices=["paper", "deploy"],
+        help="paper: the DFQ papers' fake quantization (default); deploy: what integer runtimes run (exportable)",
+    )
     p.add_argument("--steps", type=int, help="zeroq: optimisation steps of the distilled inputs")
     p.add_argument("--num-samples", type=int, help="zeroq: number of distilled inputs")
     p.add_argument("--epochs", type=int, help="generator-based methods: epochs of the game")
@@ -109,6 +116,17 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_data_args(p, batch_flag="--eval-batch-size")
     p.set_defaults(func=_cmd_quantize)
+
+    p = sub.add_parser("export", parents=[common], help="export a deploy-protocol run (or a float model) to ONNX")
+    p.add_argument("target", help="a run directory from `dfq quantize --protocol deploy`, or a model name (float)")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="export format")
+    p.add_argument("--out", required=True, help="file to write, e.g. model.onnx")
+    p.add_argument("--weights", help="float checkpoint for a model name (default: the published weights)")
+    p.add_argument("--verify", action="store_true", help="compare PyTorch and ONNX Runtime layer by layer")
+    p.add_argument("--data", help="--verify on these real images (default: 256 random inputs)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    _add_data_args(p, batch_flag="--eval-batch-size")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("report", parents=[common], help="plots and a comparison table of run directories")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories from `dfq quantize`")
@@ -192,7 +210,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     target = Path(args.target)
     quantized = target.is_dir() or target.suffix == ".pt"
-    if quantized:
+    if target.suffix == ".onnx":
+        if args.weights:
+            raise DFQError("--weights applies to a model name, not to an ONNX file")
+        model, name, bits = _load_onnx(target)
+    elif quantized:
         if args.weights:
             raise DFQError("--weights applies to a model name, not to a run directory")
         model, config = load_quantized(target)
@@ -219,6 +241,66 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     )
     _emit(args, human, payload)
     return 0
+
+
+def _load_onnx(path: Path) -> tuple[nn.Module, str, dict[str, Any]]:
+    """An exported model behind the evaluation interface, with the model info its metadata records."""
+    from dfq.export.runtime import OnnxClassifier
+    from dfq.models import ModelInfo
+
+    model = OnnxClassifier(path)
+    meta = model.metadata
+    missing = [k for k in ("model", "dataset", "num_classes", "input_size", "mean", "std") if k not in meta]
+    if missing:
+        raise DFQError(f"{path} lacks dfq metadata ({', '.join(missing)}); export it with `dfq export`")
+    model.dfq_info = ModelInfo(  # type: ignore[assignment]
+        meta["model"], meta["dataset"], int(meta["num_classes"]), tuple(meta["input_size"]),
+        tuple(meta["mean"]), tuple(meta["std"]),
+    )  # fmt: skip
+    bits = {k: meta[k] for k in ("wbits", "abits", "method", "protocol") if k in meta}
+    return model, f"{meta['model']} (ONNX Runtime)", {**bits, "runtime": "onnxruntime"}
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from dfq.export.api import export, load_target
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise DFQError(f"{out} exists; pass --overwrite to replace it")
+    model, meta = load_target(args.target, args.weights, progress=not args.no_progress)
+    batches = None
+    if args.verify:
+        batches = _verify_batches(args, model)
+    result = export(model, out, meta, verify_batches=batches)
+    human = f"exported {meta['model']} ({meta['protocol']}) -> {out} ({result['bytes'] / 1024:.0f} KiB)"
+    integer = ", ".join(f"{v} {k}" for k, v in result["integer_ops"].items()) or "none"
+    human += f"\n  ONNX Runtime integer kernels: {integer}"
+    if "verify" in result:
+        v = result["verify"]
+        worst = max(v["sites"], key=lambda s: s["mismatch"], default=None)
+        human += f"\n  parity on {v['images']} images: top-1 agreement {100 * v['top1_agreement']:.2f}%"
+        human += f", max |logit error| {v['logits_max_abs_error']:.3g}"
+        if worst is not None:
+            human += (
+                f"\n  worst site {worst['site']}: {100 * worst['mismatch']:.3f}% of codes differ "
+                f"(max {worst['max_lsb']:.0f} steps)"
+            )
+    _emit(args, human, {**result, **{k: meta[k] for k in ("model", "protocol", "wbits", "abits")}})
+    return 0
+
+
+def _verify_batches(args: argparse.Namespace, model: nn.Module) -> list[torch.Tensor]:
+    """Real images when --data is given, otherwise standard-normal inputs (data-free)."""
+    if args.data:
+        from dfq.data import make_loader, open_dataset
+
+        info = model.dfq_info
+        dataset = open_dataset(args.data, image_size=info.input_size[-1])
+        loader = make_loader(dataset, info.mean, info.std, batch_size=args.eval_batch_size, limit=args.limit or 1000)
+        return [x for x, _ in loader]
+    g = torch.Generator().manual_seed(0)
+    n = args.limit or 256
+    return list(torch.randn(n, *model.dfq_info.input_size, generator=g).split(args.eval_batch_size))
 
 
 _OVERRIDE = re.compile(r"^(?P<pattern>[^=]+)=(?:W(?P<w>\d+))?(?:A(?P<a>\d+))?$", re.IGNORECASE)
@@ -250,6 +332,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         "quant.wbits": args.wbits,
         "quant.abits": args.abits,
         "quant.act_observer": args.observer,
+        "quant.protocol": args.protocol,
         "zeroq.steps": args.steps,
         "zeroq.num_samples": args.num_samples,
         "train.epochs": args.epochs,

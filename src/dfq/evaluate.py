@@ -29,7 +29,7 @@ def evaluate(
     """
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = next(model.parameters(), torch.empty(0)).device  # parameter-free wrappers (ONNX) run on CPU
     correct1 = correct5 = n = 0
     with tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False) as bar:
         for x, y in batches:

@@ -31,6 +31,7 @@ from torch import nn
 from dfq.config import RunConfig, from_dict, load_yaml
 from dfq.engine import TRAIN_CHECKPOINT, read_train_checkpoint
 from dfq.errors import DFQError
+from dfq.models import CIFAR10_CLASSES
 
 __all__ = ["generator_samples", "load_run", "write_report"]
 
@@ -39,7 +40,6 @@ SAMPLES_PER_CLASS = 8
 MAX_CLASSES = 10
 SAMPLE_SEED = 0
 
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 # What the logged components are (METHODS.md); unknown keys are shown by name only.
 _COMPONENTS = {

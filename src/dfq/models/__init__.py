@@ -5,6 +5,7 @@ Importing this package registers every model.
 
 from dfq.models import mobilenetv2, resnet_cifar_a, resnet_cifar_pcv, resnet_imagenet  # noqa: F401  (registers models)
 from dfq.models._registry import (
+    CIFAR10_CLASSES,
     ModelInfo,
     WeightSource,
     create_model,
@@ -16,6 +17,7 @@ from dfq.models._registry import (
 )
 
 __all__ = [
+    "CIFAR10_CLASSES",
     "ModelInfo",
     "WeightSource",
     "create_model",

@@ -4,6 +4,7 @@ This package knows nothing about training: methods and the engine use it.
 """
 
 from dfq.quant.api import (
+    PROTOCOLS,
     LayerOverride,
     QuantConfig,
     act_quantizers,
@@ -13,15 +14,17 @@ from dfq.quant.api import (
     set_act_mode,
 )
 from dfq.quant.functional import choose_qparams, dequantize, fake_quantize, quantize, round_ste
-from dfq.quant.modules import QuantConv2d, QuantLinear, QuantReLU
+from dfq.quant.modules import QuantBatchNorm2d, QuantConv2d, QuantLinear, QuantReLU
 from dfq.quant.quantizer import ActMode, ActQuantizer, WeightQuantizer
 from dfq.quant.spec import Granularity, QuantSpec
 
 __all__ = [
+    "PROTOCOLS",
     "ActMode",
     "ActQuantizer",
     "Granularity",
     "LayerOverride",
+    "QuantBatchNorm2d",
     "QuantConfig",
     "QuantConv2d",
     "QuantLinear",

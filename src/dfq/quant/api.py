@@ -3,7 +3,18 @@
 The papers' protocol (METHODS.md §1.4): every Conv2d/Linear gets a weight
 quantizer (first and last layer included), every ReLU/ReLU6 is followed by an
 activation quantizer, the input image is not quantized, BatchNorm stays
-unfolded. Models that apply activations functionally (``F.relu`` in
+unfolded.
+
+The deploy protocol is what an integer runtime executes: symmetric per-channel
+weights (so BatchNorm folds into the per-channel scales at export without moving
+any weight off its grid), symmetric per-tensor activations (unsigned after a
+ReLU), an input quantizer on every Conv2d/Linear whose input is not already on a
+grid (the image at ``input_bits``, pooled features), and, with
+``quantize_residual``, a quantizer on each BatchNorm output that enters a
+residual addition. BatchNorm stays unfolded during training (Q's BatchNorm runs
+with fixed statistics), the export folds it.
+
+Models that apply activations functionally (``F.relu`` in
 ``forward``) or reuse one ReLU module at several sites are rewritten with
 ``torch.fx`` so that every activation site is its own module.
 """
@@ -23,7 +34,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from dfq.errors import DFQError, UnsupportedLayerError
-from dfq.quant.modules import QuantConv2d, QuantLinear, QuantReLU
+from dfq.quant.graph import ADD_FUNCTIONS, ADD_METHODS, following_batchnorm, producer_chain, trace
+from dfq.quant.modules import QuantBatchNorm2d, QuantConv2d, QuantLinear, QuantReLU
 from dfq.quant.quantizer import OBSERVERS, ActMode, ActQuantizer, WeightQuantizer
 from dfq.quant.spec import Granularity, QuantSpec, check_bits
 
@@ -77,11 +89,17 @@ class LayerOverride:
                 check_bits(getattr(self, what), what)
 
 
+PROTOCOLS = ("paper", "deploy")
+
+
 @dataclass
 class QuantConfig:
     """How to quantize a model.
 
     Attributes:
+        protocol: "paper" (the DFQ papers' fake quantization) or "deploy" (what an
+            integer runtime executes; implies symmetric per-channel weights and symmetric
+            activations, see the module docstring).
         wbits: weight bit-width of every Conv2d/Linear (2-8; 16/32 as no-op checks).
         abits: bit-width of every activation quantizer (after each ReLU/ReLU6).
         weight_granularity: "per_channel" (the papers') or "per_tensor".
@@ -93,9 +111,14 @@ class QuantConfig:
         overrides: fnmatch pattern on a layer's qualified name -> :class:`LayerOverride`.
             For example ``{"conv1": LayerOverride(wbits=8), "linear": LayerOverride(wbits=8)}``
             keeps the first and last layers at 8 bits; an activation site is named after its
-            ReLU module (``layer3.2.relu2``). Later patterns win.
+            ReLU module (``layer3.2.relu2``), an input site after its layer (``linear``), a
+            residual site after its BatchNorm (``layer1.0.bn2``). Later patterns win.
+        input_bits: deploy protocol: bit-width of the model input (images are 8-bit data).
+        quantize_residual: deploy protocol: quantize the BatchNorm outputs that enter
+            residual additions, so the convolutions before them run on integer kernels too.
     """
 
+    protocol: str = "paper"
     wbits: int = 4
     abits: int = 4
     weight_granularity: str = "per_channel"
@@ -104,10 +127,17 @@ class QuantConfig:
     act_observer: str = "ema"
     act_momentum: float = 0.9
     overrides: dict[str, LayerOverride] = field(default_factory=dict)
+    input_bits: int = 8
+    quantize_residual: bool = True
 
     def __post_init__(self) -> None:
+        if self.protocol not in PROTOCOLS:
+            raise DFQError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
+        if self.protocol == "deploy":
+            self.weight_granularity, self.weight_symmetric, self.act_symmetric = "per_channel", True, True
         check_bits(self.wbits, "wbits")
         check_bits(self.abits, "abits")
+        check_bits(self.input_bits, "input_bits")
         if self.weight_granularity not in {g.value for g in Granularity}:
             raise DFQError(f"weight_granularity must be per_channel or per_tensor, got {self.weight_granularity!r}")
         if self.act_observer not in OBSERVERS:
@@ -159,6 +189,8 @@ def quantize_model(model: nn.Module, config: QuantConfig, *, inplace: bool = Fal
         replacement = _quantized_version(name, module, config)
         if replacement is not None:
             _set_submodule(model, name, replacement)
+    if config.protocol == "deploy":
+        _add_deploy_sites(model, config)
     if info is not None:
         model.dfq_info = info  # type: ignore[assignment]
     return model
@@ -166,14 +198,85 @@ def quantize_model(model: nn.Module, config: QuantConfig, *, inplace: bool = Fal
 
 def _quantized_version(name: str, module: nn.Module, config: QuantConfig) -> nn.Module | None:
     wbits, abits = config.bits_for(name)
+    deploy = config.protocol == "deploy"
     if isinstance(module, nn.Conv2d | nn.Linear) and not isinstance(module, QuantConv2d | QuantLinear):
-        spec = QuantSpec(wbits, config.weight_symmetric, Granularity(config.weight_granularity))
+        spec = QuantSpec(wbits, config.weight_symmetric, Granularity(config.weight_granularity), divide=deploy)
         cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
         return cls.from_float(module, WeightQuantizer(spec))
     if isinstance(module, _ACTIVATIONS):
-        spec = QuantSpec(abits, config.act_symmetric, Granularity.PER_TENSOR)
+        spec = QuantSpec(abits, config.act_symmetric, Granularity.PER_TENSOR, divide=deploy)
         return QuantReLU.from_float(module, ActQuantizer(spec, config.act_observer, config.act_momentum))
     return None
+
+
+def _deploy_act_quantizer(bits: int, config: QuantConfig) -> ActQuantizer:
+    return ActQuantizer(QuantSpec(bits, symmetric=True, divide=True), config.act_observer, config.act_momentum)
+
+
+def _add_deploy_sites(model: nn.Module, config: QuantConfig) -> None:
+    """Place the deploy protocol's residual and input quantizers (see the module docstring).
+
+    Each Conv2d/Linear then learns which quantizer produced its input and whether a
+    BatchNorm folds into it, so its bias can be added on the accumulator grid.
+    """
+    graph = trace(model, "the deploy protocol")
+    modules = dict(model.named_modules())
+    nodes = list(graph.nodes)
+    if config.quantize_residual:
+        for node in nodes:
+            if (node.op == "call_function" and node.target in ADD_FUNCTIONS) or (
+                node.op == "call_method" and node.target in ADD_METHODS
+            ):
+                for arg in node.args[:2]:
+                    if isinstance(arg, fx.Node):
+                        _quantize_residual_input(model, producer_chain(arg, modules), modules, config)
+    for node in nodes:
+        layer = modules.get(str(node.target)) if node.op == "call_module" else None
+        if isinstance(layer, QuantConv2d | QuantLinear):
+            _prepare_integer_layer(model, node, layer, modules, config)
+
+
+def _prepare_integer_layer(
+    model: nn.Module, node: fx.Node, layer: QuantConv2d | QuantLinear, modules: dict, config: QuantConfig
+) -> None:
+    source = producer_chain(node.args[0], modules)
+    site = layer.input_quantizer or _site(source, modules)
+    if site is None:
+        bits = config.input_bits if source.op == "placeholder" else config.bits_for(str(node.target))[1]
+        site = layer.input_quantizer = _deploy_act_quantizer(bits, config)
+    follower = following_batchnorm(node, modules) if isinstance(layer, QuantConv2d) else None
+    if follower is not None:
+        name, bn = str(follower[0].target), follower[1]
+        if not isinstance(bn, QuantBatchNorm2d):
+            bn = modules[name] = QuantBatchNorm2d.from_float(bn)
+            _set_submodule(model, name, bn)
+        bn.set_conv(layer)
+    layer.set_input_site(site, bn_follows=follower is not None)
+
+
+def _quantize_residual_input(model: nn.Module, source: fx.Node, modules: dict, config: QuantConfig) -> None:
+    """Quantize the BatchNorm that computes one input of a residual addition.
+
+    Inputs computed by anything else (a previous addition, as in MobileNetV2) stay
+    in float: the export is still exact, the runtime just adds them in float.
+    """
+    if source.op != "call_module" or _site(source, modules) is not None:
+        return
+    name = str(source.target)
+    bn = modules[name]
+    if type(bn) is nn.BatchNorm2d:
+        modules[name] = QuantBatchNorm2d.from_float(bn, _deploy_act_quantizer(config.bits_for(name)[1], config))
+        _set_submodule(model, name, modules[name])
+
+
+def _site(node: fx.Node, modules: dict) -> ActQuantizer | None:
+    """The activation quantizer whose output ``node`` is, if any."""
+    m = modules.get(str(node.target)) if node.op == "call_module" else None
+    if isinstance(m, QuantReLU):
+        return m.act_quantizer
+    if isinstance(m, QuantBatchNorm2d):
+        return m.output_quantizer
+    return m if isinstance(m, ActQuantizer) else None
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

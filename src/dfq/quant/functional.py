@@ -74,9 +74,16 @@ def choose_qparams(
     return scale, torch.zeros_like(scale), qmin, qmax
 
 
-def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """Integer codes of ``x`` (as floats), clamped to ``[qmin, qmax]``. No gradient."""
-    return torch.clamp(torch.round(x * (1.0 / scale) + zero_point), qmin, qmax)
+def quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, divide: bool = False
+) -> torch.Tensor:
+    """Integer codes of ``x`` (as floats), clamped to ``[qmin, qmax]``. No gradient.
+
+    ``divide`` computes ``x / scale`` as ONNX ``QuantizeLinear`` does, instead of
+    ``x * (1 / scale)``; the two differ in the last bit, which decides exact ties.
+    """
+    scaled = x / scale if divide else x * (1.0 / scale)
+    return torch.clamp(torch.round(scaled + zero_point), qmin, qmax)
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
@@ -86,19 +93,21 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -
 
 class _FakeQuantizeSTE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, scale, zero_point, qmin, qmax):  # type: ignore[override]
-        return dequantize(quantize(x, scale, zero_point, qmin, qmax), scale, zero_point)
+    def forward(ctx, x, scale, zero_point, qmin, qmax, divide):  # type: ignore[override]
+        return dequantize(quantize(x, scale, zero_point, qmin, qmax, divide), scale, zero_point)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
-def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+def fake_quantize(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, divide: bool = False
+) -> torch.Tensor:
     """``dequantize(quantize(x))`` with the identity straight-through gradient for ``x``.
 
     ``scale`` and ``zero_point`` broadcast against ``x`` (shape them ``(C, 1, 1, 1)``
     for per-output-channel conv weights). The gradient is not masked outside the
     clamp range, as in the DFQ papers' quantizer.
     """
-    return _FakeQuantizeSTE.apply(x, scale, zero_point, qmin, qmax)
+    return _FakeQuantizeSTE.apply(x, scale, zero_point, qmin, qmax, divide)

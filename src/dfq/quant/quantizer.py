@@ -17,6 +17,8 @@ from dfq.quant.spec import Granularity, QuantSpec
 
 __all__ = ["OBSERVERS", "ActMode", "ActQuantizer", "WeightQuantizer"]
 
+_TIE_MARGIN = 1.0 + 2.0**-14
+
 
 class WeightQuantizer(nn.Module):
     """Min/max range recomputed from the current weights at every forward (the papers' choice).
@@ -33,7 +35,7 @@ class WeightQuantizer(nn.Module):
         if self.spec.is_noop:
             return w
         scale, zero_point, qmin, qmax = self.qparams(w)
-        return fake_quantize(w, scale, zero_point, qmin, qmax)
+        return fake_quantize(w, scale, zero_point, qmin, qmax, self.spec.divide)
 
     def qparams(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """Grid of ``w``, shaped to broadcast against it."""
@@ -102,8 +104,22 @@ class ActQuantizer(nn.Module):
             self.observe(x)
         elif int(self.num_updates) == 0:
             raise DFQError("activation quantizer is frozen but was never calibrated; observe data first")
+        return fake_quantize(x, *self.qparams(), self.spec.divide)
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """``(scale, zero_point, qmin, qmax)`` of the current range.
+
+        Under the deploy protocol (``spec.divide``) the step is widened by 2^-14 (relative).
+        A range observed on a single batch is a data value, so an exact multiple of the
+        previous layer's accumulator step, and then some outputs fall exactly halfway
+        between two codes, where PyTorch's float arithmetic and an integer kernel's
+        requantization break the tie differently. The margin moves those ties a distance
+        far above float rounding error; the range grows by 0.006%.
+        """
         scale, zero_point, qmin, qmax = choose_qparams(self.lo, self.hi, self.spec.bits, self.spec.symmetric)
-        return fake_quantize(x, scale, zero_point, qmin, qmax)
+        if self.spec.divide:
+            scale = scale * _TIE_MARGIN
+        return scale, zero_point, qmin, qmax
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:

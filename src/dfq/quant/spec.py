@@ -35,11 +35,14 @@ class QuantSpec:
         symmetric: zero point fixed at 0 (signed narrow grid, or unsigned when
             the range is non-negative) instead of an affine min/max grid.
         granularity: one range per tensor or per output channel.
+        divide: compute ``x / scale`` as ONNX does (deploy protocol) rather than
+            ``x * (1 / scale)`` as the papers and ``torch.fake_quantize_*`` do.
     """
 
     bits: int
     symmetric: bool = False
     granularity: Granularity = Granularity.PER_TENSOR
+    divide: bool = False
 
     def __post_init__(self) -> None:
         check_bits(self.bits)

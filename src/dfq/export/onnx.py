@@ -1,0 +1,451 @@
+"""Export a deploy-protocol quantized classifier (or a float one) to ONNX in QDQ form.
+
+Every activation quantizer becomes ``QuantizeLinear -> [Clip] -> DequantizeLinear`` on
+uint8 (signed grids with zero point 128); bit-widths below 8 live in that 8-bit
+container and the integer ``Clip`` keeps their exact range. Weights are int8 with
+per-channel ``DequantizeLinear`` scales. BatchNorm folds into those scales: with
+``w = s * n``, ``g * w = (g * s) * n``, so the integer codes ``n`` do not move (a
+negative ``g`` flips their sign). Biases are int32 on the accumulator grid
+``s_x * s_w``, as Q adds them under the deploy protocol. Values that only move
+through pooling, slicing, padding or reshaping stay in the integer domain. ONNX
+Runtime fuses these patterns into integer kernels (QLinearConv, QLinearAdd, ...).
+
+The graph is built from the model's torch.fx dataflow with ``onnx.helper`` rather than
+``torch.onnx.export``, which cannot express sub-8-bit ranges or integer weights.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from dfq.errors import DFQError, UnsupportedLayerError
+from dfq.quant import ActMode, ActQuantizer, QuantBatchNorm2d, QuantConv2d, QuantLinear, QuantReLU
+from dfq.quant.functional import quantize
+from dfq.quant.graph import ADD_FUNCTIONS, ADD_METHODS, following_batchnorm, trace
+from dfq.quant.modules import batchnorm_affine, bias_grid, folded_weight_scale
+
+__all__ = ["OPSET", "build_onnx", "export_onnx"]
+
+OPSET = 17
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+_INT32_LIMIT = 2**31 - 1
+
+
+def _onnx():
+    try:
+        import onnx
+    except ImportError:
+        raise DFQError("ONNX export needs the onnx package: pip install 'dfq[export]'") from None
+    return onnx
+
+
+@dataclass
+class _QTensor:
+    """An integer tensor and the per-tensor grid it lives on."""
+
+    name: str
+    scale: float
+    scale_name: str
+    zp_name: str
+
+
+@dataclass
+class _Value:
+    """What an fx node computed: a float tensor, an integer one, or both."""
+
+    float_name: str | None = None
+    q: _QTensor | None = None
+
+
+class _Builder:
+    def __init__(self, model: nn.Module, expose_sites: bool) -> None:
+        self.onnx = _onnx()
+        self.helper = self.onnx.helper
+        self.model = model
+        self.modules = dict(model.named_modules())
+        self.expose_sites = expose_sites
+        self.nodes: list[Any] = []
+        self.initializers: list[Any] = []
+        self.site_outputs: list[str] = []
+        self.values: dict[fx.Node, _Value | str] = {}
+        self._names: set[str] = set()
+
+    # -- small helpers -------------------------------------------------------------------
+    def fresh(self, hint: str) -> str:
+        name, i = hint, 1
+        while name in self._names:
+            name, i = f"{hint}_{i}", i + 1
+        self._names.add(name)
+        return name
+
+    def const(self, hint: str, array: np.ndarray) -> str:
+        name = self.fresh(hint)
+        self.initializers.append(self.onnx.numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], hint: str, **attrs: Any) -> str:
+        out = self.fresh(hint)
+        self.nodes.append(self.helper.make_node(op_type, inputs, [out], name=out, **attrs))
+        return out
+
+    def as_float(self, value: _Value, name: str | None = None) -> str:
+        """The float tensor of ``value``, dequantizing it (once) if needed."""
+        if value.float_name is None:
+            q = value.q
+            assert q is not None
+            value.float_name = self.op("DequantizeLinear", [q.name, q.scale_name, q.zp_name], name or f"{q.name}_dq")
+        return value.float_name
+
+    def value(self, arg: Any) -> _Value:
+        v = self.values.get(arg) if isinstance(arg, fx.Node) else None
+        if not isinstance(v, _Value):
+            raise UnsupportedLayerError(f"cannot export: expected a tensor, got {arg!r}")
+        return v
+
+    # -- quantization sites ----------------------------------------------------------------
+    def quantize_site(self, value: _Value, aq: ActQuantizer, site: str) -> _Value:
+        if aq.get_mode() is ActMode.DISABLED or aq.spec.is_noop:
+            return value
+        if int(aq.num_updates) == 0:
+            raise DFQError(f"cannot export: activation quantizer {site} was never calibrated")
+        if not aq.spec.symmetric:
+            raise DFQError(f"cannot export {site}: asymmetric activations; quantize with --protocol deploy")
+        _check_container_bits(aq.spec.bits, site)
+        scale, _, qmin, qmax = aq.qparams()
+        # Every activation is uint8 (signed grids offset by 128), since ONNX Runtime fuses
+        # convolutions only when their input and output share a type.
+        zp = 0 if qmin >= 0 else 128
+        scale_name = self.const(f"{site}_scale", np.float32(float(scale)))
+        zp_name = self.const(f"{site}_zp", np.uint8(zp))
+        q = self.op("QuantizeLinear", [self.as_float(value), scale_name, zp_name], f"{site}_q")
+        if (qmin + zp, qmax + zp) != (0, 255):
+            lo, hi = self.const(f"{site}_qmin", np.uint8(qmin + zp)), self.const(f"{site}_qmax", np.uint8(qmax + zp))
+            q = self.op("Clip", [q, lo, hi], f"{site}_clip")
+        out = _Value(q=_QTensor(q, float(scale), scale_name, zp_name))
+        if self.expose_sites:  # named after its PyTorch module, for parity reports
+            self.site_outputs.append(self.as_float(out, site))
+        return out
+
+    # -- layers ----------------------------------------------------------------------------
+    def weighted(self, node: fx.Node, layer: nn.Conv2d | nn.Linear, bn: nn.BatchNorm2d | None) -> _Value:
+        name = str(node.target)
+        x = self.value(node.args[0])
+        if isinstance(layer, QuantConv2d | QuantLinear) and layer.input_quantizer is not None:
+            x = self.quantize_site(x, layer.input_quantizer, f"{name}.input_quantizer")
+        bias = _bias(layer).double()
+        gain = torch.ones(layer.weight.shape[0], dtype=torch.float64)
+        if bn is not None:
+            gain, shift = batchnorm_affine(bn)
+            bias = gain * bias + shift
+        integer = isinstance(layer, QuantConv2d | QuantLinear) and layer.weight_step() is not None
+        inputs = [self.as_float(x), self.integer_weight(name, layer, gain) if integer else self.float_weight(
+            name, layer, gain)]  # fmt: skip
+        if bn is not None or layer.bias is not None:
+            grid = layer.accumulator_grid(gain) if integer and x.q is not None else None
+            inputs.append(self.bias_input(name, bias, grid))
+        if isinstance(layer, nn.Conv2d):
+            out = self.op("Conv", inputs, f"{name}_out", **_conv_attrs(layer, name))
+        else:
+            out = self.op("Gemm", inputs, f"{name}_out", transB=1)
+        return _Value(float_name=out)
+
+    def float_weight(self, name: str, layer: nn.Module, gain: torch.Tensor) -> str:
+        wq = getattr(layer, "weight_quantizer", None)
+        if wq is not None and not wq.spec.is_noop:
+            raise DFQError(f"cannot export {name}: asymmetric weights; quantize with --protocol deploy")
+        weight = layer.weight.detach().double()
+        folded = weight * gain.reshape(-1, *([1] * (weight.dim() - 1)))
+        return self.const(f"{name}_weight", folded.float().numpy())
+
+    def integer_weight(self, name: str, layer: QuantConv2d | QuantLinear, gain: torch.Tensor) -> str:
+        """int8 codes of the quantized weight; a folded gain only rescales (and maybe negates) them."""
+        wq = layer.weight_quantizer
+        _check_container_bits(wq.spec.bits, name)
+        codes = quantize(layer.weight.detach(), *wq.qparams(layer.weight), divide=wq.spec.divide).double()
+        sign = torch.where(gain < 0, -1.0, 1.0).double()
+        codes = codes * sign.reshape(-1, *([1] * (codes.dim() - 1)))
+        codes[gain == 0] = 0  # BatchNorm gamma of 0: the channel is its bias
+        w = self.const(f"{name}_weight_q", codes.numpy().astype(np.int8))
+        s = self.const(f"{name}_weight_scale", folded_weight_scale(layer.weight_step(), gain).float().numpy())
+        z = self.const(f"{name}_weight_zp", np.zeros(codes.shape[0], np.int8))
+        return self.op("DequantizeLinear", [w, s, z], f"{name}_weight", axis=0)
+
+    def bias_input(self, name: str, bias: torch.Tensor, grid: tuple[torch.Tensor, torch.Tensor] | None) -> str:
+        """int32 bias on the accumulator grid ``s_x * s_w`` when input and weights are integer, else float."""
+        if grid is None:
+            return self.const(f"{name}_bias", bias.float().numpy())
+        codes, step = bias_grid(bias, *grid)
+        if codes.abs().max() > _INT32_LIMIT:
+            raise DFQError(f"cannot export {name}: its bias does not fit in int32 on the accumulator grid")
+        b = self.const(f"{name}_bias_q", codes.numpy().astype(np.int32))
+        s = self.const(f"{name}_bias_scale", step.numpy())
+        z = self.const(f"{name}_bias_zp", np.zeros(len(codes), np.int32))
+        return self.op("DequantizeLinear", [b, s, z], f"{name}_bias", axis=0)
+
+    def batchnorm(self, node: fx.Node, bn: nn.BatchNorm2d) -> _Value:
+        if bn.running_var is None:
+            raise UnsupportedLayerError(f"cannot export {node.target}: a BatchNorm without running statistics")
+        gain, shift = batchnorm_affine(bn)
+        name = str(node.target)
+        x = self.as_float(self.value(node.args[0]))
+        scale = self.const(f"{name}_scale", gain.float().numpy())
+        zero_mean = self.const(f"{name}_mean", np.zeros(len(gain), np.float32))
+        one_var = self.const(f"{name}_var", np.ones(len(gain), np.float32))
+        b = self.const(f"{name}_bias", shift.float().numpy())
+        return _Value(self.op("BatchNormalization", [x, scale, b, zero_mean, one_var], f"{name}_out", epsilon=0.0))
+
+    def activation(self, x: _Value, act: nn.Module, hint: str) -> _Value:
+        if isinstance(act, nn.ReLU6):
+            lo, hi = self.const(f"{hint}_lo", np.float32(0)), self.const(f"{hint}_hi", np.float32(6))
+            return _Value(self.op("Clip", [self.as_float(x), lo, hi], f"{hint}_out"))
+        return _Value(self.op("Relu", [self.as_float(x)], f"{hint}_out"))
+
+    def grid_op(self, x: _Value, op_type: str, hint: str, extra: list[str] | None = None, **attrs: Any) -> _Value:
+        """An op that moves values: on the integer tensor when there is one (no rounding involved)."""
+        extra = extra or []
+        if x.q is not None and x.float_name is None:
+            q = x.q
+            out = self.op(op_type, [q.name, *extra], hint, **attrs)
+            return _Value(q=_QTensor(out, q.scale, q.scale_name, q.zp_name))
+        return _Value(self.op(op_type, [self.as_float(x), *extra], hint, **attrs))
+
+    # -- graph walk ------------------------------------------------------------------------
+    def build(self, graph: fx.Graph, input_shape: tuple[int, ...]) -> Any:
+        folded: set[fx.Node] = set()
+        for node in graph.nodes:
+            if node in folded:
+                continue
+            if node.op == "placeholder":
+                self._names.add(INPUT_NAME)
+                self.values[node] = _Value(INPUT_NAME)
+            elif node.op == "output":
+                out = self.as_float(self.value(node.args[0]))
+                self.nodes.append(self.helper.make_node("Identity", [out], [OUTPUT_NAME], name=OUTPUT_NAME))
+            elif node.op == "call_module":
+                self.values[node] = self.call_module(node, folded)
+            elif node.op == "call_function":
+                self.values[node] = self.call_function(node)
+            elif node.op == "call_method":
+                self.values[node] = self.call_method(node)
+            elif node.op == "get_attr":
+                raise UnsupportedLayerError(f"cannot export: the model reads the tensor attribute {node.target}")
+        return self.graph(input_shape)
+
+    def call_module(self, node: fx.Node, folded: set[fx.Node]) -> _Value:
+        name, m = str(node.target), self.modules[str(node.target)]
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            bn = following_batchnorm(node, self.modules) if isinstance(m, nn.Conv2d) else None
+            out = self.weighted(node, m, bn[1] if bn else None)
+            if bn is None:
+                return out
+            folded.add(bn[0])
+            self.values[bn[0]] = self._after_bn(out, bn[1], str(bn[0].target))
+            return _Value()
+        if isinstance(m, nn.BatchNorm2d):
+            return self._after_bn(self.batchnorm(node, m), m, name)
+        if isinstance(m, QuantReLU):
+            return self.quantize_site(self.activation(self.value(node.args[0]), m.act, name), m.act_quantizer,
+                                      f"{name}.act_quantizer")  # fmt: skip
+        if isinstance(m, nn.ReLU | nn.ReLU6):
+            return self.activation(self.value(node.args[0]), m, name)
+        if isinstance(m, ActQuantizer):
+            return self.quantize_site(self.value(node.args[0]), m, name)
+        if isinstance(m, nn.Identity | nn.Dropout):
+            return self.value(node.args[0])
+        if isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1:
+            return self.grid_op(self.value(node.args[0]), "Flatten", f"{name}_out", axis=1)
+        if isinstance(m, nn.MaxPool2d):
+            return self.grid_op(self.value(node.args[0]), "MaxPool", f"{name}_out", **_pool_attrs(m, name))
+        if isinstance(m, nn.AvgPool2d):
+            attrs = _pool_attrs(m, name)
+            attrs["count_include_pad"] = int(m.count_include_pad)
+            return _Value(self.op("AveragePool", [self.as_float(self.value(node.args[0]))], f"{name}_out", **attrs))
+        if isinstance(m, nn.AdaptiveAvgPool2d) and _pair(m.output_size) == (1, 1):
+            return _Value(self.op("GlobalAveragePool", [self.as_float(self.value(node.args[0]))], f"{name}_out"))
+        raise UnsupportedLayerError(f"cannot export layer {name} ({type(m).__name__}) to ONNX")
+
+    def _after_bn(self, out: _Value, bn: nn.BatchNorm2d, name: str) -> _Value:
+        if isinstance(bn, QuantBatchNorm2d) and bn.output_quantizer is not None:
+            return self.quantize_site(out, bn.output_quantizer, f"{name}.output_quantizer")
+        return out
+
+    def call_function(self, node: fx.Node) -> _Value | str:
+        t = node.target
+        if t in ADD_FUNCTIONS:
+            return self.add(node)
+        if t is operator.getitem:
+            return self.getitem(node)
+        if t is F.pad:
+            return self.pad(node)
+        if t is torch.flatten:
+            return self.flatten(node, node.args[1:], node.kwargs)
+        if t in (F.relu, torch.relu):
+            return self.activation(self.value(node.args[0]), nn.ReLU(), node.name)
+        if t is F.relu6:
+            return self.activation(self.value(node.args[0]), nn.ReLU6(), node.name)
+        if t is getattr and node.args[1] == "shape":
+            return "shape"
+        raise UnsupportedLayerError(f"cannot export the call {getattr(t, '__name__', t)} ({node.name}) to ONNX")
+
+    def call_method(self, node: fx.Node) -> _Value | str:
+        t = node.target
+        if t in ADD_METHODS:
+            return self.add(node)
+        if t == "size" and node.args[1:] == (0,):
+            return "batch"
+        if t in ("view", "reshape") and len(node.args) == 3 and node.args[2] == -1 and self._is_batch(node.args[1]):
+            return self.grid_op(self.value(node.args[0]), "Flatten", f"{node.name}_out", axis=1)
+        if t == "flatten":
+            return self.flatten(node, node.args[1:], node.kwargs)
+        if t == "contiguous":
+            return self.value(node.args[0])
+        if t in ("relu", "relu_"):
+            return self.activation(self.value(node.args[0]), nn.ReLU(), node.name)
+        raise UnsupportedLayerError(f"cannot export the method call .{t}() ({node.name}) to ONNX")
+
+    def _is_batch(self, arg: Any) -> bool:
+        return isinstance(arg, fx.Node) and self.values.get(arg) == "batch"
+
+    def add(self, node: fx.Node) -> _Value:
+        a, b = node.args[:2]
+        return _Value(self.op("Add", [self.as_float(self.value(a)), self.as_float(self.value(b))], f"{node.name}_out"))
+
+    def flatten(self, node: fx.Node, args: tuple, kwargs: dict) -> _Value:
+        start = kwargs.get("start_dim", args[0] if args else 0)
+        end = kwargs.get("end_dim", args[1] if len(args) > 1 else -1)
+        if (start, end) != (1, -1):
+            raise UnsupportedLayerError(f"cannot export flatten({start}, {end}) ({node.name}); only flatten(1)")
+        return self.grid_op(self.value(node.args[0]), "Flatten", f"{node.name}_out", axis=1)
+
+    def getitem(self, node: fx.Node) -> _Value | str:
+        source, index = node.args
+        if self.values.get(source) == "shape" and index == 0:
+            return "batch"
+        index = index if isinstance(index, tuple) else (index,)
+        if not all(isinstance(i, slice) for i in index):
+            raise UnsupportedLayerError(f"cannot export the indexing {node.name}: only slices are supported")
+        starts, ends, axes, steps = [], [], [], []
+        for axis, s in enumerate(index):
+            if s == slice(None):
+                continue
+            starts.append(s.start or 0)
+            ends.append(s.stop if s.stop is not None else _INT32_LIMIT)
+            axes.append(axis)
+            steps.append(s.step or 1)
+        x = self.value(source)
+        if not axes:
+            return x
+        extra = [self.const(f"{node.name}_{k}", np.array(v, np.int64))
+                 for k, v in (("starts", starts), ("ends", ends), ("axes", axes), ("steps", steps))]  # fmt: skip
+        return self.grid_op(x, "Slice", f"{node.name}_out", extra)
+
+    def pad(self, node: fx.Node) -> _Value:
+        pads = list(node.args[1] if len(node.args) > 1 else node.kwargs["pad"])
+        value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
+        mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+        if mode != "constant" or value:
+            raise UnsupportedLayerError(f"cannot export {node.name}: only zero padding is supported")
+        rank = 4
+        begin, end = [0] * rank, [0] * rank
+        for i in range(len(pads) // 2):  # F.pad lists (begin, end) pairs from the last dim backwards
+            begin[rank - 1 - i], end[rank - 1 - i] = pads[2 * i], pads[2 * i + 1]
+        pads_name = self.const(f"{node.name}_pads", np.array(begin + end, np.int64))
+        x = self.value(node.args[0])
+        if x.q is not None and x.float_name is None:  # pad with the code of 0.0, the zero point
+            return self.grid_op(x, "Pad", f"{node.name}_out", [pads_name, x.q.zp_name], mode="constant")
+        return self.grid_op(x, "Pad", f"{node.name}_out", [pads_name], mode="constant")
+
+    def graph(self, input_shape: tuple[int, ...]) -> Any:
+        helper, tp = self.helper, self.onnx.TensorProto
+        x = helper.make_tensor_value_info(INPUT_NAME, tp.FLOAT, ["batch", *input_shape])
+        y = helper.make_tensor_value_info(OUTPUT_NAME, tp.FLOAT, ["batch", None])
+        return helper.make_graph(self.nodes, "dfq", [x], [y], self.initializers)
+
+
+def _check_container_bits(bits: int, where: str) -> None:
+    if bits > 8:
+        raise DFQError(f"cannot export {where}: {bits}-bit quantization; ONNX export supports 2 to 8 bits")
+
+
+def _bias(layer: nn.Module) -> torch.Tensor:
+    if layer.bias is not None:
+        return layer.bias.detach()
+    return torch.zeros(layer.weight.shape[0])
+
+
+def _pair(v: Any) -> tuple[int, int]:
+    return tuple(v) if isinstance(v, tuple | list) else (v, v)  # type: ignore[return-value]
+
+
+def _conv_attrs(conv: nn.Conv2d, name: str) -> dict[str, Any]:
+    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
+        raise UnsupportedLayerError(f"cannot export {name}: only numeric zero padding is supported")
+    ph, pw = _pair(conv.padding)
+    return {
+        "kernel_shape": list(_pair(conv.kernel_size)),
+        "strides": list(_pair(conv.stride)),
+        "pads": [ph, pw, ph, pw],
+        "dilations": list(_pair(conv.dilation)),
+        "group": conv.groups,
+    }
+
+
+def _pool_attrs(pool: nn.MaxPool2d | nn.AvgPool2d, name: str) -> dict[str, Any]:
+    if getattr(pool, "return_indices", False) or _pair(getattr(pool, "dilation", 1)) != (1, 1):
+        raise UnsupportedLayerError(f"cannot export {name}: pooling with indices or dilation")
+    ph, pw = _pair(pool.padding)
+    stride = pool.stride if pool.stride is not None else pool.kernel_size
+    return {
+        "kernel_shape": list(_pair(pool.kernel_size)),
+        "strides": list(_pair(stride)),
+        "pads": [ph, pw, ph, pw],
+        "ceil_mode": int(pool.ceil_mode),
+    }
+
+
+def build_onnx(
+    model: nn.Module, input_shape: tuple[int, ...], metadata: dict[str, Any] | None = None, *, expose_sites=False
+):
+    """The ONNX ``ModelProto`` of ``model`` (float or deploy-quantized, in eval mode).
+
+    Args:
+        input_shape: ``(C, H, W)``; the batch dimension is dynamic.
+        metadata: written to the model's ``metadata_props`` (values JSON-encoded unless strings).
+        expose_sites: also output every activation quantizer's dequantized tensor, named
+            after its PyTorch module (for per-layer parity checks).
+    """
+    onnx = _onnx()
+    model = model.eval()
+    builder = _Builder(model, expose_sites)
+    with torch.no_grad():
+        graph = builder.build(trace(model, "ONNX export"), tuple(input_shape))
+    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET)], producer_name="dfq")
+    proto.ir_version = min(proto.ir_version, 9)  # readable by older runtimes
+    for key, val in (metadata or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, val if isinstance(val, str) else json.dumps(val)
+    onnx.checker.check_model(proto, full_check=True)
+    if builder.site_outputs:  # declared with the shapes ONNX infers for them
+        inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(proto).graph.value_info}
+        proto.graph.output.extend(inferred[name] for name in builder.site_outputs)
+    return proto
+
+
+def export_onnx(
+    model: nn.Module, path: str | Path, input_shape: tuple[int, ...], metadata: dict[str, Any] | None = None
+) -> Path:
+    """Write ``model`` as ONNX to ``path`` (atomically) and return the path."""
+    from dfq.utils.io import atomic_write
+
+    proto = build_onnx(model, input_shape, metadata)
+    data = proto.SerializeToString()
+    return atomic_write(path, lambda f: f.write(data))
