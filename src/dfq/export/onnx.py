@@ -112,8 +112,9 @@ class _Builder:
         return v
 
     # -- quantization sites ----------------------------------------------------------------
-    def quantize_site(self, value: _Value, aq: ActQuantizer, site: str) -> _Value:
-        if aq.get_mode() is ActMode.DISABLED or aq.spec.is_noop:
+    def quantize_site(self, value: _Value, aq: ActQuantizer, site: str, code_cap: int | None = None) -> _Value:
+        """``value`` quantized by ``aq``; ``code_cap`` lowers the largest code (a ReLU6 folded in)."""
+        if not _active(aq):
             return value
         if int(aq.num_updates) == 0:
             raise DFQError(f"cannot export: activation quantizer {site} was never calibrated")
@@ -127,6 +128,7 @@ class _Builder:
         scale_name = self.const(f"{site}_scale", np.float32(float(scale)))
         zp_name = self.const(f"{site}_zp", np.uint8(zp))
         q = self.op("QuantizeLinear", [self.as_float(value), scale_name, zp_name], f"{site}_q")
+        qmax = qmax if code_cap is None else min(qmax, code_cap)
         if (qmin + zp, qmax + zp) != (0, 255):
             lo, hi = self.const(f"{site}_qmin", np.uint8(qmin + zp)), self.const(f"{site}_qmax", np.uint8(qmax + zp))
             q = self.op("Clip", [q, lo, hi], f"{site}_clip")
@@ -170,7 +172,7 @@ class _Builder:
         """int8 codes of the quantized weight; a folded gain only rescales (and maybe negates) them."""
         wq = layer.weight_quantizer
         _check_container_bits(wq.spec.bits, name)
-        codes = quantize(layer.weight.detach(), *wq.qparams(layer.weight), divide=wq.spec.divide).double()
+        codes = quantize(layer.weight.detach(), *wq.qparams(layer.weight), divide=wq.spec.deploy).double()
         sign = torch.where(gain < 0, -1.0, 1.0).double()
         codes = codes * sign.reshape(-1, *([1] * (codes.dim() - 1)))
         codes[gain == 0] = 0  # BatchNorm gamma of 0: the channel is its bias
@@ -212,7 +214,7 @@ class _Builder:
     def grid_op(self, x: _Value, op_type: str, hint: str, extra: list[str] | None = None, **attrs: Any) -> _Value:
         """An op that moves values: on the integer tensor when there is one (no rounding involved)."""
         extra = extra or []
-        if x.q is not None and x.float_name is None:
+        if x.q is not None:
             q = x.q
             out = self.op(op_type, [q.name, *extra], hint, **attrs)
             return _Value(q=_QTensor(out, q.scale, q.scale_name, q.zp_name))
@@ -253,8 +255,7 @@ class _Builder:
         if isinstance(m, nn.BatchNorm2d):
             return self._after_bn(self.batchnorm(node, m), m, name)
         if isinstance(m, QuantReLU):
-            return self.quantize_site(self.activation(self.value(node.args[0]), m.act, name), m.act_quantizer,
-                                      f"{name}.act_quantizer")  # fmt: skip
+            return self.relu_site(self.value(node.args[0]), m, name)
         if isinstance(m, nn.ReLU | nn.ReLU6):
             return self.activation(self.value(node.args[0]), m, name)
         if isinstance(m, ActQuantizer):
@@ -272,6 +273,18 @@ class _Builder:
         if isinstance(m, nn.AdaptiveAvgPool2d) and _pair(m.output_size) == (1, 1):
             return _Value(self.op("GlobalAveragePool", [self.as_float(self.value(node.args[0]))], f"{name}_out"))
         raise UnsupportedLayerError(f"cannot export layer {name} ({type(m).__name__}) to ONNX")
+
+    def relu_site(self, x: _Value, m: QuantReLU, name: str) -> _Value:
+        """A ReLU/ReLU6 and its quantizer. On an unsigned grid the quantizer's saturation at code 0
+        is the ReLU and ReLU6 is a cap on the codes, so no float op stays between a convolution
+        and its output quantizer (ONNX Runtime then fuses them into one integer kernel)."""
+        aq, site = m.act_quantizer, f"{name}.act_quantizer"
+        if not _active(aq) or aq.qparams()[2] < 0:
+            return self.quantize_site(self.activation(x, m.act, name), aq, site)
+        cap = None
+        if isinstance(m.act, nn.ReLU6):  # codes of min(x, 6): at most the code of 6 (monotonic rounding)
+            cap = int(quantize(torch.tensor(6.0), *aq.qparams(), divide=aq.spec.deploy))
+        return self.quantize_site(x, aq, site, code_cap=cap)
 
     def _after_bn(self, out: _Value, bn: nn.BatchNorm2d, name: str) -> _Value:
         if isinstance(bn, QuantBatchNorm2d) and bn.output_quantizer is not None:
@@ -360,7 +373,7 @@ class _Builder:
             begin[rank - 1 - i], end[rank - 1 - i] = pads[2 * i], pads[2 * i + 1]
         pads_name = self.const(f"{node.name}_pads", np.array(begin + end, np.int64))
         x = self.value(node.args[0])
-        if x.q is not None and x.float_name is None:  # pad with the code of 0.0, the zero point
+        if x.q is not None:  # pad with the code of 0.0, the zero point
             return self.grid_op(x, "Pad", f"{node.name}_out", [pads_name, x.q.zp_name], mode="constant")
         return self.grid_op(x, "Pad", f"{node.name}_out", [pads_name], mode="constant")
 
@@ -369,6 +382,10 @@ class _Builder:
         x = helper.make_tensor_value_info(INPUT_NAME, tp.FLOAT, ["batch", *input_shape])
         y = helper.make_tensor_value_info(OUTPUT_NAME, tp.FLOAT, ["batch", None])
         return helper.make_graph(self.nodes, "dfq", [x], [y], self.initializers)
+
+
+def _active(aq: ActQuantizer) -> bool:
+    return aq.get_mode() is not ActMode.DISABLED and not aq.spec.is_noop
 
 
 def _check_container_bits(bits: int, where: str) -> None:
@@ -419,7 +436,7 @@ def build_onnx(
 
     Args:
         input_shape: ``(C, H, W)``; the batch dimension is dynamic.
-        metadata: written to the model's ``metadata_props`` (values JSON-encoded unless strings).
+        metadata: written to the model's ``metadata_props``, each value JSON-encoded.
         expose_sites: also output every activation quantizer's dequantized tensor, named
             after its PyTorch module (for per-layer parity checks).
     """
@@ -432,7 +449,7 @@ def build_onnx(
     proto.ir_version = min(proto.ir_version, 9)  # readable by older runtimes
     for key, val in (metadata or {}).items():
         entry = proto.metadata_props.add()
-        entry.key, entry.value = key, val if isinstance(val, str) else json.dumps(val)
+        entry.key, entry.value = key, json.dumps(val)
     onnx.checker.check_model(proto, full_check=True)
     if builder.site_outputs:  # declared with the shapes ONNX infers for them
         inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(proto).graph.value_info}

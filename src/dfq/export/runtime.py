@@ -51,13 +51,13 @@ def session(model: str | Path | bytes, *, threads: int | None = None, optimized_
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
-    """The model's ``metadata_props``, JSON values decoded."""
+    """The model's ``metadata_props``, JSON-decoded (values that are not JSON stay strings)."""
     meta = session(path).get_modelmeta().custom_metadata_map
     out = {}
     for k, v in meta.items():
         try:
             out[k] = json.loads(v)
-        except json.JSONDecodeError:
+        except json.JSONDecodeError:  # written by another tool
             out[k] = v
     return out
 

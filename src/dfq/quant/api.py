@@ -200,17 +200,17 @@ def _quantized_version(name: str, module: nn.Module, config: QuantConfig) -> nn.
     wbits, abits = config.bits_for(name)
     deploy = config.protocol == "deploy"
     if isinstance(module, nn.Conv2d | nn.Linear) and not isinstance(module, QuantConv2d | QuantLinear):
-        spec = QuantSpec(wbits, config.weight_symmetric, Granularity(config.weight_granularity), divide=deploy)
+        spec = QuantSpec(wbits, config.weight_symmetric, Granularity(config.weight_granularity), deploy=deploy)
         cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
         return cls.from_float(module, WeightQuantizer(spec))
     if isinstance(module, _ACTIVATIONS):
-        spec = QuantSpec(abits, config.act_symmetric, Granularity.PER_TENSOR, divide=deploy)
+        spec = QuantSpec(abits, config.act_symmetric, Granularity.PER_TENSOR, deploy=deploy)
         return QuantReLU.from_float(module, ActQuantizer(spec, config.act_observer, config.act_momentum))
     return None
 
 
 def _deploy_act_quantizer(bits: int, config: QuantConfig) -> ActQuantizer:
-    return ActQuantizer(QuantSpec(bits, symmetric=True, divide=True), config.act_observer, config.act_momentum)
+    return ActQuantizer(QuantSpec(bits, symmetric=True, deploy=True), config.act_observer, config.act_momentum)
 
 
 def _add_deploy_sites(model: nn.Module, config: QuantConfig) -> None:

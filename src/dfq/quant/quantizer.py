@@ -35,7 +35,7 @@ class WeightQuantizer(nn.Module):
         if self.spec.is_noop:
             return w
         scale, zero_point, qmin, qmax = self.qparams(w)
-        return fake_quantize(w, scale, zero_point, qmin, qmax, self.spec.divide)
+        return fake_quantize(w, scale, zero_point, qmin, qmax, self.spec.deploy)
 
     def qparams(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """Grid of ``w``, shaped to broadcast against it."""
@@ -46,6 +46,8 @@ class WeightQuantizer(nn.Module):
             lo, hi = flat.amin(dim=1).reshape(shape), flat.amax(dim=1).reshape(shape)
         else:
             lo, hi = w.min(), w.max()
+        if self.spec.deploy:  # signed codes even for all-positive weights: int8 storage
+            lo = torch.minimum(lo, -hi.abs())
         return choose_qparams(lo, hi, self.spec.bits, self.spec.symmetric)
 
     def extra_repr(self) -> str:
@@ -104,12 +106,12 @@ class ActQuantizer(nn.Module):
             self.observe(x)
         elif int(self.num_updates) == 0:
             raise DFQError("activation quantizer is frozen but was never calibrated; observe data first")
-        return fake_quantize(x, *self.qparams(), self.spec.divide)
+        return fake_quantize(x, *self.qparams(), self.spec.deploy)
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """``(scale, zero_point, qmin, qmax)`` of the current range.
 
-        Under the deploy protocol (``spec.divide``) the step is widened by 2^-14 (relative).
+        Under the deploy protocol (``spec.deploy``) the step is widened by 2^-14 (relative).
         A range observed on a single batch is a data value, so an exact multiple of the
         previous layer's accumulator step, and then some outputs fall exactly halfway
         between two codes, where PyTorch's float arithmetic and an integer kernel's
@@ -117,7 +119,7 @@ class ActQuantizer(nn.Module):
         far above float rounding error; the range grows by 0.006%.
         """
         scale, zero_point, qmin, qmax = choose_qparams(self.lo, self.hi, self.spec.bits, self.spec.symmetric)
-        if self.spec.divide:
+        if self.spec.deploy:
             scale = scale * _TIE_MARGIN
         return scale, zero_point, qmin, qmax
 

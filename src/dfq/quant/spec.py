@@ -35,14 +35,16 @@ class QuantSpec:
         symmetric: zero point fixed at 0 (signed narrow grid, or unsigned when
             the range is non-negative) instead of an affine min/max grid.
         granularity: one range per tensor or per output channel.
-        divide: compute ``x / scale`` as ONNX does (deploy protocol) rather than
-            ``x * (1 / scale)`` as the papers and ``torch.fake_quantize_*`` do.
+        deploy: integer-runtime semantics (the deploy protocol): ``x / scale`` as ONNX
+            ``QuantizeLinear`` computes it rather than ``x * (1 / scale)`` as the papers and
+            ``torch.fake_quantize_*`` do, signed weight grids, and activation steps kept
+            off exact ties (see ``ActQuantizer.qparams``).
     """
 
     bits: int
     symmetric: bool = False
     granularity: Granularity = Granularity.PER_TENSOR
-    divide: bool = False
+    deploy: bool = False
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
