@@ -139,7 +139,18 @@ class Depthwise(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-PATTERNS = [ConvBNReLU, ReLU6MaxPool, BiasConvAvgPoolView, ResidualOptionA, Depthwise]
+class FunctionalMean(nn.Module):
+    """Functional torch.relu (split into a module by fx) and x.mean((2, 3)) as global pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+PATTERNS = [ConvBNReLU, ReLU6MaxPool, BiasConvAvgPoolView, ResidualOptionA, Depthwise, FunctionalMean]
 
 
 def _calibrated(cls: type[nn.Module], bits: int, seed: int = 0) -> tuple[nn.Module, list[torch.Tensor]]:

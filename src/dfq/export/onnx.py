@@ -321,6 +321,9 @@ class _Builder:
             return self.flatten(node, node.args[1:], node.kwargs)
         if t == "contiguous":
             return self.value(node.args[0])
+        if t == "mean" and _is_spatial_mean(node):
+            pooled = self.op("GlobalAveragePool", [self.as_float(self.value(node.args[0]))], f"{node.name}_pool")
+            return _Value(self.op("Flatten", [pooled], f"{node.name}_out", axis=1))
         if t in ("relu", "relu_"):
             return self.activation(self.value(node.args[0]), nn.ReLU(), node.name)
         raise UnsupportedLayerError(f"cannot export the method call .{t}() ({node.name}) to ONNX")
@@ -382,6 +385,13 @@ class _Builder:
         x = helper.make_tensor_value_info(INPUT_NAME, tp.FLOAT, ["batch", *input_shape])
         y = helper.make_tensor_value_info(OUTPUT_NAME, tp.FLOAT, ["batch", None])
         return helper.make_graph(self.nodes, "dfq", [x], [y], self.initializers)
+
+
+def _is_spatial_mean(node: fx.Node) -> bool:
+    """``x.mean((2, 3))`` (or ``dim=[-2, -1]``) without keepdim: global average pooling of NCHW."""
+    dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+    keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+    return isinstance(dims, tuple | list) and sorted(d % 4 for d in dims) == [2, 3] and not keep
 
 
 def _active(aq: ActQuantizer) -> bool:
