@@ -21,6 +21,7 @@ from dfq.checkpoint import CHECKPOINT_NAME, save_quantized
 from dfq.config import RunConfig, from_dict, load_yaml, resolve_config
 from dfq.engine import TRAIN_CHECKPOINT, Engine, Evaluator
 from dfq.errors import DFQError
+from dfq.methods.recon import recon
 from dfq.methods.zeroq import zeroq
 from dfq.models import create_model
 from dfq.utils.io import remove_stale_temporaries, save_json, save_yaml
@@ -47,7 +48,7 @@ def quantize(
 
     Args:
         model: float classifier (Conv2d/Linear/BatchNorm/ReLU/ReLU6 and pooling); not modified.
-        method: "zeroq", "gdfq", "zaq", "adasg" or "adadfq".
+        method: "zeroq", "recon", "gdfq", "zaq", "adasg" or "adadfq".
         wbits, abits: weight and activation bit-widths.
         num_classes, input_size: the model's outputs and (C, H, W) input; taken from
             ``model.dfq_info`` for zoo models.
@@ -68,7 +69,7 @@ def quantize(
     classes = num_classes or (info.num_classes if info else None)
     if size is None:
         raise DFQError("input_size=(C, H, W) is required for a model outside the dfq zoo")
-    if classes is None and method != "zeroq":
+    if classes is None and method not in ("zeroq", "recon"):
         raise DFQError(f"num_classes is required by '{method}' for a model outside the dfq zoo")
     config = resolve_config(
         None, {"method": method, "seed": seed, "quant.wbits": wbits, "quant.abits": abits, **options}
@@ -90,12 +91,13 @@ def _quantize(
     progress: bool = True,
 ) -> tuple[nn.Module, dict[str, Any]]:
     seed_everything(config.seed)
-    if config.method == "zeroq":
+    if config.method in ("zeroq", "recon"):
         start = time.perf_counter()
         gen = torch.Generator().manual_seed(config.seed)
-        q, _ = zeroq(model, config.quant, config.zeroq, input_size, generator=gen, progress=progress)
+        fn, method_config = (zeroq, config.zeroq) if config.method == "zeroq" else (recon, config.recon)
+        q, _ = fn(model, config.quant, method_config, input_size, generator=gen, progress=progress)
         summary = {
-            "method": "zeroq",
+            "method": config.method,
             "wbits": config.quant.wbits,
             "abits": config.quant.abits,
             "seconds": round(time.perf_counter() - start, 3),

@@ -101,7 +101,7 @@ def _build_parser() -> argparse.ArgumentParser:
         help="paper: the DFQ papers' fake quantization (default); deploy: what integer runtimes run (exportable)",
     )
     p.add_argument("--steps", type=int, help="zeroq: optimisation steps of the distilled inputs")
-    p.add_argument("--num-samples", type=int, help="zeroq: number of distilled inputs")
+    p.add_argument("--num-samples", type=int, help="zeroq, recon: number of synthetic inputs")
     p.add_argument("--epochs", type=int, help="generator-based methods: epochs of the game")
     p.add_argument("--iters-per-epoch", type=int, help="generator-based methods: iterations per epoch")
     p.add_argument("--batch-size", type=int, help="generator-based methods: generated images per iteration")
@@ -334,7 +334,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         "quant.act_observer": args.observer,
         "quant.protocol": args.protocol,
         "zeroq.steps": args.steps,
-        "zeroq.num_samples": args.num_samples,
+        "zeroq.num_samples": args.num_samples if args.method != "recon" else None,
+        "recon.num_samples": args.num_samples if args.method == "recon" else None,
         "train.epochs": args.epochs,
         "train.iters_per_epoch": args.iters_per_epoch,
         "train.batch_size": args.batch_size,

@@ -19,13 +19,16 @@ from dfq.errors import DFQError, did_you_mean
 from dfq.methods import list_methods, method_class
 from dfq.methods.adadfq import AdaDFQConfig, AdaSGConfig
 from dfq.methods.gdfq import GDFQConfig
+from dfq.methods.recon import ReconConfig
 from dfq.methods.zaq import ZAQConfig
 from dfq.methods.zeroq import ZeroQConfig
 from dfq.quant import LayerOverride, QuantConfig
 
 __all__ = ["METHODS", "GeneratorConfig", "RunConfig", "TrainConfig", "from_dict", "load_yaml", "resolve_config"]
 
-METHODS = ("zeroq", *list_methods())
+# Post-training methods (no generator game): their defaults on top of RunConfig's.
+POST_TRAINING = {"zeroq": {}, "recon": {"quant.weight_scales": "stored"}}
+METHODS = (*POST_TRAINING, *list_methods())
 DEFAULT_METHOD = "zeroq"
 
 
@@ -120,7 +123,7 @@ class RunConfig:
         quant: the quantizer protocol.
         train: the game's schedule (generator-based methods).
         generator: the generator (generator-based methods).
-        zeroq, gdfq, zaq, adasg, adadfq: each method's own settings (only the chosen one is used).
+        zeroq, recon, gdfq, zaq, adasg, adadfq: each method's own settings (only the chosen one is used).
     """
 
     model: str = "resnet20a_cifar10"
@@ -131,6 +134,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     zeroq: ZeroQConfig = field(default_factory=ZeroQConfig)
+    recon: ReconConfig = field(default_factory=ReconConfig)
     gdfq: GDFQConfig = field(default_factory=GDFQConfig)
     zaq: ZAQConfig = field(default_factory=ZAQConfig)
     adasg: AdaSGConfig = field(default_factory=AdaSGConfig)
@@ -179,6 +183,11 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
             raise DFQError(f"config key '{name}' must be a list, got {value!r}")
         (item,) = typing.get_args(hint)
         return [_coerce(item, v, f"{name}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:  # fixed length, e.g. tuple[float, float]; YAML gives a list
+        items = typing.get_args(hint)
+        if not isinstance(value, list | tuple) or len(value) != len(items):
+            raise DFQError(f"config key '{name}' must be a list of {len(items)} values, got {value!r}")
+        return tuple(_coerce(t, v, f"{name}[{i}]") for i, (t, v) in enumerate(zip(items, value, strict=True)))
     allowed = typing.get_args(hint) if origin in (typing.Union, types.UnionType) else (hint,)
     if value is None and type(None) in allowed:
         return None
@@ -226,7 +235,9 @@ def resolve_config(preset: dict[str, Any] | None = None, overrides: dict[str, An
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     method = overrides.get("method", preset.get("method", DEFAULT_METHOD))
     data: dict[str, Any] = {}
-    if method in METHODS and method != "zeroq":
+    if method in POST_TRAINING:
+        _set_dotted(data, POST_TRAINING[method])
+    elif method in METHODS:
         _set_dotted(data, method_class(method).defaults)
     _merge(data, _deep_copy(preset))
     _set_dotted(data, overrides)

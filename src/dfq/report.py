@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dfq.config import RunConfig, from_dict, load_yaml
+from dfq.config import POST_TRAINING, RunConfig, from_dict, load_yaml
 from dfq.engine import TRAIN_CHECKPOINT, read_train_checkpoint
 from dfq.errors import DFQError
 from dfq.models import CIFAR10_CLASSES
@@ -79,7 +79,7 @@ class Run:
     @property
     def trains(self) -> bool:
         """A generator-based run (epochs, iterations and a generator)."""
-        return self.config.method != "zeroq"
+        return self.config.method not in POST_TRAINING
 
     @property
     def iters_per_epoch(self) -> int:

@@ -113,6 +113,8 @@ class QuantConfig:
             keeps the first and last layers at 8 bits; an activation site is named after its
             ReLU module (``layer3.2.relu2``), an input site after its layer (``linear``), a
             residual site after its BatchNorm (``layer1.0.bn2``). Later patterns win.
+        weight_scales: "minmax" (the papers: the min/max grid of the current weights at every
+            forward) or "stored" (a grid kept in buffers, so methods can learn it).
         input_bits: deploy protocol: bit-width of the model input (images are 8-bit data).
         quantize_residual: deploy protocol: quantize the BatchNorm outputs that enter
             residual additions, so the convolutions before them run on integer kernels too.
@@ -127,6 +129,7 @@ class QuantConfig:
     act_observer: str = "ema"
     act_momentum: float = 0.9
     overrides: dict[str, LayerOverride] = field(default_factory=dict)
+    weight_scales: str = "minmax"
     input_bits: int = 8
     quantize_residual: bool = True
 
@@ -140,6 +143,8 @@ class QuantConfig:
         check_bits(self.input_bits, "input_bits")
         if self.weight_granularity not in {g.value for g in Granularity}:
             raise DFQError(f"weight_granularity must be per_channel or per_tensor, got {self.weight_granularity!r}")
+        if self.weight_scales not in ("minmax", "stored"):
+            raise DFQError(f"weight_scales must be minmax or stored, got {self.weight_scales!r}")
         if self.act_observer not in OBSERVERS:
             raise DFQError(f"act_observer must be one of {', '.join(OBSERVERS)}, got {self.act_observer!r}")
         if not 0.0 < self.act_momentum < 1.0:
@@ -202,11 +207,21 @@ def _quantized_version(name: str, module: nn.Module, config: QuantConfig) -> nn.
     if isinstance(module, nn.Conv2d | nn.Linear) and not isinstance(module, QuantConv2d | QuantLinear):
         spec = QuantSpec(wbits, config.weight_symmetric, Granularity(config.weight_granularity), deploy=deploy)
         cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
-        return cls.from_float(module, WeightQuantizer(spec))
+        return cls.from_float(module, _weight_quantizer(spec, module.weight, config.weight_scales == "stored"))
     if isinstance(module, _ACTIVATIONS):
         spec = QuantSpec(abits, config.act_symmetric, Granularity.PER_TENSOR, deploy=deploy)
         return QuantReLU.from_float(module, ActQuantizer(spec, config.act_observer, config.act_momentum))
     return None
+
+
+def _weight_quantizer(spec: QuantSpec, weight: torch.Tensor, stored: bool) -> WeightQuantizer:
+    if not stored or spec.is_noop:
+        return WeightQuantizer(spec)
+    per_channel = spec.granularity is Granularity.PER_CHANNEL
+    shape = (weight.shape[0],) + (1,) * (weight.dim() - 1) if per_channel else ()
+    wq = WeightQuantizer(spec, stored_shape=shape)
+    wq.store(weight)
+    return wq
 
 
 def _deploy_act_quantizer(bits: int, config: QuantConfig) -> ActQuantizer:

@@ -59,6 +59,11 @@ def bias_grid(bias: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor) 
     return torch.round(bias.double() / step.double()), step
 
 
+def _with_quantizer_state(layer: nn.Module, weight_quantizer: WeightQuantizer) -> dict[str, torch.Tensor]:
+    """The float layer's state plus its new weight quantizer's (a stored grid has buffers)."""
+    return {**layer.state_dict(), **{f"weight_quantizer.{k}": v for k, v in weight_quantizer.state_dict().items()}}
+
+
 def _site_scale(site: ActQuantizer | None) -> torch.Tensor | None:
     """The step of an activation quantizer that is quantizing, else ``None``."""
     if site is None or site.spec.is_noop or site.get_mode() is ActMode.DISABLED or int(site.num_updates) == 0:
@@ -133,7 +138,7 @@ class QuantConv2d(_IntegerLayerMixin, nn.Conv2d):
             device=conv.weight.device,
             dtype=conv.weight.dtype,
         )
-        q.load_state_dict(conv.state_dict())
+        q.load_state_dict(_with_quantizer_state(conv, weight_quantizer))
         q.train(conv.training)
         return q
 
@@ -158,7 +163,7 @@ class QuantLinear(_IntegerLayerMixin, nn.Linear):
             device=linear.weight.device,
             dtype=linear.weight.dtype,
         )
-        q.load_state_dict(linear.state_dict())
+        q.load_state_dict(_with_quantizer_state(linear, weight_quantizer))
         q.train(linear.training)
         return q
 

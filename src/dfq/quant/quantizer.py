@@ -6,13 +6,14 @@ lives in buffers, so it is saved in and restored from checkpoints.
 
 from __future__ import annotations
 
+import math
 from enum import IntEnum
 
 import torch
 from torch import nn
 
 from dfq.errors import DFQError
-from dfq.quant.functional import choose_qparams, fake_quantize
+from dfq.quant.functional import choose_qparams, fake_quantize, round_ste
 from dfq.quant.spec import Granularity, QuantSpec
 
 __all__ = ["OBSERVERS", "ActMode", "ActQuantizer", "WeightQuantizer"]
@@ -21,24 +22,47 @@ _TIE_MARGIN = 1.0 + 2.0**-14
 
 
 class WeightQuantizer(nn.Module):
-    """Min/max range recomputed from the current weights at every forward (the papers' choice).
+    """Weight fake quantization, per output channel or per tensor.
 
-    Per-channel ranges are taken over all dimensions but the first (conv output
-    channels, linear output features).
+    By default the range is the min/max of the current weights at every forward (the
+    papers' choice). With ``stored_shape`` the grid (scale, zero point, code range) lives
+    in buffers instead, so a learned grid survives in checkpoints; it starts as the min/max
+    grid of the weights given to :meth:`store`.
+
+    Learned rounding (AdaRound, Nagel et al. 2020) with a learned step (LSQ): between
+    :meth:`begin_rounding` and :meth:`end_rounding` the weight is
+    ``s * (clamp(floor(w / s0) + h(alpha) + zp, qmin, qmax) - zp)`` with the base integer
+    fixed at the initial step ``s0`` (as Genie does, so step and rounding do not fight)
+    and ``h`` a rectified sigmoid in [0, 1]; the end rounds ``h`` to 0/1 and writes the
+    result into the weight, which then lies exactly on the stored grid.
     """
 
-    def __init__(self, spec: QuantSpec) -> None:
+    def __init__(self, spec: QuantSpec, stored_shape: tuple[int, ...] | None = None) -> None:
         super().__init__()
         self.spec = spec
+        self.stored = stored_shape is not None
+        if stored_shape is not None:
+            self.register_buffer("scale", torch.ones(stored_shape))
+            self.register_buffer("zero_point", torch.zeros(stored_shape))
+            self.register_buffer("code_range", torch.zeros(2, dtype=torch.long))
+        self.alpha: nn.Parameter | None = None
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.spec.is_noop:
             return w
+        if self.alpha is not None:
+            return self._soft_rounded(w)
         scale, zero_point, qmin, qmax = self.qparams(w)
         return fake_quantize(w, scale, zero_point, qmin, qmax, self.spec.deploy)
 
     def qparams(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """Grid of ``w``, shaped to broadcast against it."""
+        if self.stored:
+            return self.scale, self.zero_point, int(self.code_range[0]), int(self.code_range[1])
+        return self.minmax_qparams(w)
+
+    def minmax_qparams(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """The min/max grid of ``w``."""
         w = w.detach()
         if self.spec.granularity is Granularity.PER_CHANNEL:
             flat = w.reshape(w.shape[0], -1)
@@ -50,8 +74,55 @@ class WeightQuantizer(nn.Module):
             lo = torch.minimum(lo, -hi.abs())
         return choose_qparams(lo, hi, self.spec.bits, self.spec.symmetric)
 
+    @torch.no_grad()
+    def store(self, w: torch.Tensor) -> None:
+        """Set the stored grid to the min/max grid of ``w``."""
+        scale, zero_point, qmin, qmax = self.minmax_qparams(w)
+        self.scale.copy_(scale.expand_as(self.scale))
+        self.zero_point.copy_(zero_point.expand_as(self.zero_point))
+        self.code_range.copy_(torch.tensor([qmin, qmax]))
+
+    # -- learned rounding ------------------------------------------------------------------
+    _ZETA, _GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid
+
+    def _h(self) -> torch.Tensor:
+        return torch.clamp(torch.sigmoid(self.alpha) * (self._ZETA - self._GAMMA) + self._GAMMA, 0, 1)
+
+    @torch.no_grad()
+    def begin_rounding(self, w: torch.Tensor) -> list[nn.Parameter]:
+        """Start learning the rounding and the step of ``w``; returns the new parameters."""
+        if not self.stored:
+            raise DFQError("learned rounding needs stored weight scales (quant.weight_scales: stored)")
+        scale = self.qparams(w)[0]
+        self._base = torch.floor(w.detach() / scale)
+        rest = (w.detach() / scale - self._base).clamp(0.01, 0.99)  # h(alpha) = rest: start at the float weight
+        self.alpha = nn.Parameter(-torch.log((self._ZETA - self._GAMMA) / (rest - self._GAMMA) - 1))
+        self.step = nn.Parameter(scale.clone())
+        return [self.alpha, self.step]
+
+    def _soft_rounded(self, w: torch.Tensor) -> torch.Tensor:
+        qmin, qmax = int(self.code_range[0]), int(self.code_range[1])
+        h = self._h() if self.training else (self.alpha >= 0).to(w.dtype)
+        codes = torch.clamp(self._base + h + self.zero_point, qmin, qmax)
+        return (codes - self.zero_point) * self.step
+
+    def rounding_loss(self, beta: float) -> torch.Tensor:
+        """AdaRound's regulariser: pushes every h(alpha) to 0 or 1 as ``beta`` anneals down."""
+        return (1 - (2 * self._h() - 1).abs().pow(beta)).sum()
+
+    @torch.no_grad()
+    def end_rounding(self, weight: nn.Parameter) -> None:
+        """Round h to 0/1, store the learned step and write the quantized values into ``weight``."""
+        self.scale.copy_(self.step.detach().abs().clamp(min=1e-8))
+        self.step.copy_(self.scale)  # the weight is written with the stored (positive) step
+        self.eval()
+        weight.copy_(self._soft_rounded(weight))
+        self.alpha = None
+        del self.step, self._base
+
     def extra_repr(self) -> str:
-        return f"bits={self.spec.bits}, symmetric={self.spec.symmetric}, {self.spec.granularity.value}"
+        kind = ", stored grid" if self.stored else ""
+        return f"bits={self.spec.bits}, symmetric={self.spec.symmetric}, {self.spec.granularity.value}{kind}"
 
 
 class ActMode(IntEnum):
@@ -60,7 +131,7 @@ class ActMode(IntEnum):
     OBSERVE = 0  # update the range from each batch, then quantize with it
     FROZEN = 1  # quantize with the stored range
     DISABLED = 2  # pass through (float reference)
-    # room for LEARNED = 3 (trainable range)
+    LEARNED = 3  # quantize with a trainable step (LSQ), between begin_learning and end_learning
 
 
 # Range observers for OBSERVE mode.
@@ -73,7 +144,13 @@ OBSERVERS = ("ema", "paper", "minmax")
 
 
 class ActQuantizer(nn.Module):
-    """Per-tensor activation quantizer with an explicit observe -> frozen lifecycle."""
+    """Per-tensor activation quantizer with an explicit observe -> frozen lifecycle.
+
+    ``drop_prob`` (QDrop, Wei et al. 2022): in LEARNED mode and training, each element is
+    left in float with this probability.
+    """
+
+    drop_prob: float = 0.0
 
     def __init__(self, spec: QuantSpec, observer: str = "ema", momentum: float = 0.9) -> None:
         super().__init__()
@@ -102,11 +179,45 @@ class ActQuantizer(nn.Module):
         mode = self.get_mode()
         if mode is ActMode.DISABLED or self.spec.is_noop:
             return x
+        if mode is ActMode.LEARNED:
+            return self._lsq(x)
         if mode is ActMode.OBSERVE:
             self.observe(x)
         elif int(self.num_updates) == 0:
             raise DFQError("activation quantizer is frozen but was never calibrated; observe data first")
         return fake_quantize(x, *self.qparams(), self.spec.deploy)
+
+    # -- learned step (LSQ, Esser et al. 2020) ---------------------------------------------
+    def begin_learning(self) -> nn.Parameter:
+        """Make the step trainable, starting from the current range; returns it."""
+        if int(self.num_updates) == 0:
+            raise DFQError("calibrate an activation quantizer before learning its step")
+        scale, zero_point, qmin, qmax = self.qparams()
+        self.step = nn.Parameter(scale.detach().clone())
+        self._grid = (zero_point.detach(), qmin, qmax)
+        self.set_mode(ActMode.LEARNED)
+        return self.step
+
+    def _lsq(self, x: torch.Tensor) -> torch.Tensor:
+        zero_point, qmin, qmax = self._grid
+        g = 1.0 / math.sqrt(x[0].numel() * max(qmax, 1))  # LSQ's gradient scale for the step
+        step = self.step * g + (self.step - self.step * g).detach()
+        divided = x / step if self.spec.deploy else x * (1.0 / step)
+        codes = torch.clamp(round_ste(divided + zero_point), qmin, qmax)
+        out = (codes - zero_point) * step
+        if self.training and self.drop_prob:  # QDrop: keep a random subset of elements in float
+            out = torch.where(torch.rand_like(x) < self.drop_prob, x, out)
+        return out
+
+    @torch.no_grad()
+    def end_learning(self) -> None:
+        """Freeze the learned step as this quantizer's range (so :meth:`qparams` gives it back)."""
+        zero_point, qmin, qmax = self._grid
+        step = self.step.abs().clamp(min=1e-8) / (_TIE_MARGIN if self.spec.deploy else 1.0)
+        self.lo.copy_((qmin - zero_point) * step)
+        self.hi.copy_((qmax - zero_point) * step)
+        del self.step, self._grid
+        self.set_mode(ActMode.FROZEN)
 
     def qparams(self) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """``(scale, zero_point, qmin, qmax)`` of the current range.

@@ -1,0 +1,418 @@
+"""``recon``: synthesize a small image pool from P, then reconstruct Q block by block.
+
+dfq's own post-training method, in the line of Genie (Jeon et al., CVPR 2023) and
+BRECQ/QDrop, built for a small compute budget:
+
+1. **Synthesis.** Per batch, per-sample latent maps (8x8) and a small decoder (nearest
+   upsampling + 3x3 convolutions, which avoid the checkerboard of transposed
+   convolutions) are optimised jointly against P's BatchNorm-statistics loss. P's
+   strided convolutions see their input shifted by a random pixel ("swing"
+   convolution), which removes the grid artifacts a fixed stride lets the images
+   exploit. Optionally a Fourier low-pass filter smooths the pool (SynQ).
+2. **Initial grids.** Activation ranges are calibrated on the pool, then every step
+   (weights per channel, activations per tensor) is set to the one that minimises its
+   own quantization error (a grid search on the clipping factor).
+3. **Reconstruction.** The model is cut into units along its dataflow (each residual
+   block, and the layers between blocks). For each unit in order, Q's unit is fitted to
+   P's unit output, on inputs that come from the already-quantized units: weights with
+   learned rounding (AdaRound) and learned steps (LSQ), activations with learned steps,
+   quantization dropped at random per element (QDrop). The rounding is then fixed and
+   written into the weights, so the result is an ordinary Q with stored grids.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.fx.passes.split_module import split_module
+from tqdm.auto import tqdm
+
+from dfq.errors import DFQError, UnsupportedLayerError
+from dfq.generators import BNStatsLoss
+from dfq.quant import ActMode, ActQuantizer, QuantConfig, WeightQuantizer, calibrate, quant_disabled, quantize_model
+from dfq.quant.graph import ADD_FUNCTIONS, ADD_METHODS, trace
+
+__all__ = ["ReconConfig", "recon", "synthesize"]
+
+
+@dataclass
+class ReconConfig:
+    """Attributes:
+    num_samples: size of the synthetic pool.
+    synth_batch: images optimised together.
+    synth_steps: Adam steps per synthesis batch.
+    synth_lr: Adam learning rate of the latents and the decoder.
+    swing: shift the input of P's strided convolutions by a random pixel during synthesis.
+    lowpass: cut-off of the Gaussian low-pass filter on the pool, as a fraction of the
+        Nyquist frequency (0: off).
+    iters: reconstruction steps per unit.
+    batch_size: images per reconstruction step.
+    lr_round, lr_wstep, lr_astep: Adam learning rates of the rounding variables, the weight
+        steps and the activation steps.
+    round_weight: weight of AdaRound's rounding regulariser.
+    round_warmup: fraction of the steps before the regulariser starts.
+    beta: the regulariser's exponent, annealed from the first to the second value.
+    drop_prob: probability of keeping an activation in float during reconstruction (QDrop).
+    """
+
+    num_samples: int = 512
+    synth_batch: int = 256
+    synth_steps: int = 200
+    synth_lr: float = 0.05
+    swing: bool = True
+    lowpass: float = 0.0
+    iters: int = 500
+    batch_size: int = 32
+    lr_round: float = 1e-2
+    lr_wstep: float = 1e-5
+    lr_astep: float = 4e-5
+    round_weight: float = 0.01
+    round_warmup: float = 0.2
+    beta: tuple[float, float] = (20.0, 2.0)
+    drop_prob: float = 0.5
+
+    def __post_init__(self) -> None:
+        for key in ("num_samples", "synth_batch", "synth_steps", "iters", "batch_size"):
+            if getattr(self, key) < 1:
+                raise DFQError(f"recon.{key} must be >= 1, got {getattr(self, key)}")
+        if not 0 <= self.drop_prob <= 1 or not 0 <= self.round_warmup < 1 or not 0 <= self.lowpass <= 1:
+            raise DFQError("recon.drop_prob and recon.lowpass must be in [0, 1], recon.round_warmup in [0, 1)")
+        self.beta = tuple(float(b) for b in self.beta)  # type: ignore[assignment]
+
+
+# -- 1. synthesis ------------------------------------------------------------------------------
+
+
+class LatentDecoder(nn.Module):
+    """Per-sample 8x8 latent maps -> images, by nearest upsampling and 3x3 convolutions."""
+
+    def __init__(self, num: int, image_size: tuple[int, int, int], channels: int = 32, generator=None) -> None:
+        super().__init__()
+        c, h, w = image_size
+        self.latents = nn.Parameter(torch.randn(num, channels, max(h // 4, 1), max(w // 4, 1), generator=generator))
+        self.size = (h, w)
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, 2 * channels, 3, padding=1),
+            nn.BatchNorm2d(2 * channels),
+            nn.LeakyReLU(0.2),
+            nn.Upsample(scale_factor=2),
+            nn.Conv2d(2 * channels, channels, 3, padding=1),
+            nn.BatchNorm2d(channels),
+            nn.LeakyReLU(0.2),
+            nn.Upsample(size=(h, w)),
+            nn.Conv2d(channels, c, 3, padding=1),
+            nn.BatchNorm2d(c, affine=False),  # unit-variance images, like normalised inputs
+        )
+
+    def forward(self) -> torch.Tensor:
+        return self.net(self.latents)
+
+
+class _Swing:
+    """Forward pre-hooks that shift the input of strided convolutions by a random pixel (reflect padded)."""
+
+    def __init__(self, model: nn.Module, generator: torch.Generator) -> None:
+        self.convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and max(m.stride) > 1]
+        self.generator = generator
+
+    def __enter__(self) -> _Swing:
+        self.handles = [m.register_forward_pre_hook(self._hook) for m in self.convs]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def _hook(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        x = args[0]
+        dy, dx = torch.randint(0, 3, (2,), generator=self.generator).tolist()
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        return (padded[:, :, dy : dy + x.shape[2], dx : dx + x.shape[3]],)
+
+
+def synthesize(
+    teacher: nn.Module,
+    input_size: tuple[int, int, int],
+    config: ReconConfig,
+    *,
+    generator: torch.Generator,
+    progress: bool = True,
+) -> torch.Tensor:
+    """The synthetic pool: ``config.num_samples`` images optimised against P's BNS loss."""
+    teacher.eval()
+    frozen = [p for p in teacher.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    batches = []
+    sizes = [min(config.synth_batch, config.num_samples - i) for i in range(0, config.num_samples, config.synth_batch)]
+    bar = tqdm(total=len(sizes) * config.synth_steps, desc="recon: synthesize", disable=not progress)
+    try:
+        with BNStatsLoss(teacher) as bns:
+            for n in sizes:
+                decoder = LatentDecoder(n, input_size, generator=generator)
+                opt = torch.optim.Adam(decoder.parameters(), lr=config.synth_lr)
+                sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, config.synth_steps)
+                for _ in range(config.synth_steps):
+                    opt.zero_grad(set_to_none=True)
+                    with _Swing(teacher, generator) if config.swing else _nothing():
+                        teacher(decoder())
+                    loss = bns.loss()
+                    loss.backward()
+                    opt.step()
+                    sched.step()
+                    bar.update()
+                bar.set_postfix(bns=f"{loss.item():.4f}")
+                with torch.no_grad():
+                    batches.append(decoder())  # batch statistics, as optimised
+    finally:
+        bar.close()
+        for p in frozen:
+            p.requires_grad_(True)
+    pool = torch.cat(batches)
+    return lowpass(pool, config.lowpass) if config.lowpass else pool
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def lowpass(images: torch.Tensor, cutoff: float) -> torch.Tensor:
+    """Gaussian low-pass filter in the Fourier domain; ``cutoff`` is the standard deviation as a
+    fraction of the Nyquist frequency."""
+    h, w = images.shape[-2:]
+    fy = torch.fft.fftfreq(h).reshape(-1, 1) * 2  # in units of Nyquist
+    fx_ = torch.fft.fftfreq(w).reshape(1, -1) * 2
+    mask = torch.exp(-(fy**2 + fx_**2) / (2 * cutoff**2))
+    return torch.fft.ifft2(torch.fft.fft2(images) * mask).real
+
+
+# -- 2. initial grids --------------------------------------------------------------------------
+
+_CLIP_FACTORS = torch.linspace(0.3, 1.0, 15)
+
+
+@torch.no_grad()
+def init_grids(q: nn.Module, pool: torch.Tensor, batch_size: int) -> None:
+    """Calibrate activation ranges on the pool, then shrink every range to its least-error clip."""
+    calibrate(q, pool.split(batch_size))
+    for m in q.modules():
+        if isinstance(m, WeightQuantizer) and m.stored and not m.spec.is_noop:
+            _best_weight_clip(m, _owner_weight(q, m))
+    inputs = _site_inputs(q, pool[:batch_size])
+    for aq, x in inputs.items():
+        _best_act_clip(aq, x)
+
+
+def _owner_weight(model: nn.Module, wq: WeightQuantizer) -> torch.Tensor:
+    for m in model.modules():
+        if getattr(m, "weight_quantizer", None) is wq:
+            return m.weight.detach()
+    raise RuntimeError("weight quantizer without a layer")
+
+
+def _best_weight_clip(wq: WeightQuantizer, w: torch.Tensor) -> None:
+    """The clipped min/max grid with the least squared error, per channel (or per tensor)."""
+    per_channel = wq.scale.dim() > 0
+    best = None
+    for f in _CLIP_FACTORS:
+        wq.store(w * f)  # the min/max grid of w shrunk by f
+        err = (wq(w) - w).pow(2).reshape(w.shape[0], -1).sum(1)
+        err = err if per_channel else err.sum()
+        if best is None:
+            best = [err, wq.scale.clone(), wq.zero_point.clone()]
+            continue
+        better = err < best[0]
+        mask = better.reshape(wq.scale.shape)
+        best = [torch.where(better, err, best[0]), torch.where(mask, wq.scale, best[1]),
+                torch.where(mask, wq.zero_point, best[2])]  # fmt: skip
+    wq.scale.copy_(best[1])
+    wq.zero_point.copy_(best[2])
+
+
+def _site_inputs(q: nn.Module, x: torch.Tensor) -> dict[ActQuantizer, torch.Tensor]:
+    store: dict[ActQuantizer, torch.Tensor] = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args: store.__setitem__(mod, args[0].detach()))
+        for m in q.modules()
+        if isinstance(m, ActQuantizer) and m.get_mode() is not ActMode.DISABLED and not m.spec.is_noop
+    ]
+    try:
+        q(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return store
+
+
+def _best_act_clip(aq: ActQuantizer, x: torch.Tensor) -> None:
+    lo, hi = aq.lo.clone(), aq.hi.clone()
+    best_err, best_f = math.inf, 1.0
+    for f in _CLIP_FACTORS:
+        aq.lo.copy_(lo * f)
+        aq.hi.copy_(hi * f)
+        err = float((aq(x) - x).pow(2).sum())
+        if err < best_err:
+            best_err, best_f = err, float(f)
+    aq.lo.copy_(lo * best_f)
+    aq.hi.copy_(hi * best_f)
+
+
+# -- 3. block reconstruction -------------------------------------------------------------------
+
+
+def units(q: nn.Module) -> list[nn.Module]:
+    """Q cut into a chain of callables along its dataflow: each residual block, and the layers between."""
+    graph = trace(q, "the recon method")
+    blocks = {_innermost(n) for n in graph.nodes if _is_add(n)}
+    part: dict[fx.Node, int] = {}
+    current, previous = -1, None
+    for node in graph.nodes:
+        if node.op in ("placeholder", "output"):
+            continue
+        path = _innermost(node)
+        key = next((b for b in blocks if b and (path == b or path.startswith(b + "."))), "")
+        if key != previous:
+            current, previous = current + 1, key
+        part[node] = current
+    gm = fx.GraphModule(q, graph)
+    split = split_module(gm, q, lambda n: part[n])
+    chain = [getattr(split, f"submod_{i}") for i in range(current + 1) if hasattr(split, f"submod_{i}")]
+    _check_chain(split, len(chain))
+    return chain
+
+
+def _innermost(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    value = list(stack.values())[-1]
+    return value[0] if isinstance(value, tuple) else str(list(stack.keys())[-1])
+
+
+def _is_add(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in ADD_FUNCTIONS) or (
+        node.op == "call_method" and node.target in ADD_METHODS
+    )
+
+
+def _check_chain(split: fx.GraphModule, n: int) -> None:
+    """Each unit must take exactly the previous unit's output (a single tensor)."""
+    calls = [node for node in split.graph.nodes if node.op == "call_module"]
+    previous = next(node for node in split.graph.nodes if node.op == "placeholder")
+    for node in calls:
+        if list(node.args) != [previous] or node.kwargs:
+            raise UnsupportedLayerError(
+                "the recon method needs a model whose blocks form a chain (each block takes the previous "
+                f"block's single output); {node.target} does not"
+            )
+        previous = node
+    if len(calls) != n:
+        raise UnsupportedLayerError("the recon method could not cut the model into a chain of blocks")
+
+
+def _quantizers(unit: nn.Module) -> tuple[list[tuple[nn.Module, WeightQuantizer]], list[ActQuantizer]]:
+    weights = [(m, m.weight_quantizer) for m in unit.modules() if isinstance(getattr(m, "weight_quantizer", None),
+               WeightQuantizer) and not m.weight_quantizer.spec.is_noop]  # fmt: skip
+    acts = [m for m in unit.modules() if isinstance(m, ActQuantizer) and m.get_mode() is ActMode.FROZEN
+            and not m.spec.is_noop]  # fmt: skip
+    return weights, acts
+
+
+def reconstruct_unit(
+    unit: nn.Module, x_q: torch.Tensor, x_fp: torch.Tensor, y_fp: torch.Tensor, config: ReconConfig,
+    generator: torch.Generator,
+) -> float:  # fmt: skip
+    """Fit one unit of Q to P's outputs; returns the final reconstruction loss."""
+    weights, acts = _quantizers(unit)
+    if not weights and not acts:
+        return 0.0
+    params_round, params_wstep = [], []
+    for layer, wq in weights:
+        alpha, step = wq.begin_rounding(layer.weight)
+        wq.train()
+        params_round.append(alpha)
+        params_wstep.append(step)
+    params_astep = [aq.begin_learning() for aq in acts]
+    for aq in acts:
+        aq.drop_prob = config.drop_prob
+        aq.train()
+    groups = [{"params": params_round, "lr": config.lr_round}, {"params": params_wstep, "lr": config.lr_wstep},
+              {"params": params_astep, "lr": config.lr_astep}]  # fmt: skip
+    opt = torch.optim.Adam([g for g in groups if g["params"]])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, config.iters)
+    warm = int(config.round_warmup * config.iters)
+    loss = torch.zeros(())
+    for it in range(config.iters):
+        idx = torch.randint(0, len(x_q), (config.batch_size,), generator=generator)
+        xin = x_q[idx]
+        if config.drop_prob:
+            keep_fp = torch.rand(xin.shape, generator=generator) < config.drop_prob
+            xin = torch.where(keep_fp, x_fp[idx], xin)
+        out = unit(xin)
+        loss = (out - y_fp[idx]).pow(2).sum(1).mean()
+        total = loss
+        if it >= warm and weights:
+            progress = (it - warm) / max(config.iters - warm, 1)
+            beta = config.beta[1] + 0.5 * (config.beta[0] - config.beta[1]) * (1 + math.cos(math.pi * progress))
+            total = loss + config.round_weight * sum(wq.rounding_loss(beta) for _, wq in weights)
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        sched.step()
+    for layer, wq in weights:
+        wq.end_rounding(layer.weight)
+    for aq in acts:
+        aq.end_learning()
+        aq.drop_prob = 0.0
+        aq.eval()
+    return float(loss.detach())
+
+
+def _batches(x: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
+    yield from x.split(size)
+
+
+@torch.no_grad()
+def _run(unit: nn.Module, x: torch.Tensor, size: int) -> torch.Tensor:
+    return torch.cat([unit(b) for b in _batches(x, size)])
+
+
+def recon(
+    teacher: nn.Module,
+    quant_config: QuantConfig,
+    config: ReconConfig,
+    input_size: tuple[int, int, int],
+    *,
+    generator: torch.Generator,
+    progress: bool = True,
+) -> tuple[nn.Module, torch.Tensor]:
+    """Quantize ``teacher`` with the recon method; returns (Q, synthetic pool)."""
+    if quant_config.weight_scales != "stored":
+        raise DFQError("the recon method learns weight grids: set quant.weight_scales to stored")
+    pool = synthesize(teacher, input_size, config, generator=generator, progress=progress)
+    q = quantize_model(teacher, quant_config).eval()
+    for p in q.parameters():
+        p.requires_grad_(False)
+    init_grids(q, pool, config.synth_batch)
+    chain = units(q)
+    x_q = x_fp = pool
+    eval_bs = 256
+    with tqdm(chain, desc="recon: reconstruct", disable=not progress) as bar:
+        for unit in bar:
+            with quant_disabled(q):
+                y_fp = _run(unit, x_fp, eval_bs)
+            loss = reconstruct_unit(unit, x_q, x_fp, y_fp, config, generator)
+            bar.set_postfix(loss=f"{loss:.4g}")
+            x_q, x_fp = _run(unit, x_q, eval_bs), y_fp
+    for p in q.parameters():
+        p.requires_grad_(True)
+    return q.eval(), pool
