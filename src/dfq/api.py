@@ -94,13 +94,18 @@ def _quantize(
     if config.method in ("zeroq", "recon"):
         start = time.perf_counter()
         gen = torch.Generator().manual_seed(config.seed)
-        fn, method_config = (zeroq, config.zeroq) if config.method == "zeroq" else (recon, config.recon)
-        q, _ = fn(model, config.quant, method_config, input_size, generator=gen, progress=progress)
+        timings: dict[str, float] = {}
+        if config.method == "zeroq":
+            q, _ = zeroq(model, config.quant, config.zeroq, input_size, generator=gen, progress=progress)
+        else:
+            q, _ = recon(model, config.quant, config.recon, input_size, generator=gen, progress=progress,
+                         timings=timings)  # fmt: skip
         summary = {
             "method": config.method,
             "wbits": config.quant.wbits,
             "abits": config.quant.abits,
             "seconds": round(time.perf_counter() - start, 3),
+            **timings,
         }
         if evaluate:
             metrics = evaluate(q)

@@ -391,7 +391,9 @@ class Engine:
         }
         if st.history:
             best = max(st.history, key=lambda r: r["top1"])
-            out.update(top1=st.history[-1]["top1"], top1_best=best["top1"], best_epoch=best["epoch"])
+            out.update(top1_best=best["top1"], best_epoch=best["epoch"])
+            if st.history[-1]["epoch"] == c.train.epochs - 1:  # "top1" is the final model's, never an earlier one
+                out["top1"] = st.history[-1]["top1"]
         return out
 
     # ------------------------------------------------------------ persistence

@@ -23,6 +23,7 @@ BRECQ/QDrop, built for a small compute budget:
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -394,11 +395,17 @@ def recon(
     *,
     generator: torch.Generator,
     progress: bool = True,
+    timings: dict[str, float] | None = None,
 ) -> tuple[nn.Module, torch.Tensor]:
-    """Quantize ``teacher`` with the recon method; returns (Q, synthetic pool)."""
+    """Quantize ``teacher`` with the recon method; returns (Q, synthetic pool).
+
+    ``timings``, if given, receives the seconds spent synthesizing and reconstructing.
+    """
     if quant_config.weight_scales != "stored":
         raise DFQError("the recon method learns weight grids: set quant.weight_scales to stored")
+    start = time.perf_counter()
     pool = synthesize(teacher, input_size, config, generator=generator, progress=progress)
+    synthesized = time.perf_counter()
     q = quantize_model(teacher, quant_config).eval()
     for p in q.parameters():
         p.requires_grad_(False)
@@ -415,4 +422,7 @@ def recon(
             x_q, x_fp = _run(unit, x_q, eval_bs), y_fp
     for p in q.parameters():
         p.requires_grad_(True)
+    if timings is not None:
+        timings.update(synthesize_s=round(synthesized - start, 3),
+                       reconstruct_s=round(time.perf_counter() - synthesized, 3))  # fmt: skip
     return q.eval(), pool
