@@ -472,6 +472,24 @@ def test_resume_redoes_the_epochs_after_the_last_checkpoint(tmp_path):
     assert (summary["top1_best"], summary["best_epoch"]) == (3.0, 2)
 
 
+def test_resume_without_evaluation_reports_no_stale_top1(tmp_path):
+    """A run resumed without --data keeps its old evaluations as history, but "top1" must be the final model's."""
+    config = make_config("gdfq", train__epochs=3, train__iters_per_epoch=2)
+    calls = []
+
+    def crashing(model):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return {"top1": 42.0}
+
+    with pytest.raises(KeyboardInterrupt):
+        make_engine(config, run_dir=tmp_path, evaluate=crashing).run()
+    _, summary = make_engine(config, run_dir=tmp_path).run(resume=True)
+    assert "top1" not in summary
+    assert (summary["top1_best"], summary["best_epoch"]) == (42.0, 0)
+
+
 def test_resume_rejects_a_different_config(tmp_path):
     make_engine(make_config("gdfq", train__epochs=1), run_dir=tmp_path).run()
     other = make_engine(make_config("gdfq", train__epochs=1, train__q_lr=0.5), run_dir=tmp_path)
