@@ -1,0 +1,48 @@
+"""Accuracy cost of the deploy protocol against the papers' protocol, same method, bits, schedule and seed.
+
+Each argument is a pair PAPER_RUN:DEPLOY_RUN of finished run directories (made with the same command except
+`--protocol`); both final models are evaluated on both test sets.
+
+Usage: python benchmarks/protocol_cost.py runs/paper/zeroq-w4a4:runs/deploy/zeroq-w4a4 ...
+Writes benchmarks/results/protocol_cost.json.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from _common import SHARED_DATA, run_cli, write_result
+
+TEST_SETS = {
+    "lossless": SHARED_DATA / "cifar10-test-4class-lossless.npz",
+    "jpeg75": SHARED_DATA / "cifar10-test-jpeg75.npz",
+}
+
+
+def top1(run: Path) -> dict[str, float]:
+    return {name: run_cli(["eval", str(run), "--data", str(path)])["top1"] for name, path in TEST_SETS.items()}
+
+
+def main() -> int:
+    pairs = [tuple(Path(p) for p in arg.split(":")) for arg in sys.argv[1:]]
+    if not pairs or any(len(p) != 2 for p in pairs):
+        print(__doc__, file=sys.stderr)
+        return 2
+    rows = []
+    for paper, deploy in pairs:
+        summary = json.loads((deploy / "summary.json").read_text())
+        a, b = top1(paper), top1(deploy)
+        rows.append({
+            "method": summary["method"], "wbits": summary["wbits"], "abits": summary["abits"],
+            "paper_run": str(paper), "deploy_run": str(deploy), "paper": a, "deploy": b,
+            "deploy_minus_paper": {k: round(b[k] - a[k], 3) for k in a},
+        })  # fmt: skip
+        print(json.dumps(rows[-1]))
+    print(f"wrote {write_result('protocol_cost', {'model': 'resnet20a_cifar10', 'pairs': rows})}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
