@@ -61,9 +61,9 @@ class ReconConfig:
     drop_prob: probability of keeping an activation in float during reconstruction (QDrop).
     """
 
-    num_samples: int = 512
-    synth_batch: int = 256
-    synth_steps: int = 200
+    num_samples: int = 256
+    synth_batch: int = 128
+    synth_steps: int = 150
     synth_lr: float = 0.05
     swing: bool = True
     lowpass: float = 0.0
