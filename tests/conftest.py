@@ -62,3 +62,14 @@ def _one_thread():
 def isolated_cache(tmp_path, monkeypatch):
     """Never touch the user's real cache or the network by accident."""
     monkeypatch.setenv("DFQ_HOME", str(tmp_path / "dfq_home"))
+
+
+@pytest.fixture(scope="session")
+def random_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A state dict of a randomly initialised resnet20a_cifar10, so nothing is downloaded."""
+    from dfq.models import create_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("weights") / "resnet20a_random.pt"
+    torch.save(create_model("resnet20a_cifar10").state_dict(), path)
+    return path

@@ -28,12 +28,9 @@ MODEL = "resnet20a_cifar10"
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A valid state dict of a randomly initialised resnet20a_cifar10."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "w.pt"
-    torch.save(create_model(MODEL).state_dict(), path)
-    return path
+def weights(random_weights: Path) -> Path:
+    """A valid state dict of a randomly initialised resnet20a_cifar10 (the shared fixture)."""
+    return random_weights
 
 
 @pytest.fixture(scope="module")

@@ -23,15 +23,6 @@ MODEL = "resnet20a_cifar10"
 TINY = ["--steps", "2", "--num-samples", "4", "--no-progress"]
 
 
-@pytest.fixture(scope="module")
-def random_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A state dict of a randomly initialised resnet20a_cifar10 (no real data needed)."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "resnet20a_random.pt"
-    torch.save(create_model(MODEL).state_dict(), path)
-    return path
-
-
 def _npz(path: Path, n: int = 8, size: int = 32, max_label: int = 9) -> Path:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)

@@ -232,15 +232,6 @@ def test_float_export_matches_pytorch():
 
 
 @pytest.fixture(scope="module")
-def random_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A randomly initialised resnet20a_cifar10 state dict (nothing is downloaded)."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("weights") / "resnet20a_random.pt"
-    torch.save(create_model(MODEL).state_dict(), path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def deploy_run(tmp_path_factory: pytest.TempPathFactory, random_weights: Path) -> Path:
     """A W4A4 deploy-protocol zeroq run made by the CLI, as a user would."""
     root = tmp_path_factory.mktemp("deploy")

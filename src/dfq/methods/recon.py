@@ -22,9 +22,9 @@ BRECQ/QDrop, built for a small compute budget:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -160,7 +160,7 @@ def synthesize(
                 sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, config.synth_steps)
                 for _ in range(config.synth_steps):
                     opt.zero_grad(set_to_none=True)
-                    with _Swing(teacher, generator) if config.swing else _nothing():
+                    with _Swing(teacher, generator) if config.swing else contextlib.nullcontext():
                         teacher(decoder())
                     loss = bns.loss()
                     loss.backward()
@@ -176,14 +176,6 @@ def synthesize(
             p.requires_grad_(True)
     pool = torch.cat(batches)
     return lowpass(pool, config.lowpass) if config.lowpass else pool
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def lowpass(images: torch.Tensor, cutoff: float) -> torch.Tensor:
@@ -378,13 +370,9 @@ def reconstruct_unit(
     return float(loss.detach())
 
 
-def _batches(x: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
-    yield from x.split(size)
-
-
 @torch.no_grad()
 def _run(unit: nn.Module, x: torch.Tensor, size: int) -> torch.Tensor:
-    return torch.cat([unit(b) for b in _batches(x, size)])
+    return torch.cat([unit(b) for b in x.split(size)])
 
 
 def recon(
