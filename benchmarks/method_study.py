@@ -1,12 +1,15 @@
-"""The method study: every method on resnet20a_cifar10 at W4A4 and W3A3 with its CPU preset.
+"""The method study: every method on resnet20a_cifar10 at W4A4 and W3A3 under one CPU-time budget.
 
-Each generator-based method runs its `configs/cpu/<method>_resnet20a_cifar10.yaml` schedule (about the same CPU
-time each); ZeroQ runs its default. Evaluations during training use the 4-class lossless set; the final model is
-then evaluated on both sets. Runs whose directory already holds a summary are reused, so an interrupted study
-continues where it stopped.
+Each generator-based method keeps its CPU preset (`configs/cpu/<method>_resnet20a_cifar10.yaml`: batch size,
+epochs, learning-rate milestones, observation window) and gets as many iterations per epoch as fit the budget:
+its iteration is timed first with `dfq bench` on this machine, then `iters_per_epoch = budget / (epochs x ms)`.
+The post-training methods (zeroq, recon) run their defaults and report their own time. Evaluations during
+training use the 4-class lossless set (they are not counted in the time); the final model, with no selection
+on the test set, is then evaluated on both sets. Runs whose directory already holds a summary are reused, so
+an interrupted study continues where it stopped.
 
-Usage: python benchmarks/method_study.py [--methods zeroq gdfq zaq adasg adadfq] [--bits 4 3] [--root runs/study]
-Writes benchmarks/results/method_study.json.
+Usage: python benchmarks/method_study.py [--budget-min 10] [--methods ...] [--bits 4 3] [--root runs/study]
+Writes benchmarks/results/method_study.json (merging rows of other bit-widths and methods already there).
 """
 
 from __future__ import annotations
@@ -16,74 +19,84 @@ import json
 import sys
 from pathlib import Path
 
-from _common import ROOT, SHARED_DATA, run_cli, write_result
+import yaml
+from _common import RESULTS, ROOT, SHARED_DATA, run_cli, write_result
 
 WEIGHTS = SHARED_DATA / "resnet20-12fca82f.th"
 LOSSLESS = SHARED_DATA / "cifar10-test-4class-lossless.npz"
 JPEG = SHARED_DATA / "cifar10-test-jpeg75.npz"
+GAME = ("gdfq", "zaq", "adasg", "adadfq")
 
 
-def run_one(method: str, bits: int, root: Path) -> dict:
+def preset(method: str) -> Path:
+    return Path("configs/cpu") / f"{method}_resnet20a_cifar10.yaml"
+
+
+def fit_schedule(method: str, bits: int, budget_s: float) -> dict:
+    """Iterations per epoch that make the preset's epochs take about ``budget_s`` on this machine."""
+    train = yaml.safe_load((ROOT / preset(method)).read_text())["train"]
+    iters = 3 if method == "zaq" else 15  # a ZAQ iteration is 5 Q steps + 1 G step
+    probe = run_cli(["bench", "resnet20a_cifar10", "--method", method, "--batch-size", str(train["batch_size"]),
+                     "--bits", str(bits), "--iters", str(iters), "--warmup", "2"])  # fmt: skip
+    per_epoch = max(1, round(budget_s / (train["epochs"] * probe["ms_median"] / 1000)))
+    return {"epochs": train["epochs"], "iters_per_epoch": per_epoch, "batch_size": train["batch_size"],
+            "probe_ms_median": probe["ms_median"]}  # fmt: skip
+
+
+def run_one(method: str, bits: int, root: Path, budget_s: float) -> dict:
     out = root / f"{method}-w{bits}a{bits}"
-    cmd = [
-        "quantize",
-        "resnet20a_cifar10",
-        "--method",
-        method,
-        "--wbits",
-        str(bits),
-        "--abits",
-        str(bits),
-        "--weights",
-        str(WEIGHTS),
-        "--data",
-        str(LOSSLESS),
-        "--out",
-        str(out),
-    ]
-    if method != "zeroq":
-        cmd += ["--config", f"configs/cpu/{method}_resnet20a_cifar10.yaml"]
+    cmd = ["quantize", "resnet20a_cifar10", "--method", method, "--wbits", str(bits), "--abits", str(bits),
+           "--weights", str(WEIGHTS), "--data", str(LOSSLESS), "--out", str(out)]  # fmt: skip
+    schedule = None
+    if method in GAME:
+        plan = root / f"{out.name}.schedule.json"  # the fitted schedule is kept: a rerun reuses it
+        if not plan.is_file():
+            plan.parent.mkdir(parents=True, exist_ok=True)
+            plan.write_text(json.dumps(fit_schedule(method, bits, budget_s)))
+        schedule = json.loads(plan.read_text())
+        cmd += ["--config", str(preset(method)), "--iters-per-epoch", str(schedule["iters_per_epoch"])]
     if (out / "summary.json").is_file():
         summary = json.loads((out / "summary.json").read_text())
     else:
         summary = run_cli([*cmd, "--overwrite"])
-    jpeg = run_cli(["eval", str(out), "--data", str(JPEG)])
-    fp_jpeg = run_cli(["eval", "resnet20a_cifar10", "--weights", str(WEIGHTS), "--data", str(JPEG)])["top1"]
+    final = {name: run_cli(["eval", str(out), "--data", str(path)])["top1"] for name, path in
+             (("lossless", LOSSLESS), ("jpeg75", JPEG))}  # fmt: skip
+    fp = {name: run_cli(["eval", "resnet20a_cifar10", "--weights", str(WEIGHTS), "--data", str(path)])["top1"]
+          for name, path in (("lossless", LOSSLESS), ("jpeg75", JPEG))}  # fmt: skip
     row = {
         "method": method,
         "wbits": bits,
         "abits": bits,
         "command": "dfq " + " ".join(cmd),
-        "train_seconds": summary["seconds"],
-        "lossless": {
-            "top1": summary["top1"],
-            "fp_top1": summary["fp_top1"],
-            "drop": round(summary["fp_top1"] - summary["top1"], 2),
-        },
-        "jpeg75": {"top1": jpeg["top1"], "fp_top1": fp_jpeg, "drop": round(fp_jpeg - jpeg["top1"], 2)},
+        "seconds": summary["seconds"],
+        **{k: {"top1": final[k], "fp_top1": fp[k], "drop": round(fp[k] - final[k], 2)} for k in final},
     }
-    if "top1_best" in summary:
-        row["lossless"]["top1_best_test_selected"] = summary["top1_best"]
-        row["lossless"]["best_epoch"] = summary["best_epoch"]
-        row["schedule"] = {k: summary[k] for k in ("epochs", "iters_per_epoch", "batch_size")}
+    if schedule:
+        row["schedule"] = schedule
+        row["lossless"]["top1_best_test_selected"] = summary.get("top1_best")
+        row["lossless"]["best_epoch"] = summary.get("best_epoch")
     return row
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--methods", nargs="+", default=["zeroq", "gdfq", "zaq", "adasg", "adadfq"])
+    parser.add_argument("--methods", nargs="+", default=["zeroq", "recon", *GAME])
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3])
+    parser.add_argument("--budget-min", type=float, default=10.0, help="CPU minutes per generator-based run")
     parser.add_argument("--root", type=Path, default=ROOT / "runs" / "study")
     args = parser.parse_args()
     if not WEIGHTS.is_file():
         print(f"skipped: {WEIGHTS} not found", file=sys.stderr)
         return 0
-    rows = []
+    old = RESULTS / "method_study.json"
+    rows = json.loads(old.read_text())["results"] if old.is_file() else []
     for bits in args.bits:
         for method in args.methods:
-            rows.append(run_one(method, bits, args.root))
-            print(json.dumps(rows[-1]), flush=True)
-    path = write_result("method_study", {"model": "resnet20a_cifar10", "results": rows})
+            row = run_one(method, bits, args.root, args.budget_min * 60)
+            rows = [r for r in rows if (r["method"], r["wbits"]) != (method, bits)] + [row]
+            print(json.dumps(row), flush=True)
+            path = write_result("method_study", {"model": "resnet20a_cifar10", "budget_min": args.budget_min,
+                                                 "results": rows})  # fmt: skip
     print(f"wrote {path}")
     return 0
 

@@ -19,7 +19,8 @@ from dfq.checkpoint import load_quantized, save_quantized
 from dfq.cli import main
 from dfq.config import RunConfig, from_dict, resolve_config
 from dfq.errors import DFQError, UnsupportedLayerError
-from dfq.methods.recon import ReconConfig, _Swing, init_grids, lowpass, reconstruct_unit, synthesize, units
+from dfq.generators import lowpass
+from dfq.methods.recon import ReconConfig, _Swing, init_grids, reconstruct_unit, synthesize, units
 from dfq.methods.zeroq import ZeroQConfig
 from dfq.models import create_model
 from dfq.quant import (
@@ -241,14 +242,15 @@ def _rounding_setup(name: str = "asym-channel", seed: int = 4) -> tuple[WeightQu
 
 @pytest.mark.parametrize("name", list(SPECS))
 def test_begin_rounding_starts_at_nearest_rounding(name: str) -> None:
-    """At the start the hard rounding (eval) is round-to-nearest; the soft one (train) lies between floor and ceil."""
+    """At the start the hard rounding is round-to-nearest; the soft one lies between floor and ceil."""
     wq, weight, nearest = _rounding_setup(name)
     params = wq.begin_rounding(weight)
     assert [p is wq.alpha for p in params] == [True, False] and params[1] is wq.step
-    wq.eval()
+    assert wq.soft_rounding
+    wq.soft_rounding = False
     with torch.no_grad():
         assert torch.equal(wq(weight), nearest)
-        wq.train()
+        wq.soft_rounding = True
         soft = wq(weight)
     scale, zp, qmin, qmax = wq.scale, wq.zero_point, int(wq.code_range[0]), int(wq.code_range[1])
     base = torch.floor(weight.detach() / scale)
@@ -304,7 +306,7 @@ def test_end_rounding_writes_on_grid_weights_and_the_learned_step(name: str) -> 
     zp, qmin, qmax = wq.zero_point, int(wq.code_range[0]), int(wq.code_range[1])
     assert torch.equal(weight.detach(), (torch.clamp(base + 1 + zp, qmin, qmax) - zp) * new_step)
     assert torch.equal(wq(weight.detach()), weight.detach())
-    assert not wq.training and wq.alpha is None
+    assert not wq.soft_rounding and wq.alpha is None
     assert [n for n, _ in wq.named_parameters()] == []
     assert not hasattr(wq, "step") and not hasattr(wq, "_base")
     assert set(wq.state_dict()) == {"scale", "zero_point", "code_range"}
@@ -817,3 +819,19 @@ def test_cli_export_of_a_deploy_recon_run_is_exact(recon_runs: dict, tmp_path: P
     assert result["verify"]["top1_agreement"] == 1.0 and result["verify"]["images"] == 32
     assert all(s["mismatch"] == 0 for s in result["verify"]["sites"])
     assert result["integer_ops"].get("QLinearConv", 0) >= 1
+
+
+def test_label_weight_pushes_each_image_toward_its_assigned_class() -> None:
+    """With recon.label_weight, image i is pushed toward class i mod C (a class-balanced pool)."""
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    teacher = nn.Sequential(*layers, nn.Linear(4, 3)).eval()
+    assigned = {}
+    for weight in (0.0, 5.0):
+        config = ReconConfig(num_samples=6, synth_batch=6, synth_steps=60, label_weight=weight, swing=False)
+        pool = synthesize(teacher, (3, 8, 8), config, generator=torch.Generator().manual_seed(0), progress=False)
+        with torch.no_grad():
+            assigned[weight] = float(teacher(pool).softmax(1)[torch.arange(6), torch.arange(6) % 3].mean())
+    assert assigned[5.0] > assigned[0.0] + 0.05
+    with pytest.raises(DFQError, match="label_weight"):
+        ReconConfig(label_weight=-1.0)

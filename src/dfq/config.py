@@ -19,6 +19,7 @@ from dfq.errors import DFQError, did_you_mean
 from dfq.methods import list_methods, method_class
 from dfq.methods.adadfq import AdaDFQConfig, AdaSGConfig
 from dfq.methods.gdfq import GDFQConfig
+from dfq.methods.plugins import PluginConfig
 from dfq.methods.recon import ReconConfig
 from dfq.methods.zaq import ZAQConfig
 from dfq.methods.zeroq import ZeroQConfig
@@ -123,6 +124,8 @@ class RunConfig:
         quant: the quantizer protocol.
         train: the game's schedule (generator-based methods).
         generator: the generator (generator-based methods).
+        plugins: optional additions to any generator-based method (low-pass filter, hard-sample labels,
+            Grad-CAM alignment, learned steps and rounding); all off by default.
         zeroq, recon, gdfq, zaq, adasg, adadfq: each method's own settings (only the chosen one is used).
     """
 
@@ -133,6 +136,7 @@ class RunConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    plugins: PluginConfig = field(default_factory=PluginConfig)
     zeroq: ZeroQConfig = field(default_factory=ZeroQConfig)
     recon: ReconConfig = field(default_factory=ReconConfig)
     gdfq: GDFQConfig = field(default_factory=GDFQConfig)
@@ -143,6 +147,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not -(2**63) <= self.seed < 2**63:  # what torch.manual_seed accepts
             raise DFQError(f"seed must be a 64-bit signed integer, got {self.seed}")
+        if (self.plugins.lsq or self.plugins.adaround) and self.quant.weight_scales != "stored":
+            raise DFQError("plugins.lsq and plugins.adaround learn the weight steps: set quant.weight_scales: stored")
         if self.method not in METHODS:
             raise DFQError(
                 f"unknown method '{self.method}'{did_you_mean(self.method, METHODS)}; available: {', '.join(METHODS)}"
@@ -241,6 +247,10 @@ def resolve_config(preset: dict[str, Any] | None = None, overrides: dict[str, An
         _set_dotted(data, method_class(method).defaults)
     _merge(data, _deep_copy(preset))
     _set_dotted(data, overrides)
+    plugins, quant = data.get("plugins"), data.get("quant")
+    learns = isinstance(plugins, dict) and (plugins.get("lsq") or plugins.get("adaround"))
+    if learns and (quant is None or (isinstance(quant, dict) and "weight_scales" not in quant)):
+        _set_dotted(data, {"quant.weight_scales": "stored"})  # a learned weight step lives in the stored grid
     return from_dict(RunConfig, data)
 
 

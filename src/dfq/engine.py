@@ -30,8 +30,9 @@ from tqdm.auto import tqdm
 import dfq
 from dfq.config import RunConfig, from_dict
 from dfq.errors import DFQError
-from dfq.generators import BNStatsLoss, create_generator
+from dfq.generators import BNStatsLoss, create_generator, lowpass
 from dfq.methods import GameMethod, Outputs, create_method
+from dfq.methods.plugins import CamProbe, cam_loss, easy_mask, grad_cam, masked_ce
 from dfq.methods.zaq import feature_layers
 from dfq.quant import ActMode, act_quantizers, quantize_model, set_act_mode
 from dfq.utils.io import atomic_write, load_payload, save_torch
@@ -43,6 +44,7 @@ __all__ = ["TRAIN_CHECKPOINT", "Engine", "Evaluator", "RunInterrupted"]
 Evaluator = Callable[[nn.Module], dict[str, Any]]
 TRAIN_CHECKPOINT = "checkpoint.pt"
 _FORMAT = "dfq-train-v1"
+_LEARNED = (".step", ".alpha")  # parameters that exist only while steps/rounding learn (plugins.lsq, adaround)
 
 
 @dataclass
@@ -105,6 +107,12 @@ class Engine:
             nesterov=t.q_nesterov,
         )
         self.g_opt = torch.optim.Adam(self.generator.parameters(), lr=t.g_lr, betas=tuple(t.g_betas))
+        self.plugins = config.plugins
+        self._check_plugins()
+        self._cams = (
+            (CamProbe(self.teacher, leaf=True), CamProbe(self.student, leaf=False)) if self.plugins.cam_weight else ()
+        )
+        self.qp_opt: torch.optim.Adam | None = None  # the learned steps/rounding (plugins.lsq, plugins.adaround)
         self.sampler = torch.Generator().manual_seed(config.seed)
         self.state = _State()
         self._last_good: dict[str, Any] | None = None
@@ -125,6 +133,15 @@ class Engine:
                 f"generator, '{name}' is not"
             )
         return gen
+
+    def _check_plugins(self) -> None:
+        pl, m = self.plugins, self.method
+        if pl.adaround and not self._weight_quantizers():
+            raise DFQError("plugins.adaround: the model has no quantized weights (quant.wbits is 32)")
+        if pl.lsq and not self._weight_quantizers() and all(q.spec.is_noop for _, q in act_quantizers(self.student)):
+            raise DFQError("plugins.lsq: the model has no quantized weights or activations")
+        if (pl.hard_tau is not None or pl.cam_weight) and not m.conditional:
+            raise DFQError(f"plugins.hard_tau and plugins.cam_weight need sampled labels; '{m.name}' has none")
 
     @staticmethod
     def _lr(base: float, milestones: list[int], gamma: float, epoch: int) -> float:
@@ -200,19 +217,57 @@ class Engine:
         return Outputs(x, y, p_logits, p_feats=p_feats)
 
     def _student_step(self, batch: Outputs, train_q: bool) -> dict[str, torch.Tensor]:
-        x = batch.x.detach()
-        p_feats = [f.detach() for f in batch.p_feats] if batch.p_feats else batch.p_feats
-        with torch.set_grad_enabled(train_q):
+        x, p_cam = batch.x.detach(), None
+        p_logits, p_feats = batch.p_logits.detach(), batch.p_feats
+        if self.plugins.lowpass:
+            x = lowpass(x, self.plugins.lowpass)  # SynQ: P's targets and Q's inputs both filtered
+        if self.plugins.changes_student_input:
+            p_logits, p_cam, p_feats = self._teacher_targets(x, batch.y, cam=train_q)
+        p_feats = [f.detach() for f in p_feats] if p_feats else p_feats
+        cam = self._cams[1].capture() if p_cam is not None else contextlib.nullcontext()
+        with torch.set_grad_enabled(train_q), cam:
             q_logits, q_feats = self._student_forward(x)
-            out = Outputs(x, batch.y, batch.p_logits.detach(), q_logits, None, p_feats, q_feats)
-            losses = self.method.student_loss(out)
+            out = Outputs(x, batch.y, p_logits, q_logits, None, p_feats, q_feats)
+            losses = self._student_losses(out, p_cam)
         _check_finite(losses["loss"], "quantized-model loss")
         if train_q:
-            self.q_opt.zero_grad(set_to_none=True)
+            for opt in self._q_opts():
+                opt.zero_grad(set_to_none=True)
             losses["loss"].backward()
-            _check_grads(self.q_opt, "quantized-model gradient")
-            self.q_opt.step()
+            for opt in self._q_opts():
+                _check_grads(opt, "quantized-model gradient")
+                opt.step()
         return losses
+
+    def _teacher_targets(self, x: torch.Tensor, y: torch.Tensor | None, cam: bool) -> tuple:
+        """P's logits, Grad-CAM maps (``plugins.cam_weight``) and features on the Q step's own images."""
+        if not (cam and self.plugins.cam_weight):
+            with torch.no_grad():
+                logits, _, feats = self._teacher_forward(x, bns=False)
+            return logits, None, feats
+        with torch.enable_grad(), self._cams[0].capture() as probe:  # only the head is differentiated
+            logits, _, feats = self._teacher_forward(x, bns=False)
+        maps = grad_cam(logits, probe.feats, y, create_graph=False)
+        return logits.detach(), maps, feats
+
+    def _student_losses(self, out: Outputs, p_cam: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """The method's Q loss plus the plug-ins' terms."""
+        pl, m = self.plugins, self.method
+        if pl.hard_tau is not None:
+            out.label_mask = easy_mask(out.p_logits, out.y, pl.hard_tau)
+        losses = m.student_loss(out)
+        extra: dict[str, torch.Tensor] = {}
+        if out.label_mask is not None:
+            extra["easy_frac"] = out.label_mask.mean()
+            if not m.label_ce and pl.hard_ce_weight:
+                extra["easy_ce"] = pl.hard_ce_weight * masked_ce(out.q_logits, out.y, out.label_mask)
+        if p_cam is not None and torch.is_grad_enabled():
+            q_cam = grad_cam(out.q_logits, self._cams[1].feats, out.y, create_graph=True)
+            extra["cam"] = pl.cam_weight * cam_loss(p_cam, q_cam)
+        if pl.adaround and self.qp_opt is not None:
+            extra["round"] = pl.round_weight * self._rounding_loss()
+        total = losses["loss"] + sum(v for k, v in extra.items() if k != "easy_frac")
+        return {**losses, **extra, "loss": total}
 
     def _can_share_student_forward(self, train_q: bool) -> bool:
         """AdaSG/AdaDFQ's Q step runs Q on the same images with the same weights as the G step did:
@@ -225,6 +280,7 @@ class Engine:
             and not m.student_first
             and m.student_steps == 1
             and not m.student_bn_train
+            and not self.plugins.changes_student_input
             and all(q.get_mode() is not ActMode.OBSERVE for _, q in act_quantizers(self.student))
         )
 
@@ -238,20 +294,22 @@ class Engine:
         q_logits, q_feats = self._student_forward(x)
         g_losses = m.generator_loss(Outputs(x, y, p_logits, q_logits, bns, p_feats, q_feats))
         detached = [f.detach() for f in p_feats] if p_feats else p_feats
-        q_losses = m.student_loss(Outputs(x.detach(), y, p_logits.detach(), q_logits, None, detached, q_feats))
+        q_out = Outputs(x.detach(), y, p_logits.detach(), q_logits, None, detached, q_feats)
+        q_losses = self._student_losses(q_out)
         _check_finite(g_losses["loss"], "generator loss")
         _check_finite(q_losses["loss"], "quantized-model loss")
-        for opt, loss, retain, what in (
-            (self.g_opt, g_losses["loss"], True, "generator gradient"),
-            (self.q_opt, q_losses["loss"], False, "quantized-model gradient"),
+        for opts, loss, retain, what in (
+            ([self.g_opt], g_losses["loss"], True, "generator gradient"),
+            (self._q_opts(), q_losses["loss"], False, "quantized-model gradient"),
         ):
-            params = [p for group in opt.param_groups for p in group["params"]]
+            params = [p for opt in opts for group in opt.param_groups for p in group["params"]]
             grads = torch.autograd.grad(loss, params, retain_graph=retain, allow_unused=True)
             for p, g in zip(params, grads, strict=True):
                 p.grad = g
-            _check_grads(opt, what)
-        self.g_opt.step()
-        self.q_opt.step()
+            for opt in opts:
+                _check_grads(opt, what)
+        for opt in (self.g_opt, *self._q_opts()):
+            opt.step()
         return {
             **{f"g_{k}": v.detach() for k, v in g_losses.items()},
             **{f"q_{k}": v.detach() for k, v in q_losses.items()},
@@ -275,6 +333,67 @@ class Engine:
         if student_logs:
             logs.update({f"q_{k}": v.detach() for k, v in student_logs[-1].items()})
         return logs
+
+    # ----------------------------------------------- learned steps and rounding (plugins.lsq, plugins.adaround)
+    @property
+    def _learn_epoch(self) -> int:
+        """Quantizers start learning once Q trains and the ranges are frozen."""
+        return max(self.train.warmup_epochs, self.train.observe_epochs)
+
+    def _q_opts(self) -> list[torch.optim.Optimizer]:
+        return [self.q_opt] if self.qp_opt is None else [self.q_opt, self.qp_opt]
+
+    def _weight_quantizers(self) -> list[tuple[nn.Module, Any]]:
+        return [
+            (m, m.weight_quantizer)
+            for m in self.student.modules()
+            if hasattr(m, "weight_quantizer") and not m.weight_quantizer.spec.is_noop
+        ]
+
+    def _begin_quantizer_learning(self) -> None:
+        """Make the steps (and the rounding) trainable, with their own Adam."""
+        pl = self.plugins
+        astep, wstep, rounding = [], [], []
+        if pl.lsq:
+            astep = [q.begin_learning() for _, q in act_quantizers(self.student) if not q.spec.is_noop]
+        for layer, wq in self._weight_quantizers():
+            if pl.adaround:
+                wq.store(layer.weight)  # the grid of the weights Q has now
+                alpha, step = wq.begin_rounding(layer.weight)
+                rounding.append(alpha)
+                wstep.append(step)
+            elif pl.lsq:
+                wstep.append(wq.begin_step_learning(layer.weight))
+        groups = [
+            {"params": ps, "lr": lr}
+            for ps, lr in ((astep, pl.lr_astep), (wstep, pl.lr_wstep), (rounding, pl.lr_round))
+            if ps
+        ]
+        self.qp_opt = torch.optim.Adam(groups)
+
+    def _end_quantizer_learning(self) -> None:
+        """Fix the learned steps and rounding into the stored grids and weights: Q is an ordinary model again."""
+        if self.qp_opt is None:
+            return
+        for _, q in act_quantizers(self.student):
+            if q.get_mode() is ActMode.LEARNED:
+                q.end_learning()
+        for layer, wq in self._weight_quantizers():
+            if wq.alpha is not None:
+                wq.end_rounding(layer.weight)
+            elif wq.learns_step:
+                wq.end_step_learning()
+        self.qp_opt = None
+
+    def _rounding_loss(self) -> torch.Tensor:
+        """AdaRound's regulariser averaged over all rounding variables, its exponent annealed over Q's training."""
+        t, st = self.train, self.state
+        start, end = self._learn_epoch * t.iters_per_epoch, t.epochs * t.iters_per_epoch
+        done = (st.epoch * t.iters_per_epoch + st.iteration - start) / max(end - start, 1)
+        b0, b1 = self.plugins.beta
+        beta = b0 + (b1 - b0) * min(max(done, 0.0), 1.0)
+        quantizers = [wq for _, wq in self._weight_quantizers() if wq.alpha is not None]
+        return sum(wq.rounding_loss(beta) for wq in quantizers) / sum(wq.alpha.numel() for wq in quantizers)
 
     # ------------------------------------------------------------------- loop
     def run(self, resume: bool = False) -> tuple[nn.Module, dict[str, Any]]:
@@ -304,6 +423,7 @@ class Engine:
                         self._rollback(str(e), bar)
         finally:
             bar.close()
+        self._end_quantizer_learning()
         return self.student, self.summary()
 
     def _run_epoch(self, epoch: int, bar: tqdm, stop: list[int] | None = None) -> None:
@@ -312,9 +432,12 @@ class Engine:
             group["lr"] = self._lr(t.q_lr, t.q_milestones, t.lr_gamma, epoch) * st.lr_scale
         for group in self.g_opt.param_groups:
             group["lr"] = self._lr(t.g_lr, t.g_milestones, t.lr_gamma, epoch) * st.lr_scale
-        set_act_mode(self.student, ActMode.OBSERVE if epoch < t.observe_epochs else ActMode.FROZEN)
         train_q = epoch >= t.warmup_epochs
         st.epoch = epoch
+        if self.qp_opt is None:  # learned activation steps keep their own mode
+            set_act_mode(self.student, ActMode.OBSERVE if epoch < t.observe_epochs else ActMode.FROZEN)
+            if self.plugins.learns_quantizers and epoch >= self._learn_epoch:
+                self._begin_quantizer_learning()
         while st.iteration < t.iters_per_epoch:
             start = time.perf_counter()
             logs = self._iteration(train_q)
@@ -365,9 +488,13 @@ class Engine:
 
     def _evaluate(self) -> dict[str, Any]:
         """Evaluate Q with its ranges frozen, so real data never moves them."""
-        modes = [(q, q.get_mode()) for _, q in act_quantizers(self.student)]
+        modes = [(q, q.get_mode()) for _, q in act_quantizers(self.student) if q.get_mode() is not ActMode.LEARNED]
+        soft = [wq for _, wq in self._weight_quantizers() if wq.soft_rounding]
         was_training = self.student.training
-        set_act_mode(self.student, ActMode.FROZEN)
+        for q, _ in modes:
+            q.set_mode(ActMode.FROZEN)
+        for wq in soft:
+            wq.soft_rounding = False  # the rounding the model would end with
         self.student.eval()  # BN statistics must not move either
         try:
             return self.evaluate(self.student)
@@ -375,6 +502,8 @@ class Engine:
             self.student.train(was_training)
             for q, mode in modes:
                 q.set_mode(mode)
+            for wq in soft:
+                wq.soft_rounding = True
 
     def summary(self) -> dict[str, Any]:
         st, c = self.state, self.config
@@ -414,6 +543,7 @@ class Engine:
                 "generator": self.generator.state_dict(),
                 "q_opt": self.q_opt.state_dict(),
                 "g_opt": self.g_opt.state_dict(),
+                "qp_opt": None if self.qp_opt is None else self.qp_opt.state_dict(),
                 "sampler": self.sampler.get_state(),
                 "torch_rng": torch.get_rng_state(),
             }
@@ -430,6 +560,12 @@ class Engine:
             save_torch(self._last_good, self.run_dir / TRAIN_CHECKPOINT)
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
+        # The learned steps and rounding exist only while they learn: bring Q to the checkpoint's phase first.
+        self._end_quantizer_learning()
+        if ckpt.get("qp_opt") is not None:
+            self.student.load_state_dict(ckpt["student"], strict=False)  # the weights and grids they start from
+            self._begin_quantizer_learning()
+            self.qp_opt.load_state_dict(ckpt["qp_opt"])
         self.student.load_state_dict(ckpt["student"])
         self.generator.load_state_dict(ckpt["generator"])
         self.q_opt.load_state_dict(ckpt["q_opt"])
@@ -456,7 +592,11 @@ class Engine:
                 "resume with the run's own config.yaml"
             )
         for name, module in (("student", self.student), ("generator", self.generator)):
-            problem = state_dict_mismatch(module.state_dict(), ckpt[name])
+            saved_state = ckpt[name]
+            if name == "student" and ckpt.get("qp_opt") is not None:  # learned steps/rounding: checked after _restore
+                current = module.state_dict()
+                saved_state = {k: v for k, v in saved_state.items() if k in current or not k.endswith(_LEARNED)}
+            problem = state_dict_mismatch(module.state_dict(), saved_state)
             if problem:
                 raise DFQError(f"the checkpoint in {self.run_dir} does not fit this run's {name}: {problem}")
         self._restore(ckpt)

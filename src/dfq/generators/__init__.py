@@ -1,6 +1,7 @@
 """Synthetic-data generators and the losses that shape them (they see P, never real data)."""
 
 from dfq.generators.bns import BNStatsLoss
+from dfq.generators.filters import lowpass
 from dfq.generators.nets import (
     CifarGenerator,
     ConditionalBatchNorm2d,
@@ -18,4 +19,5 @@ __all__ = [
     "UnconditionalGenerator",
     "create_generator",
     "list_generators",
+    "lowpass",
 ]

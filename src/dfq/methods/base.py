@@ -30,6 +30,7 @@ class Outputs:
         q_logits: Q's logits (``None`` when the method's generator loss does not use Q).
         bns: P's BNS loss on ``x`` (``None`` when the method does not use it).
         p_feats / q_feats: outputs of the method's feature layers, in order.
+        label_mask: per-sample weights of Q's cross-entropy to ``y`` (``None``: all 1; see plugins.hard_tau).
     """
 
     x: torch.Tensor
@@ -39,6 +40,7 @@ class Outputs:
     bns: torch.Tensor | None = None
     p_feats: list[torch.Tensor] | None = None
     q_feats: list[torch.Tensor] | None = None
+    label_mask: torch.Tensor | None = None
 
 
 class GameMethod:
@@ -58,6 +60,7 @@ class GameMethod:
     student_steps: ClassVar[int] = 1  # Q steps per iteration
     fresh_student_batches: ClassVar[bool] = False  # each Q step draws a new batch (ZAQ) instead of reusing G's
     student_bn_train: ClassVar[bool] = False  # Q's BatchNorm uses batch statistics (ZAQ) instead of fixed ones
+    label_ce: ClassVar[bool] = False  # Q's loss has a cross-entropy to y, weighted by Outputs.label_mask (GDFQ)
 
     def __init__(self, config: Any) -> None:
         self.config = config

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from dfq.errors import DFQError
 from dfq.methods.base import GameMethod, Outputs, register_method
 from dfq.methods.losses import kd_loss
+from dfq.methods.plugins import masked_ce
 
 __all__ = ["GDFQ", "GDFQConfig"]
 
@@ -47,6 +48,7 @@ class GDFQ(GameMethod):
     name = "gdfq"
     config_cls = GDFQConfig
     defaults = {"train.batch_size": 200, "train.q_lr": 1e-4, "train.warmup_epochs": 4}
+    label_ce = True
 
     def generator_loss(self, out: Outputs) -> dict[str, torch.Tensor]:
         ce = F.cross_entropy(out.p_logits, out.y)
@@ -56,5 +58,5 @@ class GDFQ(GameMethod):
     def student_loss(self, out: Outputs) -> dict[str, torch.Tensor]:
         c = self.config
         kd = kd_loss(out.q_logits, out.p_logits, c.temperature, c.kd_reduction)
-        ce = F.cross_entropy(out.q_logits, out.y)
+        ce = masked_ce(out.q_logits, out.y, out.label_mask)
         return {"loss": c.kd_weight * kd + c.ce_weight * ce, "kd": kd, "ce": ce}

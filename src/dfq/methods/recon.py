@@ -34,7 +34,7 @@ from torch.fx.passes.split_module import split_module
 from tqdm.auto import tqdm
 
 from dfq.errors import DFQError, UnsupportedLayerError
-from dfq.generators import BNStatsLoss
+from dfq.generators import BNStatsLoss, lowpass
 from dfq.quant import ActMode, ActQuantizer, QuantConfig, WeightQuantizer, calibrate, quant_disabled, quantize_model
 from dfq.quant.graph import ADD_FUNCTIONS, ADD_METHODS, trace
 
@@ -51,6 +51,8 @@ class ReconConfig:
     swing: shift the input of P's strided convolutions by a random pixel during synthesis.
     lowpass: cut-off of the Gaussian low-pass filter on the pool, as a fraction of the
         Nyquist frequency (0: off).
+    label_weight: weight of P's cross-entropy to a label assigned to each image (classes in
+        turn, so the pool is class-balanced), added to the BNS loss (0: BNS only, as Genie).
     iters: reconstruction steps per unit.
     batch_size: images per reconstruction step.
     lr_round, lr_wstep, lr_astep: Adam learning rates of the rounding variables, the weight
@@ -67,6 +69,7 @@ class ReconConfig:
     synth_lr: float = 0.05
     swing: bool = True
     lowpass: float = 0.0
+    label_weight: float = 0.0
     iters: int = 500
     batch_size: int = 32
     lr_round: float = 1e-2
@@ -81,6 +84,8 @@ class ReconConfig:
         for key in ("num_samples", "synth_batch", "synth_steps", "iters", "batch_size"):
             if getattr(self, key) < 1:
                 raise DFQError(f"recon.{key} must be >= 1, got {getattr(self, key)}")
+        if not self.label_weight >= 0:
+            raise DFQError(f"recon.label_weight must be >= 0, got {self.label_weight}")
         if not 0 <= self.drop_prob <= 1 or not 0 <= self.round_warmup < 1 or not 0 <= self.lowpass <= 1:
             raise DFQError("recon.drop_prob and recon.lowpass must be in [0, 1], recon.round_warmup in [0, 1)")
         self.beta = tuple(float(b) for b in self.beta)  # type: ignore[assignment]
@@ -154,15 +159,18 @@ def synthesize(
     bar = tqdm(total=len(sizes) * config.synth_steps, desc="recon: synthesize", disable=not progress)
     try:
         with BNStatsLoss(teacher) as bns:
-            for n in sizes:
+            for start, n in zip(range(0, config.num_samples, config.synth_batch), sizes, strict=True):
                 decoder = LatentDecoder(n, input_size, generator=generator)
                 opt = torch.optim.Adam(decoder.parameters(), lr=config.synth_lr)
                 sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, config.synth_steps)
                 for _ in range(config.synth_steps):
                     opt.zero_grad(set_to_none=True)
                     with _Swing(teacher, generator) if config.swing else contextlib.nullcontext():
-                        teacher(decoder())
+                        logits = teacher(decoder())
                     loss = bns.loss()
+                    if config.label_weight:
+                        labels = torch.arange(start, start + n) % logits.shape[1]
+                        loss = loss + config.label_weight * F.cross_entropy(logits, labels)
                     loss.backward()
                     opt.step()
                     sched.step()
@@ -176,16 +184,6 @@ def synthesize(
             p.requires_grad_(True)
     pool = torch.cat(batches)
     return lowpass(pool, config.lowpass) if config.lowpass else pool
-
-
-def lowpass(images: torch.Tensor, cutoff: float) -> torch.Tensor:
-    """Gaussian low-pass filter in the Fourier domain; ``cutoff`` is the standard deviation as a
-    fraction of the Nyquist frequency."""
-    h, w = images.shape[-2:]
-    fy = torch.fft.fftfreq(h).reshape(-1, 1) * 2  # in units of Nyquist
-    fx_ = torch.fft.fftfreq(w).reshape(1, -1) * 2
-    mask = torch.exp(-(fy**2 + fx_**2) / (2 * cutoff**2))
-    return torch.fft.ifft2(torch.fft.fft2(images) * mask).real
 
 
 # -- 2. initial grids --------------------------------------------------------------------------
@@ -331,7 +329,6 @@ def reconstruct_unit(
     params_round, params_wstep = [], []
     for layer, wq in weights:
         alpha, step = wq.begin_rounding(layer.weight)
-        wq.train()
         params_round.append(alpha)
         params_wstep.append(step)
     params_astep = [aq.begin_learning() for aq in acts]

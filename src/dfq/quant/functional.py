@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["choose_qparams", "dequantize", "fake_quantize", "quantize", "round_ste"]
+__all__ = ["choose_qparams", "dequantize", "fake_quantize", "lsq_fake_quantize", "quantize", "round_ste"]
 
 _EPS = 1e-8  # the papers' floor on (hi - lo)
 
@@ -111,3 +111,24 @@ def fake_quantize(
     clamp range, as in the DFQ papers' quantizer.
     """
     return _FakeQuantizeSTE.apply(x, scale, zero_point, qmin, qmax, divide)
+
+
+def lsq_fake_quantize(
+    x: torch.Tensor,
+    step: torch.Tensor,
+    zero_point: torch.Tensor,
+    qmin: int,
+    qmax: int,
+    grad_scale: float,
+    divide: bool = False,
+) -> torch.Tensor:
+    """Fake quantization with a trainable ``step`` (LSQ, Esser et al. 2020).
+
+    ``x`` gets the straight-through gradient inside the clamp range and none outside it;
+    ``step`` gets LSQ's gradient multiplied by ``grad_scale`` (LSQ uses ``1/sqrt(numel * qmax)``
+    so that steps and weights learn at comparable rates).
+    """
+    step = step * grad_scale + (step - step * grad_scale).detach()
+    divided = x / step if divide else x * (1.0 / step)
+    codes = torch.clamp(round_ste(divided + zero_point), qmin, qmax)
+    return (codes - zero_point) * step

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from dfq.errors import DFQError
-from dfq.quant.functional import choose_qparams, fake_quantize, round_ste
+from dfq.quant.functional import choose_qparams, fake_quantize, lsq_fake_quantize
 from dfq.quant.spec import Granularity, QuantSpec
 
 __all__ = ["OBSERVERS", "ActMode", "ActQuantizer", "WeightQuantizer"]
@@ -46,12 +46,18 @@ class WeightQuantizer(nn.Module):
             self.register_buffer("zero_point", torch.zeros(stored_shape))
             self.register_buffer("code_range", torch.zeros(2, dtype=torch.long))
         self.alpha: nn.Parameter | None = None
+        self.learns_step = False
+        self.soft_rounding = False  # while rounding learns: h(alpha) in [0, 1]; else the hard 0/1 decision
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.spec.is_noop:
             return w
         if self.alpha is not None:
             return self._soft_rounded(w)
+        if self.learns_step:
+            qmin, qmax = int(self.code_range[0]), int(self.code_range[1])
+            g = 1.0 / math.sqrt(w[0].numel() * max(qmax, 1))
+            return lsq_fake_quantize(w, self.step, self.zero_point, qmin, qmax, g, self.spec.deploy)
         scale, zero_point, qmin, qmax = self.qparams(w)
         return fake_quantize(w, scale, zero_point, qmin, qmax, self.spec.deploy)
 
@@ -82,6 +88,25 @@ class WeightQuantizer(nn.Module):
         self.zero_point.copy_(zero_point.expand_as(self.zero_point))
         self.code_range.copy_(torch.tensor([qmin, qmax]))
 
+    # -- learned step (LSQ) ------------------------------------------------------------------
+    @torch.no_grad()
+    def begin_step_learning(self, w: torch.Tensor) -> nn.Parameter:
+        """Store the min/max grid of ``w`` and make its step trainable (the weight keeps training
+        through the rounding's straight-through gradient); returns the step."""
+        if not self.stored:
+            raise DFQError("learned weight steps need stored weight scales (quant.weight_scales: stored)")
+        self.store(w)
+        self.step = nn.Parameter(self.scale.clone())
+        self.learns_step = True
+        return self.step
+
+    @torch.no_grad()
+    def end_step_learning(self) -> None:
+        """Keep the learned step as the stored grid."""
+        self.scale.copy_(self.step.detach().abs().clamp(min=1e-8))
+        del self.step
+        self.learns_step = False
+
     # -- learned rounding ------------------------------------------------------------------
     _ZETA, _GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid
 
@@ -98,11 +123,12 @@ class WeightQuantizer(nn.Module):
         rest = (w.detach() / scale - self._base).clamp(0.01, 0.99)  # h(alpha) = rest: start at the float weight
         self.alpha = nn.Parameter(-torch.log((self._ZETA - self._GAMMA) / (rest - self._GAMMA) - 1))
         self.step = nn.Parameter(scale.clone())
+        self.soft_rounding = True
         return [self.alpha, self.step]
 
     def _soft_rounded(self, w: torch.Tensor) -> torch.Tensor:
         qmin, qmax = int(self.code_range[0]), int(self.code_range[1])
-        h = self._h() if self.training else (self.alpha >= 0).to(w.dtype)
+        h = self._h() if self.soft_rounding else (self.alpha >= 0).to(w.dtype)
         codes = torch.clamp(self._base + h + self.zero_point, qmin, qmax)
         return (codes - self.zero_point) * self.step
 
@@ -115,7 +141,7 @@ class WeightQuantizer(nn.Module):
         """Round h to 0/1, store the learned step and write the quantized values into ``weight``."""
         self.scale.copy_(self.step.detach().abs().clamp(min=1e-8))
         self.step.copy_(self.scale)  # the weight is written with the stored (positive) step
-        self.eval()
+        self.soft_rounding = False
         weight.copy_(self._soft_rounded(weight))
         self.alpha = None
         del self.step, self._base
@@ -201,10 +227,7 @@ class ActQuantizer(nn.Module):
     def _lsq(self, x: torch.Tensor) -> torch.Tensor:
         zero_point, qmin, qmax = self._grid
         g = 1.0 / math.sqrt(x[0].numel() * max(qmax, 1))  # LSQ's gradient scale for the step
-        step = self.step * g + (self.step - self.step * g).detach()
-        divided = x / step if self.spec.deploy else x * (1.0 / step)
-        codes = torch.clamp(round_ste(divided + zero_point), qmin, qmax)
-        out = (codes - zero_point) * step
+        out = lsq_fake_quantize(x, self.step, zero_point, qmin, qmax, g, self.spec.deploy)
         if self.training and self.drop_prob:  # QDrop: keep a random subset of elements in float
             out = torch.where(torch.rand_like(x) < self.drop_prob, x, out)
         return out
