@@ -111,6 +111,7 @@ def bench(
     warmup: int = 5,
     wbits: int = 4,
     abits: int = 4,
+    fast: bool = False,
 ) -> dict[str, Any]:
     """Time ``iters`` real iterations (after ``warmup``) and the plain-PyTorch lower bound of the same math."""
     info = get_model_info(model)
@@ -123,6 +124,7 @@ def bench(
             "train.q_lr": 1e-9,  # random weights: keep Q finite; a step costs the same at any learning rate
             "quant.wbits": wbits,
             "quant.abits": abits,
+            "train.fast": fast,
         },
     )
     engine = Engine(
@@ -131,12 +133,19 @@ def bench(
     calibrate(engine.student, [torch.randn(batch_size, *info.input_size)])  # steady state: ranges frozen
     times = _time(lambda: engine._iteration(True), iters, warmup)
     plain = _Plain(engine)
-    lower = _median(plain.iteration, iters, warmup)
-    phases = _phases(engine, batch_size, max(3, iters // 3), 2)
+
+    def plain_iteration() -> None:
+        with engine.precision():
+            plain.iteration()
+
+    lower = _median(plain_iteration, iters, warmup)
+    with engine.precision():
+        phases = _phases(engine, batch_size, max(3, iters // 3), 2)
     return {
         "model": model,
         "method": method,
         "batch_size": batch_size,
+        "fast": fast,
         "wbits": wbits,
         "abits": abits,
         "iters": iters,

@@ -49,6 +49,8 @@ class TrainConfig:
         checkpoint_every: write a resumable checkpoint every K epochs (and after the last one).
         checkpoint_every_iters: also write one every N iterations (0: only at epoch ends).
         max_rollbacks: on a NaN/Inf loss, gradient or range, return to the last checkpoint at most this often.
+        fast: trade exactness for speed: bfloat16 autocast for the forwards and backwards of G, P and Q and the
+            channels-last memory format (quantizers, BNS statistics and losses stay in float32).
         rollback_lr_factor: multiply both learning rates by this at each rollback.
     """
 
@@ -71,6 +73,7 @@ class TrainConfig:
     checkpoint_every_iters: int = 0
     max_rollbacks: int = 3
     rollback_lr_factor: float = 0.5
+    fast: bool = False
 
     def __post_init__(self) -> None:
         for key in ("epochs", "iters_per_epoch", "batch_size", "eval_every", "checkpoint_every", "observe_epochs"):

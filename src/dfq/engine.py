@@ -95,6 +95,9 @@ class Engine:
             p.requires_grad_(True)
         self.student.train(self.method.student_bn_train)
         self.generator = self._make_generator().train()
+        if config.train.fast:  # oneDNN's bfloat16 convolutions are fastest on NHWC
+            for model in (self.teacher, self.student, self.generator):
+                model.to(memory_format=torch.channels_last)
         self.features = feature_layers(teacher, config.zaq.feature_layers) if self.method.uses_features else []
         self._bns = BNStatsLoss(self.teacher) if self.method.uses_bns else None
 
@@ -181,12 +184,12 @@ class Engine:
             feats = stack.enter_context(self._capture(self.teacher))
             logits = self.teacher(x)
             bns_loss = recorder.loss() if recorder else None
-        return logits, bns_loss, feats
+        return logits.float(), bns_loss, [f.float() for f in feats]  # losses in float32 (train.fast)
 
     def _student_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list]:
         with self._capture(self.student) as feats:
             logits = self.student(x)
-        return logits, feats
+        return logits.float(), [f.float() for f in feats]
 
     # ------------------------------------------------------------------ steps
     def _generator_step(self) -> tuple[Outputs, dict[str, torch.Tensor]]:
@@ -315,7 +318,15 @@ class Engine:
             **{f"q_{k}": v.detach() for k, v in q_losses.items()},
         }
 
+    def precision(self) -> contextlib.AbstractContextManager:
+        """bfloat16 autocast with ``train.fast``, else nothing."""
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.train.fast)
+
     def _iteration(self, train_q: bool) -> dict[str, torch.Tensor]:
+        with self.precision():
+            return self._steps(train_q)
+
+    def _steps(self, train_q: bool) -> dict[str, torch.Tensor]:
         if self._can_share_student_forward(train_q):
             return self._shared_iteration()
         m, logs = self.method, {}

@@ -41,7 +41,7 @@ class BNStatsLoss:
         self._stats.clear()
 
     def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        x = inputs[0]
+        x = inputs[0].float()  # a bfloat16 activation (train.fast) still gets float32 statistics
         dims = [0, *range(2, x.dim())]  # all but channels
         var, mean = torch.var_mean(x, dim=dims, correction=0)
         self._stats[module] = (mean, var)

@@ -14,4 +14,4 @@ def lowpass(images: torch.Tensor, cutoff: float) -> torch.Tensor:
     fy = torch.fft.fftfreq(h).reshape(-1, 1) * 2  # in units of Nyquist
     fx_ = torch.fft.fftfreq(w).reshape(1, -1) * 2
     mask = torch.exp(-(fy**2 + fx_**2) / (2 * cutoff**2))
-    return torch.fft.ifft2(torch.fft.fft2(images) * mask).real
+    return torch.fft.ifft2(torch.fft.fft2(images.float()) * mask).real

@@ -202,6 +202,7 @@ class ActQuantizer(nn.Module):
         return ActMode(int(self.mode))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float()  # codes from float32 arithmetic, whatever the precision of the layer before
         mode = self.get_mode()
         if mode is ActMode.DISABLED or self.spec.is_noop:
             return x
