@@ -22,3 +22,18 @@ def test_readme_python_example_runs(monkeypatch):
         torch.set_num_threads(threads)
     assert namespace["summary"]["method"] == "adadfq"
     assert type(namespace["q"].conv).__name__ == "QuantConv2d"
+
+
+def test_readme_plugin_config_is_valid():
+    """The plug-in YAML of the README resolves to a run configuration with every plug-in on."""
+    import yaml
+
+    from dfq.config import resolve_config
+
+    block = re.search(r"### Plug-ins and fast mode.*?```yaml\n(.*?)```", README.read_text(), re.S).group(1)
+    config = resolve_config(yaml.safe_load(block), {"method": "adadfq"})
+    pl = config.plugins
+    assert (pl.lowpass, pl.hard_tau, pl.cam_weight, pl.lsq, pl.adaround, config.train.fast) == (
+        0.5, 0.7, 1.0, True, True, True
+    )  # fmt: skip
+    assert config.quant.weight_scales == "stored"
