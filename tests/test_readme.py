@@ -34,6 +34,6 @@ def test_readme_plugin_config_is_valid():
     config = resolve_config(yaml.safe_load(block), {"method": "adadfq"})
     pl = config.plugins
     assert (pl.lowpass, pl.hard_tau, pl.cam_weight, pl.lsq, pl.adaround, config.train.fast) == (
-        0.5, 0.7, 1.0, True, True, True
+        0.5, 0.7, 100.0, True, True, True
     )  # fmt: skip
     assert config.quant.weight_scales == "stored"
