@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dfq.config import resolve_config
 from dfq.errors import DFQError
@@ -30,6 +31,7 @@ from dfq.methods.losses import (
     normalized_entropy,
     scrm,
     student_entropy_loss,
+    unit_channels,
 )
 from dfq.methods.zaq import ZAQ, ZAQConfig
 
@@ -461,3 +463,30 @@ def test_create_generator():
         create_generator("cifar", 10, 30, 100)
     with pytest.raises(DFQError, match="unknown generator"):
         create_generator("cifra", 10, 32, 100)
+
+
+def test_unit_channels_matches_f_normalize_and_has_no_gradient_at_zero_positions():
+    """SCRM's normalisation: F.normalize's values, but an all-zero position (after a ReLU) gets zero gradient,
+    where F.normalize's 1e-12 clamp gives it 1e12 x the upstream gradient (it made ZAQ's Q diverge in one step)."""
+    x = torch.randn(2, 4, 5)
+    x[0, :, 2] = 0.0  # one all-zero position
+    x.requires_grad_()
+    out = unit_channels(x)
+    torch.testing.assert_close(out, F.normalize(x, dim=1), rtol=0, atol=1e-7)
+    assert torch.equal(out[0, :, 2], torch.zeros(4))
+    upstream = torch.randn_like(out)
+    (grad,) = torch.autograd.grad((out * upstream).sum(), x)
+    assert torch.equal(grad[0, :, 2], torch.zeros(4))
+    (ref,) = torch.autograd.grad((F.normalize(x, dim=1) * upstream).sum(), x)
+    mask = torch.ones_like(x, dtype=torch.bool)
+    mask[0, :, 2] = False
+    torch.testing.assert_close(grad[mask], ref[mask])
+    assert ref[0, :, 2].abs().max() > 1e6  # the clamp's gradient, avoided
+
+
+def test_scrm_gradient_stays_bounded_with_dead_positions():
+    s = torch.relu(torch.randn(2, 8, 4, 4))
+    s[:, :, 0, 0] = 0.0
+    s.requires_grad_()
+    (grad,) = torch.autograd.grad(scrm(s, torch.relu(torch.randn(2, 8, 4, 4))), s)
+    assert torch.isfinite(grad).all() and grad.abs().max() < 10

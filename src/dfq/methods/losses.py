@@ -65,9 +65,19 @@ def student_entropy_loss(teacher: torch.Tensor, student: torch.Tensor, temperatu
     return -(temperature**2) * entropy((teacher - student) / temperature).mean()
 
 
+def unit_channels(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (B, C, N) scaled to unit L2 norm over channels at each position; 0 where all channels are 0.
+
+    ``F.normalize`` clamps the norm at 1e-12, so at an all-zero position (common after a ReLU, and more so after
+    quantization) its gradient is the upstream one times 1e12. Here such positions have zero gradient."""
+    norm = x.norm(dim=1, keepdim=True)
+    nonzero = norm > 0
+    return torch.where(nonzero, x / torch.where(nonzero, norm, torch.ones_like(norm)), torch.zeros_like(x))
+
+
 def scrm_relations(x: torch.Tensor, gamma: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
     """ZAQ's spatial and channel relation maps of a feature map (B, C, H, W), METHODS.md §5.2."""
-    x = F.normalize(x.flatten(2), dim=1)  # (B, C, N), unit norm over channels at each position
+    x = unit_channels(x.flatten(2))  # (B, C, N), unit norm over channels at each position
     a_sp = torch.softmax(x.transpose(1, 2) @ x, dim=-1)  # (B, N, N)
     x_sp = gamma * (x @ a_sp.transpose(1, 2)) + x
     e = x @ x.transpose(1, 2)  # (B, C, C)
