@@ -7,6 +7,7 @@ teacher of ``test_engine.py`` (every run here takes a fraction of a second).
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -572,6 +573,7 @@ def test_lsq_plugin_learns_steps_then_freezes_them():
     for (_, wq), s in zip(wqs, minmax_scales, strict=True):
         assert torch.equal(wq.scale, s)  # the stored grid starts as the min/max grid
     weights_before = [layer.weight.detach().clone() for layer, _ in wqs]
+    observed_steps = [q.qparams()[0].clone() for _, q in act_quantizers(engine.student)]
 
     engine._run_epoch(1, bar)
     aqs = [q for _, q in act_quantizers(engine.student)]
@@ -586,8 +588,9 @@ def test_lsq_plugin_learns_steps_then_freezes_them():
     assert act_ranges(engine.student) == ranges_before  # the ranges wait for the end
     # The weights keep training through the rounding's straight-through gradient.
     assert any(not torch.equal(layer.weight, w) for (layer, _), w in zip(wqs, weights_before, strict=True))
-    # The act steps moved away from the observed grid.
-    assert any(not torch.equal(q.step.detach(), q.qparams()[0]) for q in aqs)
+    # The act steps moved away from the observed grid, and qparams (the deploy bias grid's source) follows them.
+    assert all(torch.equal(q.step.detach().abs(), q.qparams()[0]) for q in aqs)
+    assert any(not torch.equal(q.step.detach(), s) for q, s in zip(aqs, observed_steps, strict=True))
 
     engine._run_epoch(2, bar)
     engine._end_quantizer_learning()
@@ -897,3 +900,56 @@ def test_teacher_is_untouched_by_the_plugins():
     make_engine(make_config("gdfq", **PLUGIN_SETS["all"]), teacher=teacher).run()
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+# ============================================================== review fixes
+@pytest.mark.parametrize("plugin", ["plugins__lsq", "plugins__adaround"])
+def test_deploy_evaluation_while_learning_is_the_final_model(plugin):
+    """Under the deploy protocol the bias grids follow the learned steps, so what is evaluated during learning
+    is exactly the model the run ends with."""
+    engine = make_engine(make_config("gdfq", train__epochs=3, quant__protocol="deploy", **{plugin: True}))
+    bar = quiet_bar()
+    for epoch in range(3):
+        engine._run_epoch(epoch, bar)
+    x = engine._fresh_student_batch().x
+    seen = {}
+    engine.evaluate = lambda model: seen.setdefault("logits", model(x).detach()) is not None and {"top1": 0.0}
+    engine._evaluate()
+    engine._end_quantizer_learning()
+    engine.student.eval()
+    with torch.no_grad():
+        assert_close(engine.student(x), seen["logits"], rtol=0, atol=1e-5)
+
+
+def test_rollback_lowers_the_learned_quantizer_learning_rates():
+    engine = _lsq_engine()
+    bar = quiet_bar()
+    engine._run_epoch(0, bar)
+    engine._run_epoch(1, bar)
+    base = [g["base_lr"] for g in engine.qp_opt.param_groups]
+    engine.state.lr_scale = 0.25
+    engine._run_epoch(2, bar)
+    assert [g["lr"] for g in engine.qp_opt.param_groups] == [0.25 * b for b in base]
+
+
+def test_restore_does_not_alias_the_snapshot_optimizer_state():
+    engine = _lsq_engine()
+    bar = quiet_bar()
+    engine._run_epoch(0, bar)
+    engine._run_epoch(1, bar)
+    snapshot = engine._snapshot()
+    frozen = {k: copy.deepcopy(snapshot[k]) for k in ("q_opt", "g_opt", "qp_opt")}
+    engine._restore(snapshot)
+    engine._iteration(True)
+    for key, state in frozen.items():
+        for pid, values in state["state"].items():
+            for name, value in values.items():
+                if torch.is_tensor(value):
+                    assert torch.equal(snapshot[key]["state"][pid][name], value), (key, name)
+
+
+def test_plugins_are_refused_where_they_would_be_ignored():
+    with pytest.raises(DFQError, match="generator-based methods"):
+        resolve_config(None, {"method": "recon", "plugins.lowpass": 0.5})
+    with pytest.raises(DFQError, match="start learning at epoch"):
+        make_engine(make_config("gdfq", plugins__lsq=True, train__epochs=1))

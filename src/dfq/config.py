@@ -49,9 +49,9 @@ class TrainConfig:
         checkpoint_every: write a resumable checkpoint every K epochs (and after the last one).
         checkpoint_every_iters: also write one every N iterations (0: only at epoch ends).
         max_rollbacks: on a NaN/Inf loss, gradient or range, return to the last checkpoint at most this often.
+        rollback_lr_factor: multiply the learning rates by this at each rollback.
         fast: trade exactness for speed: bfloat16 autocast for the forwards and backwards of G, P and Q and the
             channels-last memory format (quantizers, BNS statistics and losses stay in float32).
-        rollback_lr_factor: multiply both learning rates by this at each rollback.
     """
 
     epochs: int = 400
@@ -150,6 +150,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not -(2**63) <= self.seed < 2**63:  # what torch.manual_seed accepts
             raise DFQError(f"seed must be a 64-bit signed integer, got {self.seed}")
+        if self.method in POST_TRAINING and self.plugins != PluginConfig():
+            raise DFQError(f"plugins apply to the generator-based methods, not '{self.method}'")
         if (self.plugins.lsq or self.plugins.adaround) and self.quant.weight_scales != "stored":
             raise DFQError("plugins.lsq and plugins.adaround learn the weight steps: set quant.weight_scales: stored")
         if self.method not in METHODS:

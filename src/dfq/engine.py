@@ -139,6 +139,11 @@ class Engine:
 
     def _check_plugins(self) -> None:
         pl, m = self.plugins, self.method
+        if pl.learns_quantizers and self.train.epochs <= self._learn_epoch:
+            raise DFQError(
+                f"plugins.lsq/adaround start learning at epoch max(warmup_epochs, observe_epochs) = "
+                f"{self._learn_epoch}, but the run has {self.train.epochs} epochs"
+            )
         if pl.adaround and not self._weight_quantizers():
             raise DFQError("plugins.adaround: the model has no quantized weights (quant.wbits is 32)")
         if pl.lsq and not self._weight_quantizers() and all(q.spec.is_noop for _, q in act_quantizers(self.student)):
@@ -204,7 +209,8 @@ class Engine:
             with _no_param_grads(self.student):
                 q_logits, q_feats = self._student_forward(x)
         out = Outputs(x, y, p_logits, q_logits, bns, p_feats, q_feats)
-        losses = m.generator_loss(out)
+        with _float32():
+            losses = m.generator_loss(out)
         self.g_opt.zero_grad(set_to_none=True)
         _check_finite(losses["loss"], "generator loss")
         losses["loss"].backward()
@@ -224,14 +230,15 @@ class Engine:
         p_logits, p_feats = batch.p_logits.detach(), batch.p_feats
         if self.plugins.lowpass:
             x = lowpass(x, self.plugins.lowpass)  # SynQ: P's targets and Q's inputs both filtered
-        if self.plugins.changes_student_input:
+        if self.plugins.lowpass or (train_q and self.plugins.cam_weight):
             p_logits, p_cam, p_feats = self._teacher_targets(x, batch.y, cam=train_q)
         p_feats = [f.detach() for f in p_feats] if p_feats else p_feats
         cam = self._cams[1].capture() if p_cam is not None else contextlib.nullcontext()
         with torch.set_grad_enabled(train_q), cam:
             q_logits, q_feats = self._student_forward(x)
             out = Outputs(x, batch.y, p_logits, q_logits, None, p_feats, q_feats)
-            losses = self._student_losses(out, p_cam)
+            with _float32():
+                losses = self._student_losses(out, p_cam)
         _check_finite(losses["loss"], "quantized-model loss")
         if train_q:
             for opt in self._q_opts():
@@ -295,10 +302,12 @@ class Engine:
         x = self.generator(z, y)
         p_logits, bns, p_feats = self._teacher_forward(x, m.uses_bns)
         q_logits, q_feats = self._student_forward(x)
-        g_losses = m.generator_loss(Outputs(x, y, p_logits, q_logits, bns, p_feats, q_feats))
+        with _float32():
+            g_losses = m.generator_loss(Outputs(x, y, p_logits, q_logits, bns, p_feats, q_feats))
         detached = [f.detach() for f in p_feats] if p_feats else p_feats
         q_out = Outputs(x.detach(), y, p_logits.detach(), q_logits, None, detached, q_feats)
-        q_losses = self._student_losses(q_out)
+        with _float32():
+            q_losses = self._student_losses(q_out)
         _check_finite(g_losses["loss"], "generator loss")
         _check_finite(q_losses["loss"], "quantized-model loss")
         for opts, loss, retain, what in (
@@ -376,7 +385,7 @@ class Engine:
             elif pl.lsq:
                 wstep.append(wq.begin_step_learning(layer.weight))
         groups = [
-            {"params": ps, "lr": lr}
+            {"params": ps, "lr": lr * self.state.lr_scale, "base_lr": lr}
             for ps, lr in ((astep, pl.lr_astep), (wstep, pl.lr_wstep), (rounding, pl.lr_round))
             if ps
         ]
@@ -443,6 +452,8 @@ class Engine:
             group["lr"] = self._lr(t.q_lr, t.q_milestones, t.lr_gamma, epoch) * st.lr_scale
         for group in self.g_opt.param_groups:
             group["lr"] = self._lr(t.g_lr, t.g_milestones, t.lr_gamma, epoch) * st.lr_scale
+        for group in self.qp_opt.param_groups if self.qp_opt is not None else ():
+            group["lr"] = group["base_lr"] * st.lr_scale  # constant, lowered only by rollbacks
         train_q = epoch >= t.warmup_epochs
         st.epoch = epoch
         if self.qp_opt is None:  # learned activation steps keep their own mode
@@ -576,11 +587,12 @@ class Engine:
         if ckpt.get("qp_opt") is not None:
             self.student.load_state_dict(ckpt["student"], strict=False)  # the weights and grids they start from
             self._begin_quantizer_learning()
-            self.qp_opt.load_state_dict(ckpt["qp_opt"])
+            self.qp_opt.load_state_dict(copy.deepcopy(ckpt["qp_opt"]))
         self.student.load_state_dict(ckpt["student"])
         self.generator.load_state_dict(ckpt["generator"])
-        self.q_opt.load_state_dict(ckpt["q_opt"])
-        self.g_opt.load_state_dict(ckpt["g_opt"])
+        # load_state_dict keeps the given tensors: copies, so training never writes into the snapshot
+        self.q_opt.load_state_dict(copy.deepcopy(ckpt["q_opt"]))
+        self.g_opt.load_state_dict(copy.deepcopy(ckpt["g_opt"]))
         self.sampler.set_state(ckpt["sampler"])
         torch.set_rng_state(ckpt["torch_rng"])
         self.state = _State(
@@ -688,6 +700,11 @@ def _stop_requests() -> Iterator[list[int]]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _float32() -> contextlib.AbstractContextManager:
+    """Losses in float32 even inside fast mode's autocast (their inputs are float32 already)."""
+    return torch.autocast("cpu", enabled=False)
 
 
 @contextlib.contextmanager

@@ -69,9 +69,10 @@ def unit_channels(x: torch.Tensor) -> torch.Tensor:
     """``x`` (B, C, N) scaled to unit L2 norm over channels at each position; 0 where all channels are 0.
 
     ``F.normalize`` clamps the norm at 1e-12, so at an all-zero position (common after a ReLU, and more so after
-    quantization) its gradient is the upstream one times 1e12. Here such positions have zero gradient."""
+    quantization) its gradient is the upstream one times 1e12. Here such positions (norm <= 1e-12) are 0 with zero
+    gradient."""
     norm = x.norm(dim=1, keepdim=True)
-    nonzero = norm > 0
+    nonzero = norm > 1e-12
     return torch.where(nonzero, x / torch.where(nonzero, norm, torch.ones_like(norm)), torch.zeros_like(x))
 
 

@@ -30,10 +30,11 @@ class PluginConfig:
         fraction of the Nyquist frequency (SynQ); P's targets are computed on the filtered images. 0: off.
     hard_tau: difficulty threshold τ (SynQ): Q's cross-entropy to the sampled label is kept only for
         samples with ``1 − p_P(y) ≤ τ``; harder samples learn from P's soft outputs alone. ``None``: off.
-    hard_ce_weight: weight of that cross-entropy for methods whose Q loss has none (ZAQ, AdaSG, AdaDFQ).
+    hard_ce_weight: weight of that cross-entropy for methods whose Q loss has none (AdaSG, AdaDFQ).
     cam_weight: weight of the Grad-CAM alignment, the MSE between P's and Q's normalised class-activation
         maps of the sampled class at the input of the global pooling (SynQ). 0: off.
-    lsq: learn the activation steps (LSQ) once the ranges are observed.
+    lsq: learn the activation steps and the per-channel weight steps (LSQ) once Q trains and the ranges are
+        frozen; the weights keep training, with LSQ's straight-through gradient (zero outside the clamp range).
     adaround: learn each weight's rounding and the weight steps (AdaRound with LSQ steps, as Genie-M)
         instead of the weights, once the ranges are observed; the rounding is fixed at the end.
     lr_astep, lr_wstep, lr_round: Adam learning rates of the activation steps, weight steps and rounding.

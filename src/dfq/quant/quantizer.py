@@ -62,9 +62,10 @@ class WeightQuantizer(nn.Module):
         return fake_quantize(w, scale, zero_point, qmin, qmax, self.spec.deploy)
 
     def qparams(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-        """Grid of ``w``, shaped to broadcast against it."""
+        """Grid of ``w``, shaped to broadcast against it (while a step learns: the learned step)."""
         if self.stored:
-            return self.scale, self.zero_point, int(self.code_range[0]), int(self.code_range[1])
+            scale = self.step.detach().abs().clamp(min=1e-8) if hasattr(self, "step") else self.scale
+            return scale, self.zero_point, int(self.code_range[0]), int(self.code_range[1])
         return self.minmax_qparams(w)
 
     def minmax_qparams(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
@@ -252,7 +253,12 @@ class ActQuantizer(nn.Module):
         between two codes, where PyTorch's float arithmetic and an integer kernel's
         requantization break the tie differently. The margin moves those ties a distance
         far above float rounding error; the range grows by 0.006%.
+
+        In LEARNED mode: the learned step, as the forward uses it.
         """
+        if hasattr(self, "_grid"):  # between begin_learning and end_learning
+            zero_point, qmin, qmax = self._grid
+            return self.step.detach().abs().clamp(min=1e-8), zero_point, qmin, qmax
         scale, zero_point, qmin, qmax = choose_qparams(self.lo, self.hi, self.spec.bits, self.spec.symmetric)
         if self.spec.deploy:
             scale = scale * _TIE_MARGIN
