@@ -18,7 +18,7 @@ from torch import nn
 
 import dfq
 from dfq.checkpoint import CHECKPOINT_NAME, save_quantized
-from dfq.config import RunConfig, from_dict, load_yaml, resolve_config
+from dfq.config import DEFAULT_METHOD, RunConfig, from_dict, load_yaml, resolve_config
 from dfq.engine import TRAIN_CHECKPOINT, Engine, Evaluator
 from dfq.errors import DFQError
 from dfq.methods.recon import recon
@@ -32,7 +32,7 @@ __all__ = ["Evaluator", "load_run_config", "quantize", "run"]
 
 def quantize(
     model: nn.Module,
-    method: str = "zeroq",
+    method: str = DEFAULT_METHOD,
     wbits: int = 4,
     abits: int = 4,
     *,
@@ -59,7 +59,7 @@ def quantize(
 
     Example:
         >>> from dfq.models import create_model
-        >>> q, summary = quantize(create_model("resnet20a_cifar10"), wbits=8, abits=8,
+        >>> q, summary = quantize(create_model("resnet20a_cifar10"), "zeroq", wbits=8, abits=8,
         ...                       progress=False, **{"zeroq.steps": 2, "zeroq.num_samples": 4})
         >>> summary["method"], summary["wbits"]
         ('zeroq', 8)

@@ -321,12 +321,13 @@ def _parse_overrides(items: list[str]) -> dict[str, dict[str, int]]:
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from dfq.api import load_run_config
-    from dfq.config import load_yaml, resolve_config
+    from dfq.config import DEFAULT_METHOD, load_yaml, resolve_config
     from dfq.models import get_model_info
 
     if args.resume:
         return _finish_quantize(args, load_run_config(args.out), get_model_info)
     preset = load_yaml(args.config) if args.config else {}
+    method = args.method or preset.get("method") or DEFAULT_METHOD
     overrides = {
         "model": args.model,
         "method": args.method,
@@ -337,8 +338,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         "quant.act_observer": args.observer,
         "quant.protocol": args.protocol,
         "zeroq.steps": args.steps,
-        "zeroq.num_samples": args.num_samples if args.method != "recon" else None,
-        "recon.num_samples": args.num_samples if args.method == "recon" else None,
+        "zeroq.num_samples": args.num_samples if method != "recon" else None,
+        "recon.num_samples": args.num_samples if method == "recon" else None,
         "train.epochs": args.epochs,
         "train.iters_per_epoch": args.iters_per_epoch,
         "train.batch_size": args.batch_size,
