@@ -43,7 +43,7 @@ def fit_schedule(method: str, bits: int, budget_s: float) -> dict:
             "probe_ms_median": probe["ms_median"]}  # fmt: skip
 
 
-def run_one(method: str, bits: int, root: Path, budget_s: float) -> dict:
+def run_one(method: str, bits: int, root: Path, budget_s: float, fp: dict[str, float]) -> dict:
     out = root / f"{method}-w{bits}a{bits}"
     cmd = ["quantize", "resnet20a_cifar10", "--method", method, "--wbits", str(bits), "--abits", str(bits),
            "--weights", str(WEIGHTS), "--data", str(LOSSLESS), "--out", str(out)]  # fmt: skip
@@ -61,8 +61,6 @@ def run_one(method: str, bits: int, root: Path, budget_s: float) -> dict:
         summary = run_cli([*cmd, "--overwrite"])
     final = {name: run_cli(["eval", str(out), "--data", str(path)])["top1"] for name, path in
              (("lossless", LOSSLESS), ("jpeg75", JPEG))}  # fmt: skip
-    fp = {name: run_cli(["eval", "resnet20a_cifar10", "--weights", str(WEIGHTS), "--data", str(path)])["top1"]
-          for name, path in (("lossless", LOSSLESS), ("jpeg75", JPEG))}  # fmt: skip
     row = {
         "method": method,
         "wbits": bits,
@@ -90,9 +88,11 @@ def main() -> int:
         return 0
     old = RESULTS / "method_study.json"
     rows = json.loads(old.read_text())["results"] if old.is_file() else []
+    fp = {name: run_cli(["eval", "resnet20a_cifar10", "--weights", str(WEIGHTS), "--data", str(path)])["top1"]
+          for name, path in (("lossless", LOSSLESS), ("jpeg75", JPEG))}  # fmt: skip
     for bits in args.bits:
         for method in args.methods:
-            row = run_one(method, bits, args.root, args.budget_min * 60)
+            row = run_one(method, bits, args.root, args.budget_min * 60, fp)
             rows = [r for r in rows if (r["method"], r["wbits"]) != (method, bits)] + [row]
             print(json.dumps(row), flush=True)
             path = write_result("method_study", {"model": "resnet20a_cifar10", "budget_min": args.budget_min,

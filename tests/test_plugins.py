@@ -200,18 +200,10 @@ def _two_pool_net() -> nn.Sequential:
     )
 
 
-class NoPoolNet(nn.Module):
+def no_pool_net() -> nn.Module:
     """conv, BN, ReLU, flatten, linear: no average pooling anywhere (BN for GDFQ's BNS loss)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(4)
-        self.relu = nn.ReLU()
-        self.fc = nn.Linear(4 * 8 * 8, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.relu(self.bn(self.conv(x))).flatten(1))
+    layers = [nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten()]
+    return nn.Sequential(*layers, nn.Linear(4 * 8 * 8, 10))
 
 
 def test_cam_probe_captures_the_input_of_the_last_average_pool():
@@ -252,11 +244,11 @@ def test_cam_probe_leaf_for_a_frozen_model():
 
 def test_cam_probe_needs_average_pooling():
     with pytest.raises(DFQError, match="average-pooling"):
-        CamProbe(NoPoolNet(), leaf=True)
+        CamProbe(no_pool_net(), leaf=True)
 
 
 def test_engine_with_cam_rejects_a_model_without_pooling():
-    teacher = NoPoolNet().eval()
+    teacher = no_pool_net().eval()
     with pytest.raises(DFQError, match="average-pooling"):
         make_engine(make_config("gdfq", plugins__cam_weight=0.5), teacher=teacher)
     engine = make_engine(make_config("gdfq", plugins__cam_weight=0.0), teacher=teacher)  # off: no pooling needed

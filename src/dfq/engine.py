@@ -34,7 +34,7 @@ from dfq.generators import BNStatsLoss, create_generator, lowpass
 from dfq.methods import GameMethod, Outputs, create_method
 from dfq.methods.plugins import CamProbe, cam_loss, easy_mask, grad_cam, masked_ce
 from dfq.methods.zaq import feature_layers
-from dfq.quant import ActMode, act_quantizers, quantize_model, set_act_mode
+from dfq.quant import ActMode, act_quantizers, quantize_model, set_act_mode, weight_quantizers
 from dfq.utils.io import atomic_write, load_payload, save_torch
 from dfq.utils.seed import seed_everything
 from dfq.utils.state import state_dict_mismatch
@@ -364,11 +364,7 @@ class Engine:
         return [self.q_opt] if self.qp_opt is None else [self.q_opt, self.qp_opt]
 
     def _weight_quantizers(self) -> list[tuple[nn.Module, Any]]:
-        return [
-            (m, m.weight_quantizer)
-            for m in self.student.modules()
-            if hasattr(m, "weight_quantizer") and not m.weight_quantizer.spec.is_noop
-        ]
+        return list(weight_quantizers(self.student))
 
     def _begin_quantizer_learning(self) -> None:
         """Make the steps (and the rounding) trainable, with their own Adam."""

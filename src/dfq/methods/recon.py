@@ -35,7 +35,16 @@ from tqdm.auto import tqdm
 
 from dfq.errors import DFQError, UnsupportedLayerError
 from dfq.generators import BNStatsLoss, lowpass
-from dfq.quant import ActMode, ActQuantizer, QuantConfig, WeightQuantizer, calibrate, quant_disabled, quantize_model
+from dfq.quant import (
+    ActMode,
+    ActQuantizer,
+    QuantConfig,
+    WeightQuantizer,
+    calibrate,
+    quant_disabled,
+    quantize_model,
+    weight_quantizers,
+)
 from dfq.quant.graph import ADD_FUNCTIONS, ADD_METHODS, trace
 
 __all__ = ["ReconConfig", "recon", "synthesize"]
@@ -195,19 +204,12 @@ _CLIP_FACTORS = torch.linspace(0.3, 1.0, 15)
 def init_grids(q: nn.Module, pool: torch.Tensor, batch_size: int) -> None:
     """Calibrate activation ranges on the pool, then shrink every range to its least-error clip."""
     calibrate(q, pool.split(batch_size))
-    for m in q.modules():
-        if isinstance(m, WeightQuantizer) and m.stored and not m.spec.is_noop:
-            _best_weight_clip(m, _owner_weight(q, m))
+    for layer, wq in weight_quantizers(q):
+        if wq.stored:
+            _best_weight_clip(wq, layer.weight.detach())
     inputs = _site_inputs(q, pool[:batch_size])
     for aq, x in inputs.items():
         _best_act_clip(aq, x)
-
-
-def _owner_weight(model: nn.Module, wq: WeightQuantizer) -> torch.Tensor:
-    for m in model.modules():
-        if getattr(m, "weight_quantizer", None) is wq:
-            return m.weight.detach()
-    raise RuntimeError("weight quantizer without a layer")
 
 
 def _best_weight_clip(wq: WeightQuantizer, w: torch.Tensor) -> None:
@@ -311,8 +313,7 @@ def _check_chain(split: fx.GraphModule, n: int) -> None:
 
 
 def _quantizers(unit: nn.Module) -> tuple[list[tuple[nn.Module, WeightQuantizer]], list[ActQuantizer]]:
-    weights = [(m, m.weight_quantizer) for m in unit.modules() if isinstance(getattr(m, "weight_quantizer", None),
-               WeightQuantizer) and not m.weight_quantizer.spec.is_noop]  # fmt: skip
+    weights = list(weight_quantizers(unit))
     acts = [m for m in unit.modules() if isinstance(m, ActQuantizer) and m.get_mode() is ActMode.FROZEN
             and not m.spec.is_noop]  # fmt: skip
     return weights, acts

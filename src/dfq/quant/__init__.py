@@ -12,6 +12,7 @@ from dfq.quant.api import (
     quant_disabled,
     quantize_model,
     set_act_mode,
+    weight_quantizers,
 )
 from dfq.quant.functional import choose_qparams, dequantize, fake_quantize, quantize, round_ste
 from dfq.quant.modules import QuantBatchNorm2d, QuantConv2d, QuantLinear, QuantReLU
@@ -41,4 +42,5 @@ __all__ = [
     "quantize_model",
     "round_ste",
     "set_act_mode",
+    "weight_quantizers",
 ]

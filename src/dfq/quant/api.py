@@ -406,6 +406,14 @@ def _fx_unsupported(node: fx.Node) -> bool:
     return False
 
 
+def weight_quantizers(model: nn.Module) -> Iterator[tuple[nn.Module, WeightQuantizer]]:
+    """(layer, quantizer) for every layer of ``model`` whose weights are quantized (not a no-op)."""
+    for m in model.modules():
+        wq = getattr(m, "weight_quantizer", None)
+        if isinstance(wq, WeightQuantizer) and not wq.spec.is_noop:
+            yield m, wq
+
+
 def act_quantizers(model: nn.Module) -> Iterator[tuple[str, ActQuantizer]]:
     """(name, quantizer) for every activation quantizer in ``model``."""
     for name, m in model.named_modules():
