@@ -95,9 +95,8 @@ class Engine:
             p.requires_grad_(True)
         self.student.train(self.method.student_bn_train)
         self.generator = self._make_generator().train()
-        if config.train.fast:  # oneDNN's bfloat16 convolutions are fastest on NHWC
-            for model in (self.teacher, self.student, self.generator):
-                model.to(memory_format=torch.channels_last)
+        for model in (self.teacher, self.student, self.generator):  # oneDNN's convolutions are fastest on NHWC
+            model.to(memory_format=torch.channels_last)
         self.features = feature_layers(teacher, config.zaq.feature_layers) if self.method.uses_features else []
         self._bns = BNStatsLoss(self.teacher) if self.method.uses_bns else None
 
@@ -440,6 +439,7 @@ class Engine:
         finally:
             bar.close()
         self._end_quantizer_learning()
+        self.student.to(memory_format=torch.contiguous_format)  # the caller gets an ordinary model
         return self.student, self.summary()
 
     def _run_epoch(self, epoch: int, bar: tqdm, stop: list[int] | None = None) -> None:

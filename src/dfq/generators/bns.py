@@ -17,9 +17,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BNStatsLoss"]
+__all__ = ["BNStatsLoss", "channel_mean_var"]
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+class _ChannelMeanVar(torch.autograd.Function):
+    """Per-channel mean and biased variance with a one-pass backward.
+
+    The forward is the two-pass formula (mean, then mean squared deviation: ``torch.var_mean``'s result to
+    about one ulp, 2-3x faster on CPU over N, H, W). The backward is the closed form
+    ``dx = g_mean / n + 2 (x - mean) g_var / n`` (the mean's own term in the variance's gradient is zero),
+    one fused pass where autograd's chain through the two passes takes five.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        dims = [0, *range(2, x.dim())]  # all but channels
+        mean = x.mean(dims, keepdim=True)
+        dev = x - mean
+        var = dev.square().mean(dims)
+        ctx.save_for_backward(dev)
+        ctx.n = x.numel() // x.shape[1]
+        return mean.flatten(), var
+
+    @staticmethod
+    def backward(ctx, g_mean: torch.Tensor, g_var: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        (dev,) = ctx.saved_tensors
+        shape = [1, -1] + [1] * (dev.dim() - 2)
+        return torch.addcmul((g_mean / ctx.n).view(shape), dev, (g_var * (2.0 / ctx.n)).view(shape))
+
+
+def channel_mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and biased variance of each channel (dim 1) of ``x`` over all other dimensions, differentiable."""
+    return _ChannelMeanVar.apply(x)
 
 
 class BNStatsLoss:
@@ -41,10 +72,7 @@ class BNStatsLoss:
         self._stats.clear()
 
     def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-        x = inputs[0].float()  # a bfloat16 activation (train.fast) still gets float32 statistics
-        dims = [0, *range(2, x.dim())]  # all but channels
-        var, mean = torch.var_mean(x, dim=dims, correction=0)
-        self._stats[module] = (mean, var)
+        self._stats[module] = channel_mean_var(inputs[0].float())  # float32 statistics under train.fast too
 
     def per_layer(self) -> dict[str, torch.Tensor]:
         """BNS loss of each BN layer seen in the last forward, by layer name."""

@@ -94,7 +94,9 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -
 class _FakeQuantizeSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, divide):  # type: ignore[override]
-        return dequantize(quantize(x, scale, zero_point, qmin, qmax, divide), scale, zero_point)
+        # quantize() then dequantize(), in place on one buffer: the same operations, one allocation instead of six
+        out = x / scale if divide else x * (1.0 / scale)
+        return out.add_(zero_point).round_().clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
