@@ -140,7 +140,8 @@ def test_channels_last_engine_equals_contiguous_engine():
                 torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
             if i == 0:  # G's first gradients (later, Adam's normalisation magnifies ulps on near-zero gradients)
                 scale = max(float(p.grad.abs().max()) for p in plain.generator.parameters())
-                for (k, pa), pb in zip(optimised.generator.named_parameters(), plain.generator.parameters()):
+                pairs = zip(optimised.generator.named_parameters(), plain.generator.parameters(), strict=True)
+                for (k, pa), pb in pairs:
                     torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-3, atol=1e-5 * scale, msg=f"G {k}")
     for (k, va), vb in zip(optimised.student.state_dict().items(), plain.student.state_dict().values(), strict=True):
         torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-5, msg=f"Q {k}")

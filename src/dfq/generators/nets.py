@@ -1,8 +1,8 @@
 """Generator architectures of the DFQ papers (METHODS.md §1.5, §5.3).
 
 All three are ACGAN-style: Linear -> (BN) -> [Up x2 -> Conv3x3 -> BN -> LeakyReLU] x2
--> Conv3x3 -> Tanh -> BN(3, affine=False); each "Up x2 -> Conv3x3" runs as :func:`upsample_conv`. The positional ``0.8`` of the original
-code is BatchNorm's *eps*, reproduced here. The final parameter-free BN
+-> Conv3x3 -> Tanh -> BN(3, affine=False); each "Up x2 -> Conv3x3" runs as :func:`upsample_conv`.
+The positional ``0.8`` of the original code is BatchNorm's *eps*, reproduced here. The final parameter-free BN
 standardises each channel over the batch, so images arrive roughly like
 normalised real images. Generators always run in train mode (batch statistics).
 """
@@ -19,12 +19,12 @@ from dfq.errors import DFQError, did_you_mean
 
 __all__ = [
     "CifarGenerator",
-    "upsample_conv",
     "ConditionalBatchNorm2d",
     "ImageNetGenerator",
     "UnconditionalGenerator",
     "create_generator",
     "list_generators",
+    "upsample_conv",
 ]
 
 
