@@ -8,19 +8,27 @@ runs done in this process with the same global batch (``train.shards = 2``).
 from __future__ import annotations
 
 import copy
+import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import yaml
+from conftest import CIFAR10_4CLASS, RESNET20_WEIGHTS, require_shared
 from test_engine import INPUT, make_config, make_teacher
 from torch import nn
 from tqdm.auto import tqdm
 
-from dfq.distributed import DistContext, GlobalBNStatsLoss, global_moments, sync_batchnorms
+from dfq.api import _quantize
+from dfq.cli import main as cli_main
+from dfq.config import resolve_config
+from dfq.distributed import DistContext, GlobalBNStatsLoss, global_moments, resolve_device, sync_batchnorms
 from dfq.engine import Engine, RunInterrupted, read_train_checkpoint
 from dfq.errors import DFQError
 from dfq.generators import BNStatsLoss, CifarGenerator
@@ -380,3 +388,62 @@ def test_q_is_an_ordinary_model_after_a_data_parallel_run(ranks):
     """ZAQ trains Q's BatchNorms on the global batch; the Q a run returns has plain BatchNorms and quantizers."""
     for got in _load(ranks, "ordinary"):
         assert got == {"batchnorms": {"BatchNorm2d"}, "reducers": {None}}
+
+
+# ------------------------------------------------------------------------------------------ command line
+def test_dfq_quantize_nproc_2_matches_one_process_with_two_shards(tmp_path):
+    """``dfq quantize --nproc 2`` re-runs itself under torchrun; rank 0 alone writes, evaluates and reports.
+
+    The published weights: with random ones the activations are so large that float rounding differences
+    flip some 4-bit codes of Q, which moves AdaDFQ's losses by ~3e-4 already in the first iteration."""
+    require_shared(RESNET20_WEIGHTS, CIFAR10_4CLASS)
+    common = ["quantize", "resnet20a_cifar10", "--method", "adadfq", "--weights", str(RESNET20_WEIGHTS), "--data"]
+    common += [str(CIFAR10_4CLASS), "--limit", "8", "--epochs", "1", "--iters-per-epoch", "1", "--batch-size", "4"]
+    common += ["--no-progress", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [sys.executable, "-m", "dfq", *common, "--nproc", "2", "--out", str(tmp_path / "two")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
+    assert two.returncode == 0, two.stderr
+    reports = [line for line in two.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 1  # one JSON line: rank 0's
+    summary = json.loads(reports[0])
+    assert (summary["processes"], summary["shards"], summary["n"]) == (2, 2, 8)
+    assert yaml.safe_load((tmp_path / "two" / "config.yaml").read_text())["train"]["shards"] == 2
+
+    assert cli_main([*common, "--shards", "2", "--out", str(tmp_path / "one")]) == 0
+    (want,) = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    (got,) = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    for key, value in want.items():
+        if key.startswith(("g_", "q_")) and not key.endswith("lr"):
+            assert got[key] == pytest.approx(value, rel=TOL["rtol"], abs=TOL["atol"]), key
+    assert got["top1"] == want["top1"]
+
+
+def test_nproc_and_device_mistakes_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "run")
+    assert cli_main(["quantize", "resnet20a_cifar10", "--method", "gdfq", "--nproc", "0", "--out", out]) == 2
+    assert capsys.readouterr().err.strip() == "dfq: error: --nproc must be >= 1, got 0"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli_main(["quantize", "resnet20a_cifar10", "--method", "gdfq", "--nproc", "2", "--out", out]) == 2
+    assert "leave it out under torchrun" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(DFQError, match="no CUDA device is available"):
+            resolve_device("cuda")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_amp_is_the_fast_mode():
+    from dfq.cli import _build_parser
+
+    args = _build_parser().parse_args(["quantize", "resnet20a_cifar10", "--amp", "--out", "x"])
+    assert args.fast is True
+
+
+def test_post_training_methods_refuse_several_processes():
+    with pytest.raises(DFQError, match="'zeroq' runs on one process"):
+        _quantize(make_teacher(), resolve_config(None, {"method": "zeroq"}), 10, INPUT, dist=DistContext(0, 2))

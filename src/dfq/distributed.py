@@ -23,11 +23,13 @@ With one process every helper is the identity, so single-process runs are unchan
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
 import inspect
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,12 +44,15 @@ from dfq.generators import BNStatsLoss
 __all__ = [
     "DistContext",
     "GlobalBNStatsLoss",
+    "bns_loss",
+    "check_shards",
     "global_moments",
-    "init_from_env",
     "local_batchnorms",
+    "process_group",
     "resolve_device",
     "shard_seed",
     "sync_batchnorms",
+    "with_shards",
 ]
 
 # Rank 0 alone evaluates on real data while the others wait in the next collective.
@@ -176,22 +181,23 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
-def init_from_env(device: str | torch.device | None = None) -> DistContext:
-    """Join the process group that ``torchrun`` describes in the environment (nccl on GPUs, gloo on CPUs).
-
-    Without ``WORLD_SIZE`` > 1 in the environment nothing is initialised (one process).
-    """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or dist.is_initialized():
-        return DistContext.current(device)
+@contextlib.contextmanager
+def process_group(device: str | torch.device | None = None) -> Iterator[DistContext]:
+    """Join the process group that ``torchrun`` describes in the environment (nccl on GPUs, gloo on CPUs)
+    for the duration of the block; without ``WORLD_SIZE`` > 1 there, one process and nothing to join."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        yield DistContext.current(device)
+        return
     dev = resolve_device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
         dist.init_process_group("nccl", timeout=_TIMEOUT, device_id=dev)
     else:
-        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
         dist.init_process_group("gloo", timeout=_TIMEOUT)
-    return DistContext.current(dev)
+    try:
+        yield DistContext.current(dev)
+    finally:
+        dist.destroy_process_group()
 
 
 def shard_seed(seed: int, shard: int) -> int:

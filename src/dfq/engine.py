@@ -608,6 +608,9 @@ class Engine:
             "epochs": c.train.epochs,
             "iters_per_epoch": c.train.iters_per_epoch,
             "batch_size": c.train.batch_size,
+            "shards": self.shards,
+            "processes": self.dist.world_size,
+            "device": str(self.device),
             "seconds": round(st.train_seconds, 3),
             "rollbacks": self.rollbacks,
         }
