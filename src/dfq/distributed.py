@@ -249,6 +249,7 @@ class _GlobalBatchNorm(nn.BatchNorm2d):
     """
 
     _dist: DistContext
+    _local_class: type = nn.BatchNorm2d  # the class sync_batchnorms found
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and self.track_running_stats and self._dist.active):
@@ -281,8 +282,7 @@ def sync_batchnorms(model: nn.Module, ctx: DistContext) -> nn.Module:
         return model
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d) and not isinstance(m, _GlobalBatchNorm):
-            cls = type(m)
-            m.__class__ = _GlobalBatchNorm if cls is nn.BatchNorm2d else _global_class(cls)
+            m.__class__ = _global_class(type(m))
             m._dist = ctx
     return model
 
@@ -297,11 +297,11 @@ def local_batchnorms(model: nn.Module) -> nn.Module:
 
 
 _GLOBAL_CLASSES: dict[type, type] = {nn.BatchNorm2d: _GlobalBatchNorm}
-_GlobalBatchNorm._local_class = nn.BatchNorm2d
 
 
 def _global_class(cls: type) -> type:
-    """``cls`` (a BatchNorm2d subclass) with its ``super().forward`` resolving to the global-batch one."""
+    """``cls`` with global-batch statistics; for a subclass of BatchNorm2d (``QuantBatchNorm2d``), one whose
+    ``super().forward`` resolves to the global-batch forward, so the subclass's own behaviour is kept."""
     if cls not in _GLOBAL_CLASSES:
         _GLOBAL_CLASSES[cls] = type(f"Global{cls.__name__}", (cls, _GlobalBatchNorm), {"_local_class": cls})
     return _GLOBAL_CLASSES[cls]

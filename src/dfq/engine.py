@@ -7,7 +7,8 @@ ranges; per-epoch multi-step learning rates; Nesterov SGD for Q and Adam for G;
 Q's BatchNorm with fixed statistics unless the method says otherwise. It also
 owns checkpoints (atomic, every K epochs, bit-identical resume on CPU), metrics
 (``metrics.jsonl``) and evaluation, which it receives as a callback: the engine
-never reads real data.
+never reads real data. Under torch.distributed it runs data-parallel over the ranks
+with the statistics of the global batch (:mod:`dfq.distributed`).
 """
 
 from __future__ import annotations
@@ -29,8 +30,15 @@ from tqdm.auto import tqdm
 
 import dfq
 from dfq.config import RunConfig, from_dict
-from dfq.distributed import DistContext, bns_loss, check_shards, local_batchnorms, shard_seed, sync_batchnorms
-from dfq.distributed import with_shards as _with_shards
+from dfq.distributed import (
+    DistContext,
+    bns_loss,
+    check_shards,
+    local_batchnorms,
+    shard_seed,
+    sync_batchnorms,
+    with_shards,
+)
 from dfq.errors import DFQError
 from dfq.generators import create_generator, lowpass
 from dfq.methods import GameMethod, Outputs, create_method
@@ -87,7 +95,7 @@ class Engine:
     ) -> None:
         self.dist = dist or DistContext.current()
         self.device = self.dist.device
-        config = _with_shards(config, self.dist.world_size)
+        config = with_shards(config, self.dist.world_size)
         self.config, self.train = config, config.train
         self.method: GameMethod = create_method(config.method, getattr(config, config.method))
         self.num_classes, self.input_size = num_classes, tuple(input_size)
