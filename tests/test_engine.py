@@ -431,7 +431,7 @@ def test_resume_is_bit_identical(method, tmp_path):
         for sa, sb in zip(opt_a.state.values(), opt_b.state.values(), strict=True):
             for key in sa:
                 assert torch.equal(torch.as_tensor(sa[key]), torch.as_tensor(sb[key])), key
-    assert torch.equal(engine_a.sampler.get_state(), engine_b.sampler.get_state())
+    assert torch.equal(engine_a.samplers[0].get_state(), engine_b.samplers[0].get_state())
 
     drop = {"seconds", "train_seconds"}
     assert {k: v for k, v in summary_a.items() if k not in drop} == {

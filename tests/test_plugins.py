@@ -801,7 +801,7 @@ def test_resume_after_an_epoch_of_learning_is_bit_identical(method, plugins, tmp
     resumed.run(resume=True)
     assert_same_states(resumed, ref)
     assert learned_keys(resumed.student) == []
-    assert torch.equal(resumed.sampler.get_state(), ref.sampler.get_state())
+    assert torch.equal(resumed.samplers[0].get_state(), ref.samplers[0].get_state())
 
 
 @pytest.mark.parametrize("method", ["gdfq", "adadfq"])

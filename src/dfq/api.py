@@ -5,6 +5,10 @@ layers. ``run(config, out_dir, evaluate=...)`` is what ``dfq quantize`` does:
 build P, quantize it data-free, save the run directory. Real data reaches a
 run only through the ``evaluate`` callback, so the methods stay data-free by
 construction.
+
+Both run data-parallel when the process group is initialised (under ``torchrun``,
+see :mod:`dfq.distributed`): every rank calls them, rank 0 alone writes files and
+evaluates.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from torch import nn
 
 import dfq
 from dfq.checkpoint import CHECKPOINT_NAME, save_quantized
-from dfq.config import DEFAULT_METHOD, RunConfig, from_dict, load_yaml, resolve_config
+from dfq.config import DEFAULT_METHOD, POST_TRAINING, RunConfig, from_dict, load_yaml, resolve_config
+from dfq.distributed import DistContext, with_shards
 from dfq.engine import TRAIN_CHECKPOINT, Engine, Evaluator
 from dfq.errors import DFQError
 from dfq.methods.recon import recon
@@ -42,6 +47,7 @@ def quantize(
     evaluate: Evaluator | None = None,
     run_dir: str | Path | None = None,
     progress: bool = True,
+    device: str | torch.device | None = None,
     **options: Any,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Quantize a float classifier without data; returns ``(Q, summary)``.
@@ -55,6 +61,8 @@ def quantize(
         seed: seed of every random stream.
         evaluate: optional callback ``model -> {"top1": ...}`` on real data.
         run_dir: optional directory for checkpoints and metrics of generator-based methods.
+        device: where the generator-based methods train ("cpu", "cuda"; default: the process
+            group's device, else the CPU); Q is returned there.
         options: dotted config overrides, e.g. ``**{"train.epochs": 10, "adadfq.lambda_l": 0.3}``.
 
     Example:
@@ -75,7 +83,14 @@ def quantize(
         None, {"method": method, "seed": seed, "quant.wbits": wbits, "quant.abits": abits, **options}
     )
     return _quantize(
-        model, config, int(classes or 0), tuple(size), evaluate=evaluate, run_dir=run_dir, progress=progress
+        model,
+        config,
+        int(classes or 0),
+        tuple(size),
+        evaluate=evaluate,
+        run_dir=run_dir,
+        progress=progress,
+        dist=DistContext.current(device),
     )
 
 
@@ -89,9 +104,12 @@ def _quantize(
     run_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    dist: DistContext | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     seed_everything(config.seed)
-    if config.method in ("zeroq", "recon"):
+    dist = dist or DistContext.current()
+    _check_processes(config, dist)
+    if config.method in POST_TRAINING:
         start = time.perf_counter()
         gen = torch.Generator().manual_seed(config.seed)
         timings: dict[str, float] = {}
@@ -119,8 +137,14 @@ def _quantize(
         run_dir=run_dir,
         evaluate=evaluate,
         progress=progress,
+        dist=dist,
     )
     return engine.run(resume=resume)
+
+
+def _check_processes(config: RunConfig, dist: DistContext) -> None:
+    if dist.active and config.method in POST_TRAINING:
+        raise DFQError(f"'{config.method}' runs on one process; launch it without torchrun or --nproc")
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
@@ -139,15 +163,21 @@ def run(
     overwrite: bool = False,
     resume: bool = False,
     progress: bool = True,
+    device: str | torch.device | None = None,
 ) -> dict[str, Any]:
     """Quantize ``config.model``; write ``config.yaml``, ``model.pt``, ``summary.json`` (and, for
     generator-based methods, ``checkpoint.pt`` and ``metrics.jsonl``) to ``out_dir``.
 
     The summary's ``top1`` is the final model's accuracy; ``top1_best`` is the best over the
-    evaluations during training, which selects on the test set (the papers' protocol).
+    evaluations during training, which selects on the test set (the papers' protocol). In a
+    data-parallel run every rank calls this; rank 0 writes and evaluates, and ``out_dir`` must be
+    on a filesystem every rank reads (a resumed run reads the checkpoint on every rank).
     """
+    dist = DistContext.current(device)
+    _check_processes(config, dist)
     out = Path(out_dir)
-    remove_stale_temporaries(out)
+    if dist.main:
+        remove_stale_temporaries(out)
     started = (out / CHECKPOINT_NAME).exists() or (out / TRAIN_CHECKPOINT).exists()
     if resume and not (out / TRAIN_CHECKPOINT).exists():
         raise DFQError(f"nothing to resume in {out}: no {TRAIN_CHECKPOINT}")
@@ -156,22 +186,38 @@ def run(
             f"run directory {out} already holds a run; pass --resume to continue it or --overwrite to replace it"
         )
     # Load P before touching the run directory: a bad weights file must not cost the previous run.
-    p = create_model(config.model, pretrained=config.weights is None, weights=config.weights, progress=progress)
+    p = create_model(
+        config.model, pretrained=config.weights is None, weights=config.weights, progress=progress and dist.main
+    )
     info = p.dfq_info
-    if overwrite and not resume:
-        for name in (TRAIN_CHECKPOINT, "metrics.jsonl"):
-            (out / name).unlink(missing_ok=True)
-    save_yaml(config.to_dict(), out / "config.yaml")
+    if config.method not in POST_TRAINING and not resume:
+        config = with_shards(config, dist.world_size)  # config.yaml records the shards this run draws
+    evaluate = evaluate if dist.main else None
+    if dist.main:
+        if overwrite and not resume:
+            for name in (TRAIN_CHECKPOINT, "metrics.jsonl"):
+                (out / name).unlink(missing_ok=True)
+        save_yaml(config.to_dict(), out / "config.yaml")
     summary: dict[str, Any] = {"model": config.model, "dfq_version": dfq.__version__}
     if evaluate:
         fp = evaluate(p)
         summary.update(fp_top1=fp["top1"], fp_top5=fp["top5"], n=fp["n"])
     q, result = _quantize(
-        p, config, info.num_classes, info.input_size, evaluate=evaluate, run_dir=out, resume=resume, progress=progress
+        p,
+        config,
+        info.num_classes,
+        info.input_size,
+        evaluate=evaluate,
+        run_dir=out,
+        resume=resume,
+        progress=progress,
+        dist=dist,
     )
     summary.update(result)
-    save_quantized(out / CHECKPOINT_NAME, q, config, summary=summary)
+    if dist.main:
+        save_quantized(out / CHECKPOINT_NAME, q, config, summary=summary)
     if "top1" in summary and "fp_top1" in summary:
         summary["drop"] = round(summary["fp_top1"] - summary["top1"], 2)
-    save_json(summary, out / "summary.json")
+    if dist.main:
+        save_json(summary, out / "summary.json")
     return summary

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import subprocess
 import sys
 import time
 import traceback
@@ -30,6 +32,7 @@ EXIT_USER_ERROR = 2
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc re-runs under torchrun
     try:
         return int(args.func(args) or 0)
     except RunInterrupted as e:
@@ -106,8 +109,27 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters-per-epoch", type=int, help="generator-based methods: iterations per epoch")
     p.add_argument("--batch-size", type=int, help="generator-based methods: generated images per iteration")
     p.add_argument("--eval-every", type=int, help="evaluate on --data every K epochs (and after the last)")
-    p.add_argument("--fast", action="store_true", default=None, help="generator-based methods: bfloat16 autocast "
-                   "and channels-last (faster, not exact; train.fast)")  # fmt: skip
+    p.add_argument(
+        "--fast",
+        "--amp",
+        dest="fast",
+        action="store_true",
+        default=None,
+        help="generator-based methods: bfloat16 autocast and channels-last, on CPU or GPU (not exact; train.fast)",
+    )
+    p.add_argument("--device", default="auto", help="generator-based methods: cpu, cuda or auto (CUDA when available)")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        help="generator-based methods: run data-parallel on N local processes (torchrun --standalone "
+        "--nproc_per_node N): one per GPU, or gloo processes on the CPU",
+    )
+    p.add_argument(
+        "--shards",
+        type=int,
+        help="generator-based methods: noise streams the batch is drawn from (train.shards; default: one per "
+        "process); one process with --shards N draws the images of N processes",
+    )
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument(
         "--override",
@@ -324,6 +346,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from dfq.config import DEFAULT_METHOD, load_yaml, resolve_config
     from dfq.models import get_model_info
 
+    if args.nproc is not None and args.nproc < 1:
+        raise DFQError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc and args.nproc > 1:
+        return _launch(args.argv, args.nproc)
     if args.resume:
         return _finish_quantize(args, load_run_config(args.out), get_model_info)
     preset = load_yaml(args.config) if args.config else {}
@@ -345,27 +371,47 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         "train.batch_size": args.batch_size,
         "train.eval_every": args.eval_every,
         "train.fast": args.fast,
+        "train.shards": args.shards,
     }
     if args.override:
         overrides["quant.overrides"] = _parse_overrides(args.override)
     return _finish_quantize(args, resolve_config(preset, overrides), get_model_info)
 
 
+def _launch(argv: list[str], nproc: int) -> int:
+    """Run this very command again as ``nproc`` local processes under torchrun (PyTorch's launcher)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise DFQError("--nproc starts its own processes: leave it out under torchrun")
+    rest, skip = [], False
+    for arg in argv:
+        if skip or arg == "--nproc" or arg.startswith("--nproc="):
+            skip = arg == "--nproc"
+            continue
+        rest.append(arg)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return subprocess.call([*launcher, "-m", "dfq", *rest])
+
+
 def _finish_quantize(args: argparse.Namespace, config: Any, get_model_info: Any) -> int:
     from dfq.api import run
+    from dfq.distributed import process_group
 
     info = get_model_info(config.model)
     if config.weights and not Path(config.weights).is_file():
         raise DFQError(f"weights file not found: {config.weights}")
     evaluator = _make_evaluator(args, info)[0] if args.data else None  # validates the data before any work
-    summary = run(
-        config,
-        args.out,
-        evaluate=evaluator,
-        overwrite=args.overwrite,
-        resume=args.resume,
-        progress=not args.no_progress,
-    )
+    with process_group(args.device) as dist:  # the one torchrun describes, if any
+        summary = run(
+            config,
+            args.out,
+            evaluate=evaluator,
+            overwrite=args.overwrite,
+            resume=args.resume,
+            progress=not args.no_progress,
+            device=dist.device,
+        )
+    if not dist.main:
+        return 0  # rank 0 reports
     bits = f"W{config.quant.wbits}A{config.quant.abits}"
     human = f"{config.method} {bits} {config.model}: quantized in {summary['seconds']:.1f}s -> {args.out}"
     if "top1" in summary and "fp_top1" in summary:

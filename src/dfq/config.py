@@ -52,6 +52,9 @@ class TrainConfig:
         rollback_lr_factor: multiply the learning rates by this at each rollback.
         fast: trade exactness for speed: bfloat16 autocast for the forwards and backwards of G, P and Q and the
             channels-last memory format (quantizers, BNS statistics and losses stay in float32).
+        shards: the batch is this many equal shards, each drawn from its own noise stream, split evenly over the
+            processes of a data-parallel run; ``None``: one per process of the launch that starts the run (fixed in
+            the run's config.yaml). One process with ``shards: S`` draws exactly the images of S processes.
     """
 
     epochs: int = 400
@@ -74,8 +77,11 @@ class TrainConfig:
     max_rollbacks: int = 3
     rollback_lr_factor: float = 0.5
     fast: bool = False
+    shards: int | None = None
 
     def __post_init__(self) -> None:
+        if self.shards is not None and self.shards < 1:
+            raise DFQError(f"train.shards must be >= 1, got {self.shards}")
         for key in ("epochs", "iters_per_epoch", "batch_size", "eval_every", "checkpoint_every", "observe_epochs"):
             if getattr(self, key) < 1:
                 raise DFQError(f"train.{key} must be >= 1, got {getattr(self, key)}")

@@ -7,7 +7,8 @@ ranges; per-epoch multi-step learning rates; Nesterov SGD for Q and Adam for G;
 Q's BatchNorm with fixed statistics unless the method says otherwise. It also
 owns checkpoints (atomic, every K epochs, bit-identical resume on CPU), metrics
 (``metrics.jsonl``) and evaluation, which it receives as a callback: the engine
-never reads real data.
+never reads real data. Under torch.distributed it runs data-parallel over the ranks
+with the statistics of the global batch (:mod:`dfq.distributed`).
 """
 
 from __future__ import annotations
@@ -29,8 +30,17 @@ from tqdm.auto import tqdm
 
 import dfq
 from dfq.config import RunConfig, from_dict
+from dfq.distributed import (
+    DistContext,
+    bns_loss,
+    check_shards,
+    local_batchnorms,
+    shard_seed,
+    sync_batchnorms,
+    with_shards,
+)
 from dfq.errors import DFQError
-from dfq.generators import BNStatsLoss, create_generator, lowpass
+from dfq.generators import create_generator, lowpass
 from dfq.methods import GameMethod, Outputs, create_method
 from dfq.methods.plugins import CamProbe, cam_loss, easy_mask, grad_cam, masked_ce
 from dfq.methods.zaq import feature_layers
@@ -67,6 +77,8 @@ class Engine:
         input_size: (C, H, W) of one input.
         run_dir: where checkpoints and metrics go (``None``: keep nothing on disk).
         evaluate: callback returning ``{"top1": ...}`` for a model on real data.
+        dist: this process's place in a data-parallel run and its device (default: the initialised
+            process group, else one process on the CPU); see :mod:`dfq.distributed`.
     """
 
     def __init__(
@@ -79,7 +91,11 @@ class Engine:
         run_dir: str | Path | None = None,
         evaluate: Evaluator | None = None,
         progress: bool = True,
+        dist: DistContext | None = None,
     ) -> None:
+        self.dist = dist or DistContext.current()
+        self.device = self.dist.device
+        config = with_shards(config, self.dist.world_size)
         self.config, self.train = config, config.train
         self.method: GameMethod = create_method(config.method, getattr(config, config.method))
         self.num_classes, self.input_size = num_classes, tuple(input_size)
@@ -95,10 +111,10 @@ class Engine:
             p.requires_grad_(True)
         self.student.train(self.method.student_bn_train)
         self.generator = self._make_generator().train()
-        for model in (self.teacher, self.student, self.generator):  # oneDNN's convolutions are fastest on NHWC
-            model.to(memory_format=torch.channels_last)
+        for model in (self.teacher, self.student, self.generator):  # oneDNN's and cuDNN's convolutions: fastest on NHWC
+            model.to(self.device, memory_format=torch.channels_last)
         self.features = feature_layers(teacher, config.zaq.feature_layers) if self.method.uses_features else []
-        self._bns = BNStatsLoss(self.teacher) if self.method.uses_bns else None
+        self._bns = bns_loss(self.teacher, self.dist) if self.method.uses_bns else None
 
         t = self.train
         self.q_opt = torch.optim.SGD(
@@ -111,11 +127,18 @@ class Engine:
         self.g_opt = torch.optim.Adam(self.generator.parameters(), lr=t.g_lr, betas=tuple(t.g_betas))
         self.plugins = config.plugins
         self._check_plugins()
+        self._parallelize()
         self._cams = (
             (CamProbe(self.teacher, leaf=True), CamProbe(self.student, leaf=False)) if self.plugins.cam_weight else ()
         )
         self.qp_opt: torch.optim.Adam | None = None  # the learned steps/rounding (plugins.lsq, plugins.adaround)
-        self.sampler = torch.Generator().manual_seed(config.seed)
+        self.shards = config.train.shards
+        check_shards(t.batch_size, self.shards, self.dist.world_size)
+        own = self.shards // self.dist.world_size
+        self.samplers = {  # this rank's shards, each with its own noise stream
+            k: torch.Generator().manual_seed(shard_seed(config.seed, k))
+            for k in range(self.dist.rank * own, (self.dist.rank + 1) * own)
+        }
         self.state = _State()
         self._last_good: dict[str, Any] | None = None
         self.rollbacks = 0
@@ -136,6 +159,25 @@ class Engine:
             )
         return gen
 
+    def _parallelize(self) -> None:
+        """Data-parallel set-up (nothing with one process): global-batch BatchNorms in G (and in Q where
+        it trains them), global activation ranges, and G and Q in DistributedDataParallel for their updates."""
+        self._g_train, self._q_train = self.generator, self.student
+        if not self.dist.active:
+            return
+        sync_batchnorms(self.generator, self.dist)
+        if self.method.student_bn_train:
+            sync_batchnorms(self.student, self.dist)
+        for _, q in act_quantizers(self.student):
+            q.reduce_range = self.dist.global_range
+        self._g_train, self._q_train = self.dist.wrap(self.generator), self.dist.wrap(self.student)
+
+    def _unparallelize(self) -> None:
+        """Q becomes an ordinary model again (its state is unchanged)."""
+        local_batchnorms(self.student)
+        for _, q in act_quantizers(self.student):
+            q.reduce_range = None
+
     def _check_plugins(self) -> None:
         pl, m = self.plugins, self.method
         if pl.learns_quantizers and self.train.epochs <= self._learn_epoch:
@@ -149,6 +191,8 @@ class Engine:
             raise DFQError("plugins.lsq: the model has no quantized weights or activations")
         if (pl.hard_tau is not None or pl.cam_weight) and not m.conditional:
             raise DFQError(f"plugins.hard_tau and plugins.cam_weight need sampled labels; '{m.name}' has none")
+        if self.dist.active and (pl.cam_weight or pl.learns_quantizers):
+            raise DFQError("plugins.cam_weight, plugins.lsq and plugins.adaround run on one process only (for now)")
 
     @staticmethod
     def _lr(base: float, milestones: list[int], gamma: float, epoch: int) -> float:
@@ -157,10 +201,33 @@ class Engine:
 
     # --------------------------------------------------------------- sampling
     def _sample(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        b = self.train.batch_size
-        z = torch.randn(b, self.generator.latent_dim, generator=self.sampler)
-        y = torch.randint(self.num_classes, (b,), generator=self.sampler) if self.method.conditional else None
-        return z, y
+        """Noise (and labels) of this rank's shards, each from its own stream (on the CPU, so that the
+        images do not depend on the device)."""
+        b = self.train.batch_size // self.shards
+        zs, ys = [], []
+        for gen in self.samplers.values():
+            zs.append(torch.randn(b, self.generator.latent_dim, generator=gen))
+            if self.method.conditional:
+                ys.append(torch.randint(self.num_classes, (b,), generator=gen))
+        z = torch.cat(zs).to(self.device)
+        return z, torch.cat(ys).to(self.device) if ys else None
+
+    def _global(self, out: Outputs) -> Outputs:
+        """The method's view of the batch: logits, labels and label weights of the global batch
+        (images, BNS and feature maps stay this rank's; every loss on them is a per-sample mean)."""
+        if not self.dist.active:
+            return out
+        g = self.dist.gather
+        return Outputs(
+            out.x,
+            None if out.y is None else g(out.y),
+            g(out.p_logits),
+            None if out.q_logits is None else g(out.q_logits),
+            out.bns,
+            out.p_feats,
+            out.q_feats,
+            None if out.label_mask is None else g(out.label_mask),
+        )
 
     @contextlib.contextmanager
     def _capture(self, model: nn.Module) -> Iterator[list[torch.Tensor]]:
@@ -192,14 +259,14 @@ class Engine:
 
     def _student_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list]:
         with self._capture(self.student) as feats:
-            logits = self.student(x)
+            logits = self._q_train(x)  # Q, in DistributedDataParallel in a data-parallel run
         return logits.float(), [f.float() for f in feats]
 
     # ------------------------------------------------------------------ steps
     def _generator_step(self) -> tuple[Outputs, dict[str, torch.Tensor]]:
         m = self.method
         z, y = self._sample()
-        x = self.generator(z, y)
+        x = self._g_train(z, y)
         p_logits, bns, p_feats = self._teacher_forward(x, m.uses_bns)
         q_logits, q_feats = None, None
         if m.generator_uses_student:
@@ -208,10 +275,10 @@ class Engine:
             with _no_param_grads(self.student):
                 q_logits, q_feats = self._student_forward(x)
         out = Outputs(x, y, p_logits, q_logits, bns, p_feats, q_feats)
-        with _float32():
-            losses = m.generator_loss(out)
+        with _float32(self.device):
+            losses = m.generator_loss(self._global(out))
         self.g_opt.zero_grad(set_to_none=True)
-        _check_finite(losses["loss"], "generator loss")
+        _check_finite(losses["loss"], "generator loss", self.dist)
         losses["loss"].backward()
         _check_grads(self.g_opt, "generator gradient")
         self.g_opt.step()
@@ -236,9 +303,9 @@ class Engine:
         with torch.set_grad_enabled(train_q), cam:
             q_logits, q_feats = self._student_forward(x)
             out = Outputs(x, batch.y, p_logits, q_logits, None, p_feats, q_feats)
-            with _float32():
+            with _float32(self.device):
                 losses = self._student_losses(out, p_cam)
-        _check_finite(losses["loss"], "quantized-model loss")
+        _check_finite(losses["loss"], "quantized-model loss", self.dist)
         if train_q:
             for opt in self._q_opts():
                 opt.zero_grad(set_to_none=True)
@@ -264,8 +331,8 @@ class Engine:
         pl, m = self.plugins, self.method
         if pl.hard_tau is not None:
             out.label_mask = easy_mask(out.p_logits, out.y, pl.hard_tau)
-        losses = m.student_loss(out)
-        extra: dict[str, torch.Tensor] = {}
+        losses = m.student_loss(self._global(out))
+        extra: dict[str, torch.Tensor] = {}  # the plug-ins' terms: per-sample means of this rank's shard
         if out.label_mask is not None:
             extra["easy_frac"] = out.label_mask.mean()
             if not m.label_ce and pl.hard_ce_weight:
@@ -284,6 +351,7 @@ class Engine:
         m = self.method
         return (
             self.share_student_forward
+            and not self.dist.active  # its gradients are routed with autograd.grad, which DDP does not see
             and train_q
             and m.generator_uses_student
             and not m.student_first
@@ -301,11 +369,11 @@ class Engine:
         x = self.generator(z, y)
         p_logits, bns, p_feats = self._teacher_forward(x, m.uses_bns)
         q_logits, q_feats = self._student_forward(x)
-        with _float32():
+        with _float32(self.device):
             g_losses = m.generator_loss(Outputs(x, y, p_logits, q_logits, bns, p_feats, q_feats))
         detached = [f.detach() for f in p_feats] if p_feats else p_feats
         q_out = Outputs(x.detach(), y, p_logits.detach(), q_logits, None, detached, q_feats)
-        with _float32():
+        with _float32(self.device):
             q_losses = self._student_losses(q_out)
         _check_finite(g_losses["loss"], "generator loss")
         _check_finite(q_losses["loss"], "quantized-model loss")
@@ -328,7 +396,7 @@ class Engine:
 
     def precision(self) -> contextlib.AbstractContextManager:
         """bfloat16 autocast with ``train.fast``, else nothing."""
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.train.fast)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.train.fast)
 
     def _iteration(self, train_q: bool) -> dict[str, torch.Tensor]:
         with self.precision():
@@ -424,7 +492,7 @@ class Engine:
             total=t.epochs * t.iters_per_epoch,
             initial=st.epoch * t.iters_per_epoch + st.iteration,
             desc=self.method.name,
-            disable=not self.progress,
+            disable=not (self.progress and self.dist.main),
             dynamic_ncols=True,
         )
         if self._last_good is None:
@@ -439,6 +507,7 @@ class Engine:
         finally:
             bar.close()
         self._end_quantizer_learning()
+        self._unparallelize()
         self.student.to(memory_format=torch.contiguous_format)  # the caller gets an ordinary model
         return self.student, self.summary()
 
@@ -458,7 +527,7 @@ class Engine:
                 self._begin_quantizer_learning()
         while st.iteration < t.iters_per_epoch:
             start = time.perf_counter()
-            logs = self._iteration(train_q)
+            logs = self._mean_over_ranks(self._iteration(train_q))
             if epoch < t.observe_epochs:
                 ranges = [v for _, q in act_quantizers(self.student) for v in (q.lo, q.hi)]
                 if ranges:
@@ -475,13 +544,26 @@ class Engine:
             global_iter = epoch * t.iters_per_epoch + st.iteration
             if t.checkpoint_every_iters and global_iter % t.checkpoint_every_iters == 0:
                 self._save_checkpoint()
-            if stop:
+            if self._stop_requested(stop):
                 self._save_checkpoint()
                 raise RunInterrupted(stop[0], epoch, st.iteration, self.run_dir, self.config.model)
         self._end_epoch(epoch, train_q, bar)
-        if stop and epoch < t.epochs - 1:
+        if self._stop_requested(stop) and epoch < t.epochs - 1:
             self._save_checkpoint()
             raise RunInterrupted(stop[0], epoch + 1, 0, self.run_dir, self.config.model)
+
+    def _mean_over_ranks(self, logs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Logged values averaged over ranks (one collective): the global batch's."""
+        if not (self.dist.active and logs):
+            return logs
+        return dict(zip(logs, self.dist.mean(torch.stack([v.float() for v in logs.values()])), strict=True))
+
+    def _stop_requested(self, stop: list[int] | None) -> bool:
+        """A SIGINT/SIGTERM seen by any rank stops every rank at the same iteration."""
+        signum = self.dist.max_int(stop[0] if stop else 0)
+        if signum and stop is not None and not stop:
+            stop.append(signum)
+        return bool(signum)
 
     def _end_epoch(self, epoch: int, train_q: bool, bar: tqdm) -> None:
         t, st = self.train, self.state
@@ -493,7 +575,7 @@ class Engine:
             **{k: float(v) / t.iters_per_epoch for k, v in st.sums.items()},
         }
         last = epoch == t.epochs - 1
-        if self.evaluate and ((epoch + 1) % t.eval_every == 0 or last):
+        if self.evaluate and self.dist.main and ((epoch + 1) % t.eval_every == 0 or last):
             metrics = self._evaluate()
             record.update(top1=metrics["top1"], top5=metrics.get("top5"))
             st.history.append({"epoch": epoch, "top1": metrics["top1"]})
@@ -533,6 +615,9 @@ class Engine:
             "epochs": c.train.epochs,
             "iters_per_epoch": c.train.iters_per_epoch,
             "batch_size": c.train.batch_size,
+            "shards": self.shards,
+            "processes": self.dist.world_size,
+            "device": str(self.device),
             "seconds": round(st.train_seconds, 3),
             "rollbacks": self.rollbacks,
         }
@@ -562,10 +647,17 @@ class Engine:
                 "q_opt": self.q_opt.state_dict(),
                 "g_opt": self.g_opt.state_dict(),
                 "qp_opt": None if self.qp_opt is None else self.qp_opt.state_dict(),
-                "sampler": self.sampler.get_state(),
+                "sampler": self._sampler_states(),
                 "torch_rng": torch.get_rng_state(),
             }
         )
+
+    def _sampler_states(self) -> torch.Tensor:
+        """Every shard's noise-stream state, gathered from the ranks: (shards, state bytes)."""
+        states: dict[int, torch.Tensor] = {}
+        for part in self.dist.gather_objects({k: g.get_state() for k, g in self.samplers.items()}):
+            states.update(part)
+        return torch.stack([states[k] for k in range(self.shards)])
 
     def _save_checkpoint(self) -> None:
         """Keep the current state as the last good one, in memory and (atomically) on disk."""
@@ -574,7 +666,7 @@ class Engine:
                 if t.is_floating_point():
                     _check_finite(t, f"{name} state")  # never keep a NaN model
         self._last_good = self._snapshot()
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.dist.main:
             save_torch(self._last_good, self.run_dir / TRAIN_CHECKPOINT)
 
     def _restore(self, ckpt: dict[str, Any]) -> None:
@@ -589,7 +681,9 @@ class Engine:
         # load_state_dict keeps the given tensors: copies, so training never writes into the snapshot
         self.q_opt.load_state_dict(copy.deepcopy(ckpt["q_opt"]))
         self.g_opt.load_state_dict(copy.deepcopy(ckpt["g_opt"]))
-        self.sampler.set_state(ckpt["sampler"])
+        states = _stream_states(ckpt["sampler"])
+        for k, gen in self.samplers.items():
+            gen.set_state(states[k].clone())  # a view of the stacked states crashes set_state
         torch.set_rng_state(ckpt["torch_rng"])
         self.state = _State(
             ckpt["epoch"],
@@ -610,6 +704,9 @@ class Engine:
                 f"the checkpoint in {self.run_dir} was written with a different configuration; "
                 "resume with the run's own config.yaml"
             )
+        streams = len(_stream_states(ckpt["sampler"]))
+        if streams != self.shards:
+            raise DFQError(f"the checkpoint in {self.run_dir} has {streams} noise streams, this run {self.shards}")
         for name, module in (("student", self.student), ("generator", self.generator)):
             saved_state = ckpt[name]
             if name == "student" and ckpt.get("qp_opt") is not None:  # learned steps/rounding: checked after _restore
@@ -634,14 +731,15 @@ class Engine:
         self._restore(self._last_good)
         self.state.lr_scale = scale * t.rollback_lr_factor
         bar.n = self.state.epoch * t.iters_per_epoch + self.state.iteration
-        bar.write(
-            f"{reason} at epoch {self.state.epoch}: rolled back to epoch {self.state.epoch}, iteration "
-            f"{self.state.iteration} with learning rates x{self.state.lr_scale:g} "
-            f"(rollback {self.rollbacks}/{t.max_rollbacks})"
-        )
+        if self.dist.main:
+            bar.write(
+                f"{reason} at epoch {self.state.epoch}: rolled back to epoch {self.state.epoch}, iteration "
+                f"{self.state.iteration} with learning rates x{self.state.lr_scale:g} "
+                f"(rollback {self.rollbacks}/{t.max_rollbacks})"
+            )
 
     def _append_metrics(self, record: dict[str, Any]) -> None:
-        if self.run_dir is None:
+        if self.run_dir is None or not self.dist.main:
             return
         path = self.run_dir / "metrics.jsonl"
         lines = path.read_text().splitlines() if path.exists() else []
@@ -649,6 +747,11 @@ class Engine:
         kept = [ln for ln in lines if json.loads(ln)["epoch"] < record["epoch"]]
         text = "".join(ln + "\n" for ln in [*kept, json.dumps(record)])
         atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _stream_states(saved: torch.Tensor) -> torch.Tensor:
+    """The saved noise-stream states as (shards, bytes); checkpoints of one stream hold a single state."""
+    return saved[None] if saved.dim() == 1 else saved
 
 
 def read_train_checkpoint(run_dir: str | Path) -> dict[str, Any]:
@@ -698,9 +801,9 @@ def _stop_requests() -> Iterator[list[int]]:
             signal.signal(sig, handler)
 
 
-def _float32() -> contextlib.AbstractContextManager:
+def _float32(device: torch.device) -> contextlib.AbstractContextManager:
     """Losses in float32 even inside fast mode's autocast (their inputs are float32 already)."""
-    return torch.autocast("cpu", enabled=False)
+    return torch.autocast(device.type, enabled=False)
 
 
 @contextlib.contextmanager
@@ -719,8 +822,13 @@ class _Diverged(Exception):
     """A NaN/Inf appeared; the engine rolls back to the last good state."""
 
 
-def _check_finite(value: torch.Tensor, what: str) -> None:
-    if not bool(torch.isfinite(value).all()):
+def _check_finite(value: torch.Tensor, what: str, dist: DistContext | None = None) -> None:
+    """Raise :class:`_Diverged` on a NaN/Inf; with ``dist``, on every rank if one rank has it (a value that
+    differs between ranks must not send them down different branches)."""
+    bad = not bool(torch.isfinite(value).all())
+    if dist is not None:
+        bad = dist.any(bad)
+    if bad:
         raise _Diverged(f"the {what} became non-finite")
 
 

@@ -66,7 +66,9 @@ class AdaDFQ(GameMethod):
         ds = F.cross_entropy(disagreement, out.y)
         agree = F.cross_entropy(out.p_logits + out.q_logits, out.y)
         loss = bg + c.beta * (c.alpha_ds * ds + c.alpha_as * agree) + c.gamma * out.bns
-        q10, q50, q90 = torch.quantile(h_norm.detach(), torch.tensor([0.1, 0.5, 0.9], dtype=h_norm.dtype))
+        q10, q50, q90 = torch.quantile(
+            h_norm.detach(), torch.tensor([0.1, 0.5, 0.9], dtype=h_norm.dtype, device=h_norm.device)
+        )
         # H′ quantiles: where the batch's adaptability sits against the [λ_l, λ_u] band (for reports).
         return {
             "loss": loss,

@@ -7,6 +7,7 @@ lives in buffers, so it is saved in and restored from checkpoints.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from enum import IntEnum
 
 import torch
@@ -175,9 +176,13 @@ class ActQuantizer(nn.Module):
 
     ``drop_prob`` (QDrop, Wei et al. 2022): in LEARNED mode and training, each element is
     left in float with this probability.
+
+    ``reduce_range``: maps a batch's ``(min, max)`` to the range to observe; a data-parallel run
+    sets it to the min/max over all processes, so every process observes the global batch.
     """
 
     drop_prob: float = 0.0
+    reduce_range: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def __init__(self, spec: QuantSpec, observer: str = "ema", momentum: float = 0.9) -> None:
         super().__init__()
@@ -268,6 +273,8 @@ class ActQuantizer(nn.Module):
     def observe(self, x: torch.Tensor) -> None:
         """Fold one batch's min/max into the range."""
         b_lo, b_hi = x.detach().min().float(), x.detach().max().float()
+        if self.reduce_range is not None:
+            b_lo, b_hi = self.reduce_range(b_lo, b_hi)
         first = int(self.num_updates) == 0
         if self.observer == "minmax":
             self.lo.copy_(b_lo if first else torch.minimum(self.lo, b_lo))

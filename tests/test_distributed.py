@@ -1,0 +1,485 @@
+"""Data-parallel runs: 2 gloo processes × B/2 give what 1 process × B gives (METHODS.md §1.7 on the global batch).
+
+One module-scoped fixture starts two processes once; each runs every case below on the tiny
+teacher of ``test_engine`` and saves what it saw. The tests compare those records with the same
+runs done in this process with the same global batch (``train.shards = 2``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import yaml
+from conftest import CIFAR10_4CLASS, RESNET20_WEIGHTS, require_shared
+from test_engine import INPUT, make_config, make_teacher
+from torch import nn
+from tqdm.auto import tqdm
+
+from dfq.api import _quantize
+from dfq.cli import main as cli_main
+from dfq.config import resolve_config
+from dfq.distributed import (
+    DistContext,
+    GlobalBNStatsLoss,
+    global_moments,
+    local_batchnorms,
+    resolve_device,
+    sync_batchnorms,
+)
+from dfq.engine import Engine, RunInterrupted, read_train_checkpoint
+from dfq.errors import DFQError
+from dfq.generators import BNStatsLoss, CifarGenerator
+from dfq.quant import QuantBatchNorm2d, act_quantizers
+
+pytestmark = pytest.mark.filterwarnings("ignore:reduction. 'mean' divides")
+
+METHODS = ["gdfq", "adasg", "adadfq", "zaq"]  # ZAQ last: the run whose Q is checked afterwards
+WORLD = 2
+# 3 epochs x 2 iterations: warm-up (G only) while observing ranges, Q training while observing, frozen ranges.
+SCHEDULE = {"train__epochs": 3, "train__iters_per_epoch": 2, "train__observe_epochs": 2, "train__shards": WORLD}
+# float32 sums in a different order; Adam turns a relative gradient error into at most that relative step error.
+TOL = {"rtol": 1e-4, "atol": 1e-5}
+# G's Adam divides each gradient by its own magnitude, so where a gradient is ~0 (|g| ~ Adam's eps) a rounding
+# error of it moves that element's step by a good part of lr (1e-3). G's state: every element within lr per
+# step, and all but 0.1% of them within TOL. A bias just before a training-mode BatchNorm has an exactly zero
+# gradient (the BatchNorm subtracts the batch mean): what is computed is rounding, which Adam turns into a step
+# of up to lr in a random direction (the next BatchNorm's running mean follows it): within 2.5 lr per step.
+G_LR = 1e-3
+NOISE_DRIVEN = {"conv1.bias", "conv2.bias", "bn1.running_mean", "bn2.running_mean"}
+
+
+def _config(method: str, **overrides):
+    return make_config(method, **{**SCHEDULE, **overrides})
+
+
+def _teacher() -> nn.Module:
+    """The tiny teacher with logits 30x larger. With its small logits P ≈ Q, AdaSG/AdaDFQ's normaliser
+    log C − min H of H′ is ~6e-5 and float32 rounding of the entropies alone moves H′ by ~0.2%."""
+    net = make_teacher()
+    with torch.no_grad():
+        net.fc.weight.mul_(30)
+        net.fc.bias.mul_(30)
+    return net
+
+
+def _engine(config, dist_ctx: DistContext | None = None, run_dir: Path | None = None) -> Engine:
+    torch.manual_seed(0)
+    return Engine(config, _teacher(), num_classes=10, input_size=INPUT, run_dir=run_dir, progress=False, dist=dist_ctx)
+
+
+def _grads(engine: Engine) -> dict[str, torch.Tensor]:
+    return {
+        f"{name}.{k}": p.grad.clone()
+        for name, module in (("G", engine.generator), ("Q", engine.student))
+        for k, p in module.named_parameters()
+        if p.grad is not None
+    }
+
+
+def _state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _after(engine: Engine, logs: dict[str, torch.Tensor]) -> dict:
+    """What an iteration produced: its logged values, the gradients of its last steps, the new state."""
+    return {
+        "logs": {k: float(v) for k, v in logs.items()},
+        "grads": _grads(engine),
+        "G": _state(engine.generator),
+        "Q": _state(engine.student),
+        "q_opt": copy.deepcopy(engine.q_opt.state_dict()["state"]),
+        "g_opt": copy.deepcopy(engine.g_opt.state_dict()["state"]),
+    }
+
+
+def _record(engine: Engine, resume: bool = False) -> list[dict]:
+    """Run ``engine`` to the end; per iteration the state it started from and what it produced."""
+    steps: list[dict] = []
+    iteration = engine._iteration
+
+    def recording(train_q: bool) -> dict[str, torch.Tensor]:
+        before = engine._snapshot()
+        out = iteration(train_q)
+        steps.append({"before": before, "train_q": train_q, **_after(engine, engine._mean_over_ranks(out))})
+        return out
+
+    engine._iteration = recording
+    engine.run(resume=resume)
+    return steps
+
+
+def _partial(engine: Engine, epochs: int) -> None:
+    """Train ``epochs`` epochs and leave the checkpoint a killed run would leave."""
+    engine._last_good = engine._snapshot()
+    bar = tqdm(disable=True)
+    for epoch in range(epochs):
+        engine._run_epoch(epoch, bar)
+
+
+# --------------------------------------------------------------------------------------- the two ranks
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, port: int, out: Path) -> None:
+    """One rank: every case, its records saved to ``out/<case>.<rank>.pt``."""
+    torch.set_num_threads(1)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        ctx = DistContext.current()
+        for method in METHODS:
+            engine = _engine(_config(method), ctx)
+            torch.save(_record(engine), out / f"{method}.{rank}.pt")
+        bns = {type(m).__name__ for m in engine.student.modules() if isinstance(m, nn.BatchNorm2d)}
+        reducers = {q.reduce_range for _, q in act_quantizers(engine.student)}
+        torch.save({"batchnorms": bns, "reducers": reducers}, out / f"ordinary.{rank}.pt")
+        torch.save(_primitives(ctx), out / f"primitives.{rank}.pt")
+        # Resume across world sizes: finish a checkpoint written by one process; write one for one process.
+        torch.save(_record(_engine(_config("gdfq"), ctx, out / "from1"), resume=True), out / f"from1.{rank}.pt")
+        _partial(_engine(_config("gdfq"), ctx, out / "from2"), epochs=2)
+        _check_refusals(ctx, out, rank)
+        torch.save(_faults(ctx, out, rank), out / f"faults.{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _primitives(ctx: DistContext) -> dict:
+    """The global-batch building blocks on this rank's half of a fixed batch, with their gradients."""
+    g = torch.Generator().manual_seed(5)
+    x = (3 + 2 * torch.randn(8, 4, 5, 5, generator=g))[4 * ctx.rank : 4 * (ctx.rank + 1)].requires_grad_()
+    var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    g_mean, g_var = global_moments(mean, var, ctx)
+    gathered = ctx.gather(x.sum(dim=(2, 3)))
+    (g_mean.sum() + g_var.square().sum() + gathered.square().sum()).backward()
+    bn = sync_batchnorms(nn.BatchNorm2d(4, eps=0.8).train(), ctx)
+    xb = x.detach().clone().requires_grad_()
+    y = bn(xb)
+    ctx.gather(y).pow(3).sum().backward()  # the same global loss on every rank
+    lo, hi = ctx.global_range(x.detach().min(), x.detach().max())
+    deploy_bn = sync_batchnorms(QuantBatchNorm2d(4).train(), ctx)  # a subclass keeps its own forward
+    xd = x.detach().clone()
+    deploy = {"class": type(deploy_bn).__name__, "out": ctx.gather(deploy_bn(xd))}
+    deploy["restored"] = type(local_batchnorms(deploy_bn)).__name__
+    return {
+        "deploy_bn": deploy,
+        "moments": (g_mean.detach(), g_var.detach()),
+        "gathered": gathered.detach(),
+        "x_grad": x.grad,
+        "bn_out": ctx.gather(y.detach()),
+        "bn_x_grad": ctx.gather(xb.grad),
+        "bn_state": _state(bn),
+        "bn_param_grads": [p.grad.clone() for p in bn.parameters()],
+        "range": (lo, hi),
+        "bn_class": type(bn).__name__,
+    }
+
+
+def _faults(ctx: DistContext, out: Path, rank: int) -> dict:
+    """A NaN and a stop request seen by rank 1 only: every rank must take the same branch."""
+    engine = _engine(_config("adadfq"), ctx)
+    loss, calls = engine.method.generator_loss, []
+
+    def nan_on_rank_1(batch):
+        calls.append(1)
+        losses = loss(batch)
+        if rank == 1 and len(calls) == 3:
+            losses["loss"] = losses["loss"] * float("nan")
+        return losses
+
+    engine.method.generator_loss = nan_on_rank_1
+    engine.run()
+    stopped = _engine(_config("gdfq"), ctx, out / "stopped")
+    requested, checks = stopped._stop_requested, []
+
+    def signal_on_rank_1(stop):
+        checks.append(1)
+        if rank == 1 and len(checks) == 3 and stop is not None:
+            stop.append(15)  # what SIGTERM does to the stop list
+        return requested(stop)
+
+    stopped._stop_requested = signal_on_rank_1
+    try:
+        stopped.run()
+        interrupted = None
+    except RunInterrupted as e:
+        interrupted = (e.exit_code, stopped.state.epoch, stopped.state.iteration)
+    return {"rollbacks": engine.rollbacks, "G": _state(engine.generator), "interrupted": interrupted}
+
+
+def _check_refusals(ctx: DistContext, out: Path, rank: int) -> None:
+    """What a data-parallel run refuses, with the reason."""
+    messages = []
+    for overrides in ({"plugins.lsq": True, "quant.weight_scales": "stored"}, {"train__shards": 1}):
+        config = _config("gdfq", **{k.replace(".", "__"): v for k, v in overrides.items()})
+        try:
+            _engine(config, ctx)
+        except DFQError as e:
+            messages.append(str(e))
+    torch.save(messages, out / f"refusals.{rank}.pt")
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Start two gloo processes once; they run every case. Returns the folder of their records."""
+    out = tmp_path_factory.mktemp("ranks")
+    one = _engine(_config("gdfq"), run_dir=out / "from1")  # a one-process checkpoint for the ranks to resume
+    _partial(one, epochs=2)
+    mp.start_processes(_rank_main, args=(_free_port(), out), nprocs=WORLD, start_method="spawn")
+    return out
+
+
+def _load(ranks: Path, case: str) -> list[dict]:
+    return [torch.load(ranks / f"{case}.{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+def _assert_close(got: dict, want: dict, what: str) -> None:
+    assert got.keys() == want.keys(), what
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], **TOL, msg=lambda m, k=k: f"{what} {k}: {m}")
+
+
+def _assert_close_after_adam(got: dict, want: dict, what: str, steps: int) -> None:
+    """G's state ``steps`` Adam steps after a common one (see G_LR)."""
+    assert got.keys() == want.keys(), what
+    loose = total = 0
+    for k in want:
+        bound = steps * G_LR * (2.5 if k in NOISE_DRIVEN else 1.0)
+        torch.testing.assert_close(got[k], want[k], rtol=0.0, atol=bound, msg=lambda m, k=k: f"{what} {k}: {m}")
+        if k not in NOISE_DRIVEN and want[k].is_floating_point():
+            loose += int((~torch.isclose(got[k], want[k], **TOL)).sum())
+            total += want[k].numel()
+    assert loose <= 1e-3 * total, f"{what}: {loose} of {total} elements differ by more than {TOL}"
+
+
+def _assert_same_step(got: dict, want: dict, what: str, steps: int = 1) -> None:
+    """The same logged values, gradients, parameters, buffers and optimizer states."""
+    assert got["logs"].keys() == want["logs"].keys(), what
+    for k, v in want["logs"].items():
+        assert got["logs"][k] == pytest.approx(v, rel=TOL["rtol"], abs=TOL["atol"]), f"{what}: {k}"
+    _assert_close(got["grads"], want["grads"], f"{what}: gradients")
+    _assert_close(got["Q"], want["Q"], f"{what}: Q")
+    _assert_close_after_adam(got["G"], want["G"], f"{what}: G", steps)
+    for part in ("q_opt", "g_opt"):
+        assert got[part].keys() == want[part].keys()
+        for k, state in want[part].items():
+            _assert_close(got[part][k], state, f"{what}: {part} {k}")
+
+
+def _replay(method: str, step: dict) -> dict:
+    """One iteration of a one-process run from the state a rank started that iteration from."""
+    engine = _engine(_config(method))
+    engine._restore(step["before"])
+    return _after(engine, engine._iteration(step["train_q"]))
+
+
+# ------------------------------------------------------------------------------------------------ tests
+@pytest.mark.parametrize("method", METHODS)
+def test_every_iteration_of_two_ranks_equals_one_process_with_the_global_batch(ranks, method):
+    """From the same state, each iteration of 2 ranks × 4 images gives what 1 process × 8 images gives.
+
+    Step by step, because these games amplify float rounding: on this tiny model, a 1e-7 relative change of
+    G's weights moves AdaSG's logged losses by 15% at the sixth iteration in a single process."""
+    per_rank = _load(ranks, method)
+    assert len(per_rank[0]) == 6  # warm-up while observing ranges, Q training while observing, frozen ranges
+    assert [s["train_q"] for s in per_rank[0]] == [False, False, True, True, True, True]
+    for rank, steps in enumerate(per_rank):
+        for i, step in enumerate(steps):
+            _assert_same_step(step, _replay(method, step), f"rank {rank} iteration {i}")
+
+
+def test_a_whole_gdfq_run_of_two_ranks_equals_one_process(ranks):
+    """GDFQ's game is tame enough here for the whole 6-iteration runs to agree as well (ZAQ's SGD at lr 0.1 and
+    AdaSG/AdaDFQ's H′ amplify rounding differences to ~0.2% of a loss within 5 iterations)."""
+    want = _record(_engine(_config("gdfq")))
+    for steps in _load(ranks, "gdfq"):
+        for i, (got, ref) in enumerate(zip(steps, want, strict=True)):
+            _assert_same_step(got, ref, f"iteration {i}", steps=i + 1)
+
+
+def test_the_batch_statistics_are_the_global_batch(ranks):
+    single = DistContext()
+    g = torch.Generator().manual_seed(5)
+    x = (3 + 2 * torch.randn(8, 4, 5, 5, generator=g)).requires_grad_()
+    var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    (mean.sum() + var.square().sum() + x.sum(dim=(2, 3)).square().sum()).backward()
+    bn = nn.BatchNorm2d(4, eps=0.8).train()
+    xb = x.detach().clone().requires_grad_()
+    y = bn(xb)
+    y.pow(3).sum().backward()
+    assert single.gather(x) is x and global_moments(mean, var, single) == (mean, var)
+    for rank, got in enumerate(_load(ranks, "primitives")):
+        half = slice(4 * rank, 4 * (rank + 1))
+        torch.testing.assert_close(got["moments"], (mean.detach(), var.detach()))
+        torch.testing.assert_close(got["gathered"], x.detach().sum(dim=(2, 3)))
+        # The global loss on every rank: each rank's share of the gradient arrives twice, DDP halves it.
+        torch.testing.assert_close(got["x_grad"], WORLD * x.grad[half])
+        torch.testing.assert_close(got["bn_out"], y.detach())
+        torch.testing.assert_close(got["bn_x_grad"], WORLD * xb.grad)
+        _assert_close(got["bn_state"], _state(bn), "BatchNorm state")  # running statistics, eps 0.8 kept
+        assert got["range"] == (x.min(), x.max())
+        assert got["bn_class"] == "_GlobalBatchNorm"
+        deploy = got["deploy_bn"]
+        assert (deploy["class"], deploy["restored"]) == ("GlobalQuantBatchNorm2d", "QuantBatchNorm2d")
+        torch.testing.assert_close(deploy["out"], QuantBatchNorm2d(4).train()(x.detach()), **TOL)
+    # The BatchNorm's own parameters: DDP's average of the ranks' gradients is the one-process gradient.
+    per_rank = [got["bn_param_grads"] for got in _load(ranks, "primitives")]
+    for k, p in enumerate(bn.parameters()):
+        torch.testing.assert_close(sum(grads[k] for grads in per_rank) / WORLD, p.grad, **TOL)
+
+
+def test_a_run_resumes_on_another_number_of_processes(ranks):
+    """Checkpoints hold every shard's noise stream, so a run continues on 2 processes from 1 and on 1 from 2."""
+    want = _record(_engine(_config("gdfq")))
+    resumed = {
+        "1 then 2": _load(ranks, "from1"),
+        "2 then 1": [_record(_engine(_config("gdfq"), run_dir=ranks / "from2"), resume=True)],
+    }
+    for what, runs in resumed.items():
+        for steps in runs:
+            assert len(steps) == 2  # the last epoch
+            for i, (got, ref) in enumerate(zip(steps, want[4:], strict=True)):
+                _assert_same_step(got, ref, f"{what}, iteration {4 + i}", steps=5 + i)
+
+
+def test_a_nan_or_a_signal_on_one_rank_takes_every_rank_down_the_same_branch(ranks):
+    results = _load(ranks, "faults")
+    for got in results:
+        assert got["rollbacks"] == 1  # rank 1's NaN rolled both back
+        assert got["interrupted"] == (143, 1, 1)  # both stopped after the same iteration
+    _assert_close(results[0]["G"], results[1]["G"], "G after the rollback")
+    assert read_train_checkpoint(ranks / "stopped")["iteration"] == 1
+
+
+def test_refusals_name_the_reason(ranks):
+    for messages in _load(ranks, "refusals"):
+        assert messages[0] == "plugins.cam_weight, plugins.lsq and plugins.adaround run on one process only (for now)"
+        assert "run it on a number of processes that divides 1 (got 2)" in messages[1]
+
+
+def test_one_process_is_unchanged_by_the_distributed_hooks():
+    """Without a process group the engine's models and losses are the plain ones."""
+    engine = _engine(_config("adadfq", train__shards=None))
+    assert engine.shards == 1 and list(engine.samplers) == [0]
+    assert type(engine._bns) is BNStatsLoss and engine._g_train is engine.generator
+    assert all(type(m) is nn.BatchNorm2d for m in engine.generator.modules() if isinstance(m, nn.BatchNorm2d))
+    assert all(q.reduce_range is None for _, q in act_quantizers(engine.student))
+    assert isinstance(GlobalBNStatsLoss(make_teacher(), DistContext()), BNStatsLoss)
+    assert isinstance(CifarGenerator(10, img_size=8).bn1, nn.BatchNorm2d)
+
+
+def test_one_process_draws_the_global_batch_of_its_shards():
+    """Shard k of S has its own stream; one stream (the default) is the single-process stream of before."""
+    plain = _engine(_config("gdfq", train__shards=1))
+    z1, y1 = plain._sample()
+    ref = torch.Generator().manual_seed(plain.config.seed)
+    assert torch.equal(z1, torch.randn(8, plain.generator.latent_dim, generator=ref))
+    assert torch.equal(y1, torch.randint(10, (8,), generator=ref))
+    two = _engine(_config("gdfq", train__shards=2))
+    z2, _ = two._sample()
+    assert torch.equal(z2[:4], z1[:4]) and not torch.equal(z2[4:], z1[4:])
+    with pytest.raises(DFQError, match=r"train.batch_size \(8\) must be a multiple of train.shards \(3\)"):
+        _engine(_config("gdfq", train__shards=3, train__batch_size=8))
+
+
+def test_shards_must_be_positive():
+    with pytest.raises(DFQError, match=r"train\.shards must be >= 1"):
+        _config("gdfq", train__shards=0)
+
+
+def test_q_is_an_ordinary_model_after_a_data_parallel_run(ranks):
+    """ZAQ trains Q's BatchNorms on the global batch; the Q a run returns has plain BatchNorms and quantizers."""
+    for got in _load(ranks, "ordinary"):
+        assert got == {"batchnorms": {"BatchNorm2d"}, "reducers": {None}}
+
+
+# ------------------------------------------------------------------------------------------ command line
+def test_dfq_quantize_nproc_2_matches_one_process_with_two_shards(tmp_path):
+    """``dfq quantize --nproc 2`` re-runs itself under torchrun; rank 0 alone writes, evaluates and reports.
+
+    The published weights: with random ones the activations are so large that float rounding differences
+    flip some 4-bit codes of Q, which moves AdaDFQ's losses by ~3e-4 already in the first iteration."""
+    require_shared(RESNET20_WEIGHTS, CIFAR10_4CLASS)
+    common = ["quantize", "resnet20a_cifar10", "--method", "adadfq", "--weights", str(RESNET20_WEIGHTS), "--data"]
+    common += [str(CIFAR10_4CLASS), "--limit", "8", "--epochs", "1", "--iters-per-epoch", "1", "--batch-size", "4"]
+    common += ["--no-progress", "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [sys.executable, "-m", "dfq", *common, "--nproc", "2", "--out", str(tmp_path / "two")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=240,
+    )
+    assert two.returncode == 0, two.stderr
+    reports = [line for line in two.stdout.splitlines() if line.startswith("{")]
+    assert len(reports) == 1  # one JSON line: rank 0's
+    summary = json.loads(reports[0])
+    assert (summary["processes"], summary["shards"], summary["n"]) == (2, 2, 8)
+    assert yaml.safe_load((tmp_path / "two" / "config.yaml").read_text())["train"]["shards"] == 2
+
+    assert cli_main([*common, "--shards", "2", "--out", str(tmp_path / "one")]) == 0
+    (want,) = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    (got,) = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    for key, value in want.items():
+        if key.startswith(("g_", "q_")) and not key.endswith("lr"):
+            assert got[key] == pytest.approx(value, rel=TOL["rtol"], abs=TOL["atol"]), key
+    assert got["top1"] == want["top1"]
+
+
+def test_nproc_and_device_mistakes_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "run")
+    assert cli_main(["quantize", "resnet20a_cifar10", "--method", "gdfq", "--nproc", "0", "--out", out]) == 2
+    assert capsys.readouterr().err.strip() == "dfq: error: --nproc must be >= 1, got 0"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert cli_main(["quantize", "resnet20a_cifar10", "--method", "gdfq", "--nproc", "2", "--out", out]) == 2
+    assert "leave it out under torchrun" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(DFQError, match="no CUDA device is available"):
+            resolve_device("cuda")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_amp_is_the_fast_mode():
+    from dfq.cli import _build_parser
+
+    args = _build_parser().parse_args(["quantize", "resnet20a_cifar10", "--amp", "--out", "x"])
+    assert args.fast is True
+
+
+def test_post_training_methods_refuse_several_processes():
+    with pytest.raises(DFQError, match="'zeroq' runs on one process"):
+        _quantize(make_teacher(), resolve_config(None, {"method": "zeroq"}), 10, INPUT, dist=DistContext(0, 2))
+
+
+def test_the_readme_launch_commands_parse():
+    """Every command of the README's distributed section is valid for torchrun and for dfq."""
+    from torch.distributed.run import get_args_parser
+
+    from dfq.cli import _build_parser
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"### Distributed runs.*?```bash\n(.*?)```", readme, re.S).group(1)
+    lines = [ln for ln in block.replace("\\\n", " ").splitlines() if ln.strip() and not ln.startswith("#")]
+    assert len(lines) == 7
+    for line in lines:
+        words = shlex.split(line.replace("NODE", "0"))
+        at = words.index("quantize")
+        if words[0] == "torchrun":
+            launcher = get_args_parser().parse_args([*words[1 : at - 1], "dfq"])
+            assert launcher.module and words[at - 1] == "dfq"
+        _build_parser().parse_args(words[at:])
