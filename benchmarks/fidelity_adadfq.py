@@ -8,7 +8,9 @@ one seed. The dfq side is `configs/cpu/adadfq_resnet20a_cifar10.yaml`, run with
         --weights ../shared/data/resnet20-12fca82f.th --data ../shared/data/cifar10-test-4class-lossless.npz --out RUN
 
 This script reads finished (or partial) run directories, evaluates the final model on both test sets and writes
-benchmarks/results/fidelity_adadfq.json.
+benchmarks/results/fidelity_adadfq.json, replacing the rows of runs with the same name and keeping the others (whose
+run directories need not exist any more). The `observer` column tells the activation-range observer of each run
+(`--observer paper` reproduces the official code's EMA update, deviation 1 in docs/methods.md).
 
 Usage: python benchmarks/fidelity_adadfq.py RUN_W4A4 [RUN_W3A3 ...]
 """
@@ -20,7 +22,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from _common import SHARED_DATA, run_cli, write_result
+from _common import RESULTS, SHARED_DATA, run_cli, write_result
 
 LOSSLESS = SHARED_DATA / "cifar10-test-4class-lossless.npz"
 JPEG = SHARED_DATA / "cifar10-test-jpeg75.npz"
@@ -42,6 +44,7 @@ def describe(run: Path) -> dict:
         "abits": config["quant"]["abits"],
         "epochs_done": len(metrics),
         "epochs_planned": config["train"]["epochs"],
+        "observer": config["quant"].get("act_observer", "ema"),
         "train_seconds": metrics[-1]["train_seconds"] if metrics else None,
         "official": OFFICIAL.get(bits),
         "fp": FP,
@@ -66,9 +69,11 @@ def main() -> int:
     rows = [describe(r) for r in runs]
     for r in rows:
         print(json.dumps({k: r[k] for k in r if k != "trajectory"}))
-    print(
-        f"wrote {write_result('fidelity_adadfq', {'model': 'resnet20a_cifar10', 'method': 'adadfq', 'results': rows})}"
-    )
+    new = {r["run"] for r in rows}
+    old = RESULTS / "fidelity_adadfq.json"
+    kept = [r for r in json.loads(old.read_text())["results"] if r["run"] not in new] if old.is_file() else []
+    payload = {"model": "resnet20a_cifar10", "method": "adadfq", "results": kept + rows}
+    print(f"wrote {write_result('fidelity_adadfq', payload)}")
     return 0
 
 
