@@ -52,8 +52,9 @@ SCHEDULE = {"train__epochs": 3, "train__iters_per_epoch": 2, "train__observe_epo
 # float32 sums in a different order; Adam turns a relative gradient error into at most that relative step error.
 TOL = {"rtol": 1e-4, "atol": 1e-5}
 # G's Adam divides each gradient by its own magnitude, so where a gradient is ~0 (|g| ~ Adam's eps) a rounding
-# error of it moves that element's step by a good part of lr (1e-3). G's state: every element within lr per
-# step, and all but 0.1% of them within TOL. A bias just before a training-mode BatchNorm has an exactly zero
+# error of it moves that element's step by up to 2 lr (1e-3; a first Adam step is ±lr, and rounding can flip the
+# sign of a gradient that is ~0). G's state: every element within 2 lr per step, and all but 0.1% of them within
+# TOL. A bias just before a training-mode BatchNorm has an exactly zero
 # gradient (the BatchNorm subtracts the batch mean): what is computed is rounding, which Adam turns into a step
 # of up to lr in a random direction (the next BatchNorm's running mean follows it): within 2.5 lr per step.
 G_LR = 1e-3
@@ -258,7 +259,7 @@ def _assert_close_after_adam(got: dict, want: dict, what: str, steps: int) -> No
     assert got.keys() == want.keys(), what
     loose = total = 0
     for k in want:
-        bound = steps * G_LR * (2.5 if k in NOISE_DRIVEN else 1.0)
+        bound = steps * G_LR * (2.5 if k in NOISE_DRIVEN else 2.0)  # 2 lr: Adam's first step, sign flipped
         torch.testing.assert_close(got[k], want[k], rtol=0.0, atol=bound, msg=lambda m, k=k: f"{what} {k}: {m}")
         if k not in NOISE_DRIVEN and want[k].is_floating_point():
             loose += int((~torch.isclose(got[k], want[k], **TOL)).sum())
@@ -270,7 +271,14 @@ def _assert_same_step(got: dict, want: dict, what: str, steps: int = 1) -> None:
     """The same logged values, gradients, parameters, buffers and optimizer states."""
     assert got["logs"].keys() == want["logs"].keys(), what
     for k, v in want["logs"].items():
-        assert got["logs"][k] == pytest.approx(v, rel=TOL["rtol"], abs=TOL["atol"]), f"{what}: {k}"
+        # H′ (in [0, 1]) is an entropy rescaled by the batch's extremes, a ratio of differences: its quantiles carry
+        # about 10x the rounding error of the losses (measured: 1.1e-4 relative, 1.1e-5 absolute near 0)
+        tol = (
+            {"rel": 10 * TOL["rtol"], "abs": 10 * TOL["atol"]}
+            if "h_norm" in k
+            else {"rel": TOL["rtol"], "abs": TOL["atol"]}
+        )
+        assert got["logs"][k] == pytest.approx(v, **tol), f"{what}: {k}"
     _assert_close(got["grads"], want["grads"], f"{what}: gradients")
     _assert_close(got["Q"], want["Q"], f"{what}: Q")
     _assert_close_after_adam(got["G"], want["G"], f"{what}: G", steps)
