@@ -20,7 +20,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 
 import torch
 from _common import run_cli, write_result
@@ -59,19 +58,9 @@ class PapersGenerator(nn.Module):
         return self.body(self.l1(self.emb(y) * z).view(-1, 128, 8, 8))
 
 
-def _median_ms(fn, iters: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def reference_probe(iters: int = 15) -> dict:
     """Today's time for each reference workload, and the machine factor (median ratio to the issue's figures)."""
+    from dfq.bench import median_ms
     from dfq.models import create_model
 
     torch.manual_seed(0)
@@ -79,7 +68,7 @@ def reference_probe(iters: int = 15) -> dict:
     for batch in (16, 64, 200):
         n = iters if batch < 200 else max(5, iters // 3)
         net, x = create_model("resnet20a_cifar10").train(), torch.randn(batch, 3, 32, 32)
-        out["resnet20_fwd_bwd"][batch] = _median_ms(lambda net=net, x=x: net(x).sum().backward(), n)
+        out["resnet20_fwd_bwd"][batch] = median_ms(lambda net=net, x=x: net(x).sum().backward(), n)
         gen = PapersGenerator().train()
         opt = torch.optim.Adam(gen.parameters())
         z, y = torch.randn(batch, 100), torch.randint(10, (batch,))
@@ -89,7 +78,7 @@ def reference_probe(iters: int = 15) -> dict:
             gen(z, y).square().mean().backward()
             opt.step()
 
-        out["papers_generator_step"][batch] = _median_ms(step, n)
+        out["papers_generator_step"][batch] = median_ms(step, n)
     ratios = [out[name][b] / REFERENCE_MS[name][b] for name in REFERENCE_MS for b in REFERENCE_MS[name]]
     return {
         "ms": {k: {b: round(v, 1) for b, v in d.items()} for k, d in out.items()},

@@ -24,7 +24,7 @@ from dfq.engine import Engine
 from dfq.models import create_model, get_model_info
 from dfq.quant import calibrate, quant_disabled
 
-__all__ = ["bench"]
+__all__ = ["bench", "median_ms", "peak_rss_mib"]
 
 
 def _time(fn: Callable[[], Any], iters: int, warmup: int) -> list[float]:
@@ -38,7 +38,8 @@ def _time(fn: Callable[[], Any], iters: int, warmup: int) -> list[float]:
     return times
 
 
-def _median(fn: Callable[[], Any], iters: int, warmup: int) -> float:
+def median_ms(fn: Callable[[], Any], iters: int, warmup: int = 3) -> float:
+    """Median milliseconds of ``iters`` calls after ``warmup`` untimed ones."""
     return statistics.median(_time(fn, iters, warmup))
 
 
@@ -194,16 +195,16 @@ def _phases(engine: Engine, batch_size: int, iters: int, warmup: int) -> dict[st
             logits, bns, _ = engine._teacher_forward(xi, with_bns)
             (logits.sum() + (bns if bns is not None else 0)).backward()
 
-        out["teacher_fwd_bwd"] = _median(lambda: teacher(False), iters, warmup)
-        out["bns"] = _median(lambda: teacher(True), iters, warmup) - out["teacher_fwd_bwd"]
+        out["teacher_fwd_bwd"] = median_ms(lambda: teacher(False), iters, warmup)
+        out["bns"] = median_ms(lambda: teacher(True), iters, warmup) - out["teacher_fwd_bwd"]
 
     def student() -> None:
         engine.q_opt.zero_grad()
         engine.student(x).sum().backward()
 
-    out["student_fwd_bwd"] = _median(student, iters, warmup)
+    out["student_fwd_bwd"] = median_ms(student, iters, warmup)
     with quant_disabled(engine.student):
-        out["fake_quantization"] = out["student_fwd_bwd"] - _median(student, iters, warmup)
+        out["fake_quantization"] = out["student_fwd_bwd"] - median_ms(student, iters, warmup)
     engine.q_opt.zero_grad()
-    out["generator_step"] = _median(engine._generator_step, iters, warmup)
+    out["generator_step"] = median_ms(engine._generator_step, iters, warmup)
     return {k: round(v, 2) for k, v in out.items()}
