@@ -12,11 +12,15 @@ benchmarks/results/fidelity_adadfq.json, replacing the rows of runs with the sam
 run directories need not exist any more). The `observer` column tells the activation-range observer of each run
 (`--observer paper` reproduces the official code's EMA update, deviation 1 in docs/methods.md).
 
-Usage: python benchmarks/fidelity_adadfq.py RUN_W4A4 [RUN_W3A3 ...]
+The trajectory holds the run's own evaluations during training, on the set passed to `dfq quantize --data`
+(`--trajectory-set jpeg75` when that was the JPEG-75 set); the final model is evaluated on both sets.
+
+Usage: python benchmarks/fidelity_adadfq.py [--trajectory-set {lossless,jpeg75}] RUN_W4A4 [RUN_W3A3 ...]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -33,11 +37,11 @@ OFFICIAL = {  # final top-1 after 30 minutes of the official code; and after the
 FP = {"lossless": 94.95, "jpeg75": 81.03}
 
 
-def describe(run: Path) -> dict:
+def describe(run: Path, trajectory_set: str) -> dict:
     config = yaml.safe_load((run / "config.yaml").read_text())
     bits = config["quant"]["wbits"]
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    trajectory = [{"epoch": m["epoch"], "top1_lossless": m["top1"]} for m in metrics if "top1" in m]
+    trajectory = [{"epoch": m["epoch"], f"top1_{trajectory_set}": m["top1"]} for m in metrics if "top1" in m]
     row = {
         "run": run.name,
         "wbits": bits,
@@ -62,11 +66,11 @@ def describe(run: Path) -> dict:
 
 
 def main() -> int:
-    runs = [Path(p) for p in sys.argv[1:]]
-    if not runs:
-        print(__doc__, file=sys.stderr)
-        return 2
-    rows = [describe(r) for r in runs]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--trajectory-set", choices=("lossless", "jpeg75"), default="lossless")
+    args = parser.parse_args()
+    rows = [describe(r, args.trajectory_set) for r in args.runs]
     for r in rows:
         print(json.dumps({k: r[k] for k in r if k != "trajectory"}))
     new = {r["run"] for r in rows}

@@ -8,8 +8,13 @@ training use the 4-class lossless set (they are not counted in the time); the fi
 on the test set, is then evaluated on both sets. Runs whose directory already holds a summary are reused, so
 an interrupted study continues where it stopped.
 
-Usage: python benchmarks/method_study.py [--budget-min 10] [--methods ...] [--bits 4 3] [--root runs/study]
-Writes benchmarks/results/method_study.json (merging rows of other bit-widths and methods already there).
+With `--fast` the generator-based methods run in fast mode (`dfq quantize --fast`: bfloat16 autocast), their
+iteration timed in fast mode too, so the same budget buys more iterations; these rows carry `"fast": true` and
+sit beside the exact ones.
+
+Usage: python benchmarks/method_study.py [--budget-min 10] [--methods ...] [--bits 4 3] [--fast] [--root runs/study]
+Writes benchmarks/results/method_study.json, or `--results NAME`.json (merging rows of other bit-widths, methods
+and modes already there).
 """
 
 from __future__ import annotations
@@ -32,19 +37,20 @@ def preset(method: str) -> Path:
     return Path("configs/cpu") / f"{method}_resnet20a_cifar10.yaml"
 
 
-def fit_schedule(method: str, bits: int, budget_s: float) -> dict:
+def fit_schedule(method: str, bits: int, budget_s: float, fast: bool = False) -> dict:
     """Iterations per epoch that make the preset's epochs take about ``budget_s`` on this machine."""
     train = yaml.safe_load((ROOT / preset(method)).read_text())["train"]
     iters = 3 if method == "zaq" else 15  # a ZAQ iteration is 5 Q steps + 1 G step
     probe = run_cli(["bench", "resnet20a_cifar10", "--method", method, "--batch-size", str(train["batch_size"]),
-                     "--bits", str(bits), "--iters", str(iters), "--warmup", "2"])  # fmt: skip
+                     "--bits", str(bits), "--iters", str(iters), "--warmup", "2", *(["--fast"] * fast)])  # fmt: skip
     per_epoch = max(1, round(budget_s / (train["epochs"] * probe["ms_median"] / 1000)))
     return {"epochs": train["epochs"], "iters_per_epoch": per_epoch, "batch_size": train["batch_size"],
             "probe_ms_median": probe["ms_median"]}  # fmt: skip
 
 
-def run_one(method: str, bits: int, root: Path, budget_s: float, fp: dict[str, float]) -> dict:
-    out = root / f"{method}-w{bits}a{bits}"
+def run_one(method: str, bits: int, root: Path, budget_s: float, fp: dict[str, float], fast: bool = False) -> dict:
+    fast = fast and method in GAME
+    out = root / f"{method}-w{bits}a{bits}{'-fast' if fast else ''}"
     cmd = ["quantize", "resnet20a_cifar10", "--method", method, "--wbits", str(bits), "--abits", str(bits),
            "--weights", str(WEIGHTS), "--data", str(LOSSLESS), "--out", str(out)]  # fmt: skip
     schedule = None
@@ -52,9 +58,10 @@ def run_one(method: str, bits: int, root: Path, budget_s: float, fp: dict[str, f
         plan = root / f"{out.name}.schedule.json"  # the fitted schedule is kept: a rerun reuses it
         if not plan.is_file():
             plan.parent.mkdir(parents=True, exist_ok=True)
-            plan.write_text(json.dumps(fit_schedule(method, bits, budget_s)))
+            plan.write_text(json.dumps(fit_schedule(method, bits, budget_s, fast)))
         schedule = json.loads(plan.read_text())
         cmd += ["--config", str(preset(method)), "--iters-per-epoch", str(schedule["iters_per_epoch"])]
+        cmd += ["--fast"] if fast else []
     if (out / "summary.json").is_file():
         summary = json.loads((out / "summary.json").read_text())
     else:
@@ -65,6 +72,7 @@ def run_one(method: str, bits: int, root: Path, budget_s: float, fp: dict[str, f
         "method": method,
         "wbits": bits,
         "abits": bits,
+        "fast": fast,
         "command": "dfq " + " ".join(cmd),
         "seconds": summary["seconds"],
         **{k: {"top1": final[k], "fp_top1": fp[k], "drop": round(fp[k] - final[k], 2)} for k in final},
@@ -81,21 +89,24 @@ def main() -> int:
     parser.add_argument("--methods", nargs="+", default=["zeroq", "recon", *GAME])
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     parser.add_argument("--budget-min", type=float, default=10.0, help="CPU minutes per generator-based run")
+    parser.add_argument("--fast", action="store_true", help="generator-based methods in fast mode")
+    parser.add_argument("--results", default="method_study", help="name of the JSON under benchmarks/results/")
     parser.add_argument("--root", type=Path, default=ROOT / "runs" / "study")
     args = parser.parse_args()
     if not WEIGHTS.is_file():
         print(f"skipped: {WEIGHTS} not found", file=sys.stderr)
         return 0
-    old = RESULTS / "method_study.json"
+    old = RESULTS / f"{args.results}.json"
     rows = json.loads(old.read_text())["results"] if old.is_file() else []
     fp = {name: run_cli(["eval", "resnet20a_cifar10", "--weights", str(WEIGHTS), "--data", str(path)])["top1"]
           for name, path in (("lossless", LOSSLESS), ("jpeg75", JPEG))}  # fmt: skip
     for bits in args.bits:
         for method in args.methods:
-            row = run_one(method, bits, args.root, args.budget_min * 60, fp)
-            rows = [r for r in rows if (r["method"], r["wbits"]) != (method, bits)] + [row]
+            row = run_one(method, bits, args.root, args.budget_min * 60, fp, args.fast)
+            key = (method, bits, row["fast"])
+            rows = [r for r in rows if (r["method"], r["wbits"], r.get("fast", False)) != key] + [row]
             print(json.dumps(row), flush=True)
-            path = write_result("method_study", {"model": "resnet20a_cifar10", "budget_min": args.budget_min,
+            path = write_result(args.results, {"model": "resnet20a_cifar10", "budget_min": args.budget_min,
                                                  "results": rows})  # fmt: skip
     print(f"wrote {path}")
     return 0

@@ -121,6 +121,7 @@ def test_missing_config_file(capsys: pytest.CaptureFixture[str], tmp_path: Path)
         ("--epochs", "-1", "train.epochs must be >= 1, got -1"),
         ("--batch-size", "0", "train.batch_size must be >= 1, got 0"),
         ("--steps", "0", "zeroq.steps must be >= 1, got 0"),
+        ("--recon-iters", "0", "recon.iters must be >= 1, got 0"),
     ],
 )
 def test_out_of_range_schedule(

@@ -20,7 +20,7 @@ from dfq.models import create_model
 from dfq.quant import QuantLinear, QuantReLU, act_quantizers
 
 MODEL = "resnet20a_cifar10"
-TINY = ["--steps", "2", "--num-samples", "4", "--no-progress"]
+TINY = ["--steps", "2", "--num-samples", "4", "--recon-iters", "2", "--no-progress"]
 
 
 def _npz(path: Path, n: int = 8, size: int = 32, max_label: int = 9) -> Path:
@@ -158,6 +158,22 @@ def test_quantize_writes_run_dir_and_eval_reproduces_it(capsys: pytest.CaptureFi
     assert (again["n"], again["wbits"], again["abits"], again["model"]) == (200, 8, 8, MODEL)
 
 
+def test_default_method_is_recon_and_its_flags_reach_the_config(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, random_weights: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    rc, out, err = _run(
+        capsys, "quantize", MODEL, "--weights", str(random_weights), "--out", str(run_dir), "--json", *TINY
+    )
+    assert rc == 0, err
+    summary = _last_json(out)
+    assert (summary["method"], summary["wbits"], summary["abits"]) == ("recon", 4, 4)
+    assert {"synthesize_s", "reconstruct_s"} <= summary.keys()
+    assert summary["seconds"] >= summary["synthesize_s"] + summary["reconstruct_s"] - 1e-3
+    recon = yaml.safe_load((run_dir / "config.yaml").read_text())["recon"]
+    assert (recon["synth_steps"], recon["iters"], recon["num_samples"]) == (2, 2, 4)
+
+
 # --------------------------------------------------------------------------- config precedence and overrides
 
 
@@ -166,7 +182,9 @@ def test_config_preset_with_cli_precedence(
 ) -> None:
     preset = tmp_path / "preset.yaml"
     preset.write_text(
-        yaml.safe_dump({"quant": {"wbits": 6, "abits": 7}, "zeroq": {"steps": 3, "num_samples": 2}, "seed": 5})
+        yaml.safe_dump(
+            {"method": "zeroq", "quant": {"wbits": 6, "abits": 7}, "zeroq": {"steps": 3, "num_samples": 2}, "seed": 5}
+        )
     )
     run_dir = tmp_path / "run"
     rc, out, err = _run(
@@ -401,3 +419,11 @@ def test_failed_overwrite_keeps_the_previous_run(
     rc, _, err = _run(capsys, *base, "--weights", str(other), "--overwrite", "--wbits", "8")
     _assert_user_error(rc, err, "does not match model")
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == files
+
+
+def test_an_empty_preset_section_keeps_the_method_defaults(tmp_path: Path) -> None:
+    from dfq.config import load_yaml, resolve_config
+
+    preset = tmp_path / "preset.yaml"
+    preset.write_text("method: recon\nquant:\n")
+    assert resolve_config(load_yaml(preset)).quant.weight_scales == "stored"  # recon's own requirement survives

@@ -31,7 +31,7 @@ pytest.importorskip("onnxruntime")
 
 MODEL = "resnet20a_cifar10"
 SHAPE = (3, 8, 8)
-TINY = ["--steps", "2", "--num-samples", "4", "--no-progress"]
+TINY = ["--steps", "2", "--num-samples", "4", "--recon-iters", "2", "--no-progress"]
 META_KEYS = ("dfq_version", "model", "method", "wbits", "abits", "protocol", "mean", "std", "input_size",
              "num_classes", "class_names")  # fmt: skip
 

@@ -210,7 +210,7 @@ def test_quantize_a_user_model_outside_the_zoo() -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     options = {"zeroq.steps": 2, "zeroq.num_samples": 4}
     q, summary = dfq.api.quantize(
-        model, wbits=8, abits=8, num_classes=3, input_size=(3, 8, 8), progress=False, **options
+        model, "zeroq", wbits=8, abits=8, num_classes=3, input_size=(3, 8, 8), progress=False, **options
     )
     assert (summary["method"], summary["wbits"], summary["abits"]) == ("zeroq", 8, 8)
     quantizers = list(act_quantizers(q))
@@ -289,6 +289,7 @@ def test_run_checkpoint_round_trip(tmp_path: Path) -> None:
         None,
         {
             "weights": str(weights),
+            "method": "zeroq",
             "seed": 3,
             "quant.wbits": 4,
             "quant.abits": 4,
@@ -322,6 +323,7 @@ def test_run_checkpoint_round_trip(tmp_path: Path) -> None:
     # The same config quantized in process gives the same model as the one saved.
     again, _ = dfq.api.quantize(
         create_model("resnet20a_cifar10", weights=weights),
+        "zeroq",
         wbits=4,
         abits=4,
         seed=3,

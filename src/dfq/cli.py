@@ -88,7 +88,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", parents=[common], help="quantize a model without training data")
     p.add_argument("model", help="model name from `dfq models`")
-    p.add_argument("--method", help="data-free method (default: zeroq)")
+    p.add_argument("--method", help="data-free method (default: recon)")
     p.add_argument("--wbits", type=int, help="weight bit-width, 2-8 (default 4)")
     p.add_argument("--abits", type=int, help="activation bit-width, 2-8 (default 4)")
     p.add_argument("--weights", help="float checkpoint (default: the published weights)")
@@ -103,7 +103,8 @@ def _build_parser() -> argparse.ArgumentParser:
         choices=["paper", "deploy"],
         help="paper: the DFQ papers' fake quantization (default); deploy: what integer runtimes run (exportable)",
     )
-    p.add_argument("--steps", type=int, help="zeroq: optimisation steps of the distilled inputs")
+    p.add_argument("--steps", type=int, help="zeroq: steps of the distilled inputs; recon: synthesis steps")
+    p.add_argument("--recon-iters", type=int, help="recon: reconstruction steps per block")
     p.add_argument("--num-samples", type=int, help="zeroq, recon: number of synthetic inputs")
     p.add_argument("--epochs", type=int, help="generator-based methods: epochs of the game")
     p.add_argument("--iters-per-epoch", type=int, help="generator-based methods: iterations per epoch")
@@ -363,7 +364,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         "quant.abits": args.abits,
         "quant.act_observer": args.observer,
         "quant.protocol": args.protocol,
-        "zeroq.steps": args.steps,
+        "zeroq.steps": args.steps if method != "recon" else None,
+        "recon.synth_steps": args.steps if method == "recon" else None,
+        "recon.iters": args.recon_iters,
         "zeroq.num_samples": args.num_samples if method != "recon" else None,
         "recon.num_samples": args.num_samples if method == "recon" else None,
         "train.epochs": args.epochs,

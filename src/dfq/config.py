@@ -30,7 +30,7 @@ __all__ = ["METHODS", "GeneratorConfig", "RunConfig", "TrainConfig", "from_dict"
 # Post-training methods (no generator game): their defaults on top of RunConfig's.
 POST_TRAINING = {"zeroq": {}, "recon": {"quant.weight_scales": "stored"}}
 METHODS = (*POST_TRAINING, *list_methods())
-DEFAULT_METHOD = "zeroq"
+DEFAULT_METHOD = "recon"
 
 
 @dataclass
@@ -283,6 +283,8 @@ def _set_dotted(data: dict[str, Any], values: dict[str, Any]) -> None:
 
 def _merge(into: dict[str, Any], other: dict[str, Any]) -> None:
     for k, v in other.items():
+        if v is None and isinstance(into.get(k), dict):
+            continue  # an empty YAML section (every key commented out) sets nothing
         if isinstance(v, dict) and isinstance(into.get(k), dict):
             _merge(into[k], v)
         else:

@@ -72,14 +72,14 @@ class ReconConfig:
     drop_prob: probability of keeping an activation in float during reconstruction (QDrop).
     """
 
-    num_samples: int = 256
+    num_samples: int = 1024
     synth_batch: int = 128
     synth_steps: int = 150
     synth_lr: float = 0.05
     swing: bool = True
     lowpass: float = 0.0
     label_weight: float = 0.0
-    iters: int = 500
+    iters: int = 1000
     batch_size: int = 32
     lr_round: float = 1e-2
     lr_wstep: float = 1e-5

@@ -1,0 +1,101 @@
+"""Where `recon` loses accuracy: its settings varied one at a time, and a diagnostic with real images.
+
+Each variant runs `dfq.methods.recon.recon` on resnet20a_cifar10 with the default `ReconConfig` plus the variant's
+overrides, seed 0, and evaluates the final model on both test sets (no selection). The `real-pool` variants are a
+**diagnostic, not a method**: the synthetic pool is replaced by the first N images of the JPEG-75 test set, which
+bounds what better synthesis could buy (and leaks test images into the JPEG-75 figure); nothing in dfq uses it.
+
+Usage: python benchmarks/recon_ablation.py [--bits 4] [--variants NAME ...]
+Writes benchmarks/results/recon_ablation.json, replacing rows of the same variant and bit-width.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import torch
+from _common import RESULTS, SHARED_DATA, write_result
+
+import dfq.methods.recon as recon_module
+from dfq.config import resolve_config
+from dfq.data import open_dataset
+from dfq.data.loader import make_loader
+from dfq.evaluate import evaluate
+from dfq.models import create_model
+from dfq.utils.seed import seed_everything
+
+WEIGHTS = SHARED_DATA / "resnet20-12fca82f.th"
+SETS = {"lossless": SHARED_DATA / "cifar10-test-4class-lossless.npz", "jpeg75": SHARED_DATA / "cifar10-test-jpeg75.npz"}
+VARIANTS = {
+    "default": {},
+    "default-256-500": {"num_samples": 256, "iters": 500},
+    "iters-2000": {"num_samples": 256, "iters": 2000},
+    "samples-1024-iters-2000": {"iters": 2000},
+    "label-ce-1": {"label_weight": 1.0},
+    "synth-steps-500": {"synth_steps": 500},
+    "no-swing": {"swing": False},
+    "no-qdrop": {"drop_prob": 0.0},
+    "real-pool-256-500": {"pool": "real", "num_samples": 256, "iters": 500},
+    "real-pool": {"pool": "real"},
+}
+
+
+def accuracy(model: torch.nn.Module) -> dict[str, float]:
+    info = create_model("resnet20a_cifar10", pretrained=False).dfq_info
+    return {k: evaluate(model, make_loader(open_dataset(path), info.mean, info.std), progress=False)["top1"]
+            for k, path in SETS.items()}  # fmt: skip
+
+
+def run_variant(name: str, bits: int) -> dict:
+    overrides = dict(VARIANTS[name])
+    real = overrides.pop("pool", None) == "real"
+    p = create_model("resnet20a_cifar10", pretrained=False, weights=WEIGHTS)
+    info = p.dfq_info
+    config = resolve_config(None, {"method": "recon", "quant.wbits": bits, "quant.abits": bits,
+                                   **{f"recon.{k}": v for k, v in overrides.items()}})  # fmt: skip
+    synthesize = recon_module.synthesize
+    if real:
+        images = open_dataset(SETS["jpeg75"])
+        pool = torch.cat([x for x, _ in make_loader(images, info.mean, info.std, limit=config.recon.num_samples)])
+        recon_module.synthesize = lambda *args, **kwargs: pool
+    seed_everything(0)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    try:
+        gen = torch.Generator().manual_seed(0)
+        q, _ = recon_module.recon(p, config.quant, config.recon, info.input_size, generator=gen, progress=False,
+                                  timings=timings)  # fmt: skip
+    finally:
+        recon_module.synthesize = synthesize
+    seconds = round(time.perf_counter() - start, 1)
+    top1 = accuracy(q)
+    return {"variant": name, "bits": bits, "overrides": VARIANTS[name], "diagnostic_real_pool": real,
+            "seconds": seconds, **timings, **top1}  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    args = parser.parse_args()
+    if not WEIGHTS.is_file():
+        print(f"skipped: {WEIGHTS} not found", file=sys.stderr)
+        return 0
+    old = RESULTS / "recon_ablation.json"
+    rows = json.loads(old.read_text())["results"] if old.is_file() else []
+    fp = accuracy(create_model("resnet20a_cifar10", pretrained=False, weights=WEIGHTS))
+    for name in args.variants:
+        row = run_variant(name, args.bits)
+        rows = [r for r in rows if (r["variant"], r["bits"]) != (name, args.bits)] + [row]
+        print(json.dumps(row), flush=True)
+        path = write_result("recon_ablation", {"model": "resnet20a_cifar10", "seed": 0,
+                                               "fp_top1": fp, "results": rows})  # fmt: skip
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
