@@ -303,6 +303,22 @@ def test_evaluation_sees_frozen_ranges_and_restores_modes(method):
     assert modes(engine.student) == {ActMode.OBSERVE}
 
 
+def test_evaluation_sees_the_saved_layout_and_training_stays_channels_last():
+    """The reported top-1 is the saved model's: in channels-last a few images flip at code boundaries."""
+    layouts = []
+
+    def evaluate(model):
+        conv = model.conv1
+        layouts.append(conv.weight.is_contiguous())
+        return evaluate_batches(model, [(torch.randn(4, *INPUT), torch.zeros(4, dtype=torch.long))], progress=False)
+
+    engine = make_engine(make_config("gdfq", train__epochs=1), evaluate=evaluate)
+    engine._run_epoch(0, quiet_bar())
+    assert layouts == [True]
+    assert engine.student.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not engine.student.conv1.weight.is_contiguous()
+
+
 def test_evaluation_failure_still_restores_modes():
     def broken(model):
         raise RuntimeError("test set unreadable")

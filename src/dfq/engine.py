@@ -596,9 +596,12 @@ class Engine:
         for wq in soft:
             wq.soft_rounding = False  # the rounding the model would end with
         self.student.eval()  # BN statistics must not move either
+        # In the layout Q is saved in: channels-last sums in another order, which flips a few images at code boundaries.
+        self.student.to(memory_format=torch.contiguous_format)
         try:
             return self.evaluate(self.student)
         finally:
+            self.student.to(memory_format=torch.channels_last)
             self.student.train(was_training)
             for q, mode in modes:
                 q.set_mode(mode)
