@@ -17,7 +17,8 @@ import sys
 import time
 
 import torch
-from _common import RESULTS, SHARED_DATA, write_result
+from _common import RESULTS, write_result
+from method_study import JPEG, LOSSLESS, WEIGHTS
 
 import dfq.methods.recon as recon_module
 from dfq.config import resolve_config
@@ -27,8 +28,7 @@ from dfq.evaluate import evaluate
 from dfq.models import create_model
 from dfq.utils.seed import seed_everything
 
-WEIGHTS = SHARED_DATA / "resnet20-12fca82f.th"
-SETS = {"lossless": SHARED_DATA / "cifar10-test-4class-lossless.npz", "jpeg75": SHARED_DATA / "cifar10-test-jpeg75.npz"}
+SETS = {"lossless": LOSSLESS, "jpeg75": JPEG}
 VARIANTS = {
     "default": {},
     "default-256-500": {"num_samples": 256, "iters": 500},
