@@ -635,22 +635,27 @@ def test_init_grids_only_lowers_the_quantization_error(protocol: str) -> None:
 # --------------------------------------------------------------------------- 9. one unit
 
 
-def test_reconstruct_unit_leaves_an_ordinary_quantized_unit() -> None:
-    """After fitting a block: finite loss, weights on their (learned) grids, quantizers frozen, nothing transient."""
-    model = _tiny()
+def _first_block() -> tuple[nn.Module, torch.Tensor, nn.Module, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """A calibrated stored-grid Q of the tiny net, its pool, its first block and that block's (x_q, x_fp, y_fp)."""
     pool = torch.randn(16, *SHAPE, generator=_gen(14))
-    q = quantize_model(model, _stored()).eval()
+    q = quantize_model(_tiny(), _stored()).eval()
     for p in q.parameters():
         p.requires_grad_(False)
     calibrate(q, [pool])
     stem, block, *_ = units(q)
-    before = {k: v.clone() for k, v in q.state_dict().items() if not k.startswith("layer.0.")}
     with torch.no_grad():
         x_q = stem(pool)
         with quant_disabled(q):
             x_fp = stem(pool)
             y_fp = block(x_fp)
-    loss = reconstruct_unit(block, x_q, x_fp, y_fp, TINY, _gen())
+    return q, pool, block, (x_q, x_fp, y_fp)
+
+
+def test_reconstruct_unit_leaves_an_ordinary_quantized_unit() -> None:
+    """After fitting a block: finite loss, weights on their (learned) grids, quantizers frozen, nothing transient."""
+    q, pool, block, data = _first_block()
+    before = {k: v.clone() for k, v in q.state_dict().items() if not k.startswith("layer.0.")}
+    loss = reconstruct_unit(block, *data, TINY, _gen())
     assert np.isfinite(loss) and loss > 0
 
     _assert_on_stored_grid(q.layer[0])
@@ -663,6 +668,19 @@ def test_reconstruct_unit_leaves_an_ordinary_quantized_unit() -> None:
             assert torch.equal(v, before[k]), k
     with torch.no_grad():  # Q still runs, deterministically
         assert torch.equal(q(pool), q(pool))
+
+
+@pytest.mark.parametrize("lr_bn", [0.0, 1e-2])
+def test_reconstruct_unit_learns_batchnorm_only_when_asked(lr_bn: float) -> None:
+    """recon.lr_bn > 0 fits the unit's BatchNorm scales and shifts too; 0 leaves them as P's."""
+    _, _, block, data = _first_block()
+    bns = [m for m in block.modules() if isinstance(m, nn.BatchNorm2d)]
+    before = [p.clone() for m in bns for p in m.parameters()]
+    reconstruct_unit(block, *data, ReconConfig(**{**TINY.__dict__, "lr_bn": lr_bn}), _gen())
+    after = [p for m in bns for p in m.parameters()]
+    assert bns and not any(p.requires_grad for p in after)
+    moved = [not torch.equal(a, b) for a, b in zip(after, before, strict=True)]
+    assert all(moved) if lr_bn else not any(moved)
 
 
 # --------------------------------------------------------------------------- 10. end to end

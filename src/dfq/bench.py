@@ -3,8 +3,12 @@
 ``bench(...)`` builds the engine on randomly initialised weights (timings do not depend on
 them), puts Q in its steady state (ranges frozen, Q training) and times full iterations.
 It also times, in the same process and in alternation with them, the *lower bound*: the
-same forwards and backwards done by plain float PyTorch modules (no fake quantization, no
-BNS statistics, no bookkeeping), and a per-phase breakdown measured the same way.
+same forwards and backwards done by plain PyTorch modules and built-in ops (Q's fake
+quantization by ``torch.fake_quantize_per_{channel,tensor}_affine``, P's BNS statistics by
+``torch.var_mean`` in forward hooks, no bookkeeping, sums for losses); and the *float floor*:
+the same iteration with no fake quantization and no BNS at all, which no implementation of
+the math reaches (what quantization and the BNS loss cost at the least). A per-phase
+breakdown is measured the same way.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
 
 from dfq.config import resolve_config
 from dfq.engine import Engine
@@ -43,13 +50,13 @@ def median_ms(fn: Callable[[], Any], iters: int, warmup: int = 3) -> float:
     return statistics.median(_time(fn, iters, warmup))
 
 
-def _alternate(a: Callable[[], Any], b: Callable[[], Any], iters: int, warmup: int) -> tuple[list[float], list[float]]:
-    """Time ``a`` and ``b`` in alternation, so that a shared machine's drift weighs on both alike."""
+def _alternate(fns: list[Callable[[], Any]], iters: int, warmup: int) -> list[list[float]]:
+    """Time ``fns`` in alternation, so that a shared machine's drift weighs on all alike."""
     for _ in range(warmup):
-        a()
-        b()
-    pairs = [(_time(a, 1, 0)[0], _time(b, 1, 0)[0]) for _ in range(iters)]
-    return [t for t, _ in pairs], [t for _, t in pairs]
+        for fn in fns:
+            fn()
+    rounds = [[_time(fn, 1, 0)[0] for fn in fns] for _ in range(iters)]
+    return [list(column) for column in zip(*rounds, strict=True)]
 
 
 def peak_rss_mib() -> float:
@@ -64,19 +71,84 @@ def peak_rss_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # kB on Linux
 
 
-class _Plain:
-    """The iteration's forwards and backwards on plain float modules: the floor of its math."""
+class _WeightFQ(nn.Module):
+    """Per-output-channel min/max fake quantization of a weight, recomputed at every forward."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.e, m = engine, engine.method
+    def __init__(self, bits: int) -> None:
+        super().__init__()
+        self.qmax = 2**bits - 1
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        flat = w.detach().flatten(1)
+        lo, hi = flat.amin(1).clamp(max=0), flat.amax(1).clamp(min=0)
+        scale = ((hi - lo) / self.qmax).clamp(min=1e-8)
+        zero_point = (-lo / scale).round().int()
+        return torch.fake_quantize_per_channel_affine(w, scale, zero_point, 0, 0, self.qmax)
+
+
+def _plain_student(teacher: nn.Module, wbits: int, abits: int) -> nn.Module:
+    """A float copy of P made into Q with PyTorch's own fake-quantization ops (frozen activation grids)."""
+    q = copy.deepcopy(teacher)
+    for module in list(q.modules()):
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            parametrize.register_parametrization(module, "weight", _WeightFQ(wbits))
+        elif isinstance(module, nn.ReLU | nn.ReLU6):
+            qmax = 2**abits - 1
+            module.register_forward_hook(
+                lambda _m, _i, out, qmax=qmax: torch.fake_quantize_per_tensor_affine(out, 4.0 / qmax, 0, 0, qmax)
+            )
+    for param in q.parameters():
+        param.requires_grad_(True)
+    return q
+
+
+class _PlainBNS:
+    """P's BatchNorm-statistics loss in its most direct form: ``torch.var_mean`` in forward hooks."""
+
+    def __init__(self, teacher: nn.Module) -> None:
+        self.terms: list[torch.Tensor] = []
+        for m in teacher.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.register_forward_hook(self._hook)
+
+    def _hook(self, m: nn.Module, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor) -> None:
+        if not torch.is_grad_enabled():  # only the G phase needs the statistics
+            return
+        var, mean = torch.var_mean(inputs[0].float(), dim=(0, 2, 3), unbiased=False)
+        self.terms.append(F.mse_loss(mean, m.running_mean) + F.mse_loss(var, m.running_var))
+
+    def loss(self) -> torch.Tensor:
+        terms, self.terms = self.terms, []
+        return torch.stack(terms).mean() if terms else torch.zeros(())
+
+
+class _Plain:
+    """The iteration's forwards and backwards on plain PyTorch modules.
+
+    ``same_math``: with Q's fake quantization and P's BNS statistics (the lower bound of the math with
+    PyTorch's own ops); without, float work only (a floor no implementation of the math reaches).
+    """
+
+    def __init__(self, engine: Engine, same_math: bool = True) -> None:
+        self.e, m, quant, train = engine, engine.method, engine.config.quant, engine.config.train
         self.g = copy.deepcopy(engine.generator)
-        self.p = engine.teacher
-        self.q = copy.deepcopy(engine.teacher).train(m.student_bn_train)
-        for param in self.q.parameters():
-            param.requires_grad_(True)
-        self.g_opt = torch.optim.Adam(self.g.parameters())
-        self.q_opt = torch.optim.SGD(self.q.parameters(), lr=1e-9, momentum=0.9)
+        self.p = copy.deepcopy(engine.teacher)  # its own hooks, none on the engine's P
+        self.bns = _PlainBNS(self.p) if m.uses_bns and same_math else None
+        if same_math:
+            self.q = _plain_student(engine.teacher, quant.wbits, quant.abits)
+        else:
+            self.q = copy.deepcopy(engine.teacher)
+            for param in self.q.parameters():
+                param.requires_grad_(True)
+        self.q.train(m.student_bn_train)
+        self.g_opt = torch.optim.Adam(self.g.parameters(), betas=(0.5, 0.999))
+        self.q_opt = torch.optim.SGD(self.q.parameters(), lr=1e-9, momentum=0.9, nesterov=train.q_nesterov,
+                                     weight_decay=train.q_weight_decay)  # fmt: skip
         self.shared = engine._can_share_student_forward(True)
+
+    def _teacher_loss(self, x: torch.Tensor) -> torch.Tensor:
+        loss = self.p(x).sum()
+        return loss + self.bns.loss() if self.bns is not None else loss
 
     def _x(self, grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         z, y = self.e._sample()
@@ -86,7 +158,7 @@ class _Plain:
     def generator_step(self) -> torch.Tensor:
         m = self.e.method
         x, _ = self._x(True)
-        loss = self.p(x).sum()
+        loss = self._teacher_loss(x)
         if m.generator_uses_student:
             q = self.q(x)
             if self.shared:  # one Q forward serves both steps; the Q step is its backward only
@@ -136,7 +208,8 @@ def bench(
     abits: int = 4,
     fast: bool = False,
 ) -> dict[str, Any]:
-    """Time ``iters`` real iterations (after ``warmup``) and the plain-PyTorch lower bound of the same math."""
+    """Time ``iters`` real iterations (after ``warmup``), the plain-PyTorch lower bound of the same math, and the
+    float floor (the same iteration without fake quantization and BNS)."""
     info = get_model_info(model)
     config = resolve_config(
         None,
@@ -154,14 +227,19 @@ def bench(
         config, create_model(model), num_classes=info.num_classes, input_size=info.input_size, progress=False
     )
     calibrate(engine.student, [torch.randn(batch_size, *info.input_size)])  # steady state: ranges frozen
-    plain = _Plain(engine)
+    plain, floor = _Plain(engine), _Plain(engine, same_math=False)
 
-    def plain_iteration() -> None:
-        with engine.precision():
-            plain.iteration()
+    def in_precision(fn: Callable[[], Any]) -> Callable[[], Any]:
+        def run() -> None:
+            with engine.precision():
+                fn()
 
-    times, plain_times = _alternate(lambda: engine._iteration(True), plain_iteration, iters, warmup)
-    lower = statistics.median(plain_times)
+        return run
+
+    times, plain_times, floor_times = _alternate(
+        [lambda: engine._iteration(True), in_precision(plain.iteration), in_precision(floor.iteration)], iters, warmup
+    )
+    lower, float_floor = statistics.median(plain_times), statistics.median(floor_times)
     with engine.precision():
         phases = _phases(engine, batch_size, max(3, iters // 3), 2)
     return {
@@ -179,6 +257,8 @@ def bench(
         "ms_max": round(max(times), 2),
         "lower_bound_ms": round(lower, 2),
         "ratio_to_lower_bound": round(statistics.median(times) / lower, 3),
+        "float_floor_ms": round(float_floor, 2),
+        "ratio_to_float_floor": round(statistics.median(times) / float_floor, 3),
         "peak_rss_mib": peak_rss_mib(),
         "phases_ms": phases,
     }

@@ -456,7 +456,9 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         f"{r['method']} {r['model']} batch {r['batch_size']}{' fast' if r['fast'] else ''} ({r['threads']} threads): "
         f"median {r['ms_median']:.1f} ms "
         f"(min {r['ms_min']:.1f}, max {r['ms_max']:.1f}) per iteration; lower bound {r['lower_bound_ms']:.1f} ms "
-        f"(x{r['ratio_to_lower_bound']:.2f}); peak RSS {r['peak_rss_mib']:.0f} MiB\n  phases (ms): "
+        f"(x{r['ratio_to_lower_bound']:.2f}), float floor {r['float_floor_ms']:.1f} ms "
+        f"(x{r['ratio_to_float_floor']:.2f}); "
+        f"peak RSS {r['peak_rss_mib']:.0f} MiB\n  phases (ms): "
         + ", ".join(f"{k} {v:.1f}" for k, v in r["phases_ms"].items())
     )
     _emit(args, human, r)

@@ -66,6 +66,8 @@ class ReconConfig:
     batch_size: images per reconstruction step.
     lr_round, lr_wstep, lr_astep: Adam learning rates of the rounding variables, the weight
         steps and the activation steps.
+    lr_bn: Adam learning rate of the unit's BatchNorm scales and shifts, which then absorb the
+        mean and scale errors of quantization (0: BatchNorm fixed, as Genie).
     round_weight: weight of AdaRound's rounding regulariser.
     round_warmup: fraction of the steps before the regulariser starts.
     beta: the regulariser's exponent, annealed from the first to the second value.
@@ -84,6 +86,7 @@ class ReconConfig:
     lr_round: float = 1e-2
     lr_wstep: float = 1e-5
     lr_astep: float = 4e-5
+    lr_bn: float = 0.0
     round_weight: float = 0.01
     round_warmup: float = 0.2
     beta: tuple[float, float] = (20.0, 2.0)
@@ -333,11 +336,15 @@ def reconstruct_unit(
         params_round.append(alpha)
         params_wstep.append(step)
     params_astep = [aq.begin_learning() for aq in acts]
+    bns = [m for m in unit.modules() if isinstance(m, nn.BatchNorm2d)] if config.lr_bn else []
+    params_bn = [p for m in bns for p in m.parameters()]
+    for p in params_bn:
+        p.requires_grad_(True)
     for aq in acts:
         aq.drop_prob = config.drop_prob
         aq.train()
     groups = [{"params": params_round, "lr": config.lr_round}, {"params": params_wstep, "lr": config.lr_wstep},
-              {"params": params_astep, "lr": config.lr_astep}]  # fmt: skip
+              {"params": params_astep, "lr": config.lr_astep}, {"params": params_bn, "lr": config.lr_bn}]  # fmt: skip
     opt = torch.optim.Adam([g for g in groups if g["params"]])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, config.iters)
     warm = int(config.round_warmup * config.iters)
@@ -365,6 +372,8 @@ def reconstruct_unit(
         aq.end_learning()
         aq.drop_prob = 0.0
         aq.eval()
+    for p in params_bn:
+        p.requires_grad_(False)
     return float(loss.detach())
 
 
