@@ -5,8 +5,14 @@ overrides, seed 0, and evaluates the final model on both test sets (no selection
 **diagnostic, not a method**: the synthetic pool is replaced by the first N images of the JPEG-75 test set, which
 bounds what better synthesis could buy (and leaks test images into the JPEG-75 figure); nothing in dfq uses it.
 
-Usage: python benchmarks/recon_ablation.py [--bits 4] [--variants NAME ...]
-Writes benchmarks/results/recon_ablation.json, replacing rows of the same variant and bit-width.
+With `--shared-pool N`, one synthetic pool of N images (seed 0) is synthesized once, cached as
+`runs/recon-pool-N-s0.pt`, and every variant reconstructs from its first `num_samples` images: the variants then
+differ only in their reconstruction settings, and each costs only its reconstruction (`seconds`; add the pool's
+`synthesize_s`, pro rata, for the whole method). Those rows go to `recon_shared_pool.json`.
+
+Usage: python benchmarks/recon_ablation.py [--bits 4] [--variants NAME ...] [--shared-pool N]
+Writes benchmarks/results/recon_ablation.json (or recon_shared_pool.json), replacing rows of the same variant and
+bit-width.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import sys
 import time
 
 import torch
-from _common import RESULTS, write_result
+from _common import RESULTS, ROOT, write_result
 from method_study import JPEG, LOSSLESS, WEIGHTS
 
 import dfq.methods.recon as recon_module
@@ -40,6 +46,15 @@ VARIANTS = {
     "no-qdrop": {"drop_prob": 0.0},
     "real-pool-256-500": {"pool": "real", "num_samples": 256, "iters": 500},
     "real-pool": {"pool": "real"},
+    "learn-bn-1e-3": {"lr_bn": 1e-3},
+    "learn-bn-1e-4": {"lr_bn": 1e-4},
+    "samples-2048": {"num_samples": 2048},
+    "samples-3072-iters-2000": {"num_samples": 3072, "iters": 2000},
+    "samples-3072-iters-2000-batch-64": {"num_samples": 3072, "iters": 2000, "batch_size": 64},
+    "batch-64": {"batch_size": 64},
+    "ends-8bit-diagnostic": {"quant.overrides": {"conv1": {"wbits": 8}, "linear": {"wbits": 8}}},
+    "a8-diagnostic": {"quant.abits": 8},
+    "lr-astep-4e-4": {"lr_astep": 4e-4},
 }
 
 
@@ -49,17 +64,37 @@ def accuracy(model: torch.nn.Module) -> dict[str, float]:
             for k, path in SETS.items()}  # fmt: skip
 
 
-def run_variant(name: str, bits: int) -> dict:
+def shared_pool(n: int) -> tuple[torch.Tensor, float]:
+    """The cached pool of ``n`` synthetic images (seed 0) and the seconds its synthesis took."""
+    path = ROOT / "runs" / f"recon-pool-{n}-s0.pt"
+    if path.is_file():
+        cached = torch.load(path)
+        return cached["pool"], cached["synthesize_s"]
+    p = create_model("resnet20a_cifar10", pretrained=False, weights=WEIGHTS)
+    config = resolve_config(None, {"method": "recon", "recon.num_samples": n})
+    seed_everything(0)
+    start = time.perf_counter()
+    pool = recon_module.synthesize(p, p.dfq_info.input_size, config.recon, generator=torch.Generator().manual_seed(0),
+                                   progress=False)  # fmt: skip
+    seconds = round(time.perf_counter() - start, 1)
+    path.parent.mkdir(exist_ok=True)
+    torch.save({"pool": pool, "synthesize_s": seconds}, path)
+    return pool, seconds
+
+
+def run_variant(name: str, bits: int, shared: torch.Tensor | None = None) -> dict:
     overrides = dict(VARIANTS[name])
     real = overrides.pop("pool", None) == "real"
     p = create_model("resnet20a_cifar10", pretrained=False, weights=WEIGHTS)
     info = p.dfq_info
     config = resolve_config(None, {"method": "recon", "quant.wbits": bits, "quant.abits": bits,
-                                   **{f"recon.{k}": v for k, v in overrides.items()}})  # fmt: skip
+                                   **{k if "." in k else f"recon.{k}": v for k, v in overrides.items()}})  # fmt: skip
     synthesize = recon_module.synthesize
+    pool = shared[: config.recon.num_samples] if shared is not None else None
     if real:
         images = open_dataset(SETS["jpeg75"])
         pool = torch.cat([x for x, _ in make_loader(images, info.mean, info.std, limit=config.recon.num_samples)])
+    if pool is not None:
         recon_module.synthesize = lambda *args, **kwargs: pool
     seed_everything(0)
     timings: dict[str, float] = {}
@@ -80,19 +115,23 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--shared-pool", type=int, metavar="N", help="reconstruct every variant from one cached pool")
     args = parser.parse_args()
     if not WEIGHTS.is_file():
         print(f"skipped: {WEIGHTS} not found", file=sys.stderr)
         return 0
-    old = RESULTS / "recon_ablation.json"
+    name_out = "recon_shared_pool" if args.shared_pool else "recon_ablation"
+    old = RESULTS / f"{name_out}.json"
     rows = json.loads(old.read_text())["results"] if old.is_file() else []
     fp = accuracy(create_model("resnet20a_cifar10", pretrained=False, weights=WEIGHTS))
+    shared, pool_s = shared_pool(args.shared_pool) if args.shared_pool else (None, None)
+    extra = {"shared_pool": {"num_samples": args.shared_pool, "synthesize_s": pool_s}} if shared is not None else {}
     for name in args.variants:
-        row = run_variant(name, args.bits)
+        row = run_variant(name, args.bits, shared)
         rows = [r for r in rows if (r["variant"], r["bits"]) != (name, args.bits)] + [row]
         print(json.dumps(row), flush=True)
-        path = write_result("recon_ablation", {"model": "resnet20a_cifar10", "seed": 0,
-                                               "fp_top1": fp, "results": rows})  # fmt: skip
+        path = write_result(name_out, {"model": "resnet20a_cifar10", "seed": 0, "fp_top1": fp, **extra,
+                                       "results": rows})  # fmt: skip
     print(f"wrote {path}")
     return 0
 
