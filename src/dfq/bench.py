@@ -86,17 +86,23 @@ class _WeightFQ(nn.Module):
         return torch.fake_quantize_per_channel_affine(w, scale, zero_point, 0, 0, self.qmax)
 
 
-def _plain_student(teacher: nn.Module, wbits: int, abits: int) -> nn.Module:
-    """A float copy of P made into Q with PyTorch's own fake-quantization ops (frozen activation grids)."""
+def _act_fq(qmax: int) -> Callable[..., torch.Tensor]:
+    """A forward hook that fake-quantizes a ReLU's output on a fixed unsigned grid."""
+    return lambda _module, _inputs, out: torch.fake_quantize_per_tensor_affine(out, 4.0 / qmax, 0, 0, qmax)
+
+
+def _plain_student(teacher: nn.Module, bits: tuple[int, int] | None) -> nn.Module:
+    """A trainable copy of P, made into Q with PyTorch's own fake-quantization ops (frozen activation grids) when
+    ``bits`` = (wbits, abits) is given."""
     q = copy.deepcopy(teacher)
-    for module in list(q.modules()):
-        if isinstance(module, nn.Conv2d | nn.Linear):
-            parametrize.register_parametrization(module, "weight", _WeightFQ(wbits))
-        elif isinstance(module, nn.ReLU | nn.ReLU6):
-            qmax = 2**abits - 1
-            module.register_forward_hook(
-                lambda _m, _i, out, qmax=qmax: torch.fake_quantize_per_tensor_affine(out, 4.0 / qmax, 0, 0, qmax)
-            )
+    if bits is not None:
+        wbits, abits = bits
+        act_qmax = 2**abits - 1
+        for module in list(q.modules()):
+            if isinstance(module, nn.Conv2d | nn.Linear):
+                parametrize.register_parametrization(module, "weight", _WeightFQ(wbits))
+            elif isinstance(module, nn.ReLU | nn.ReLU6):
+                module.register_forward_hook(_act_fq(act_qmax))
     for param in q.parameters():
         param.requires_grad_(True)
     return q
@@ -134,13 +140,8 @@ class _Plain:
         self.g = copy.deepcopy(engine.generator)
         self.p = copy.deepcopy(engine.teacher)  # its own hooks, none on the engine's P
         self.bns = _PlainBNS(self.p) if m.uses_bns and same_math else None
-        if same_math:
-            self.q = _plain_student(engine.teacher, quant.wbits, quant.abits)
-        else:
-            self.q = copy.deepcopy(engine.teacher)
-            for param in self.q.parameters():
-                param.requires_grad_(True)
-        self.q.train(m.student_bn_train)
+        bits = (quant.wbits, quant.abits) if same_math else None
+        self.q = _plain_student(engine.teacher, bits).train(m.student_bn_train)
         self.g_opt = torch.optim.Adam(self.g.parameters(), betas=(0.5, 0.999))
         self.q_opt = torch.optim.SGD(self.q.parameters(), lr=1e-9, momentum=0.9, nesterov=train.q_nesterov,
                                      weight_decay=train.q_weight_decay)  # fmt: skip
@@ -227,8 +228,7 @@ def bench(
         config, create_model(model), num_classes=info.num_classes, input_size=info.input_size, progress=False
     )
     calibrate(engine.student, [torch.randn(batch_size, *info.input_size)])  # steady state: ranges frozen
-    for _ in range(max(warmup, 1)):
-        engine._iteration(True)
+    engine._iteration(True)
     peak = peak_rss_mib()  # the engine's own high-water mark, before the reference models exist
     plain, floor = _Plain(engine), _Plain(engine, same_math=False)
 
