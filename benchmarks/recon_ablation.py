@@ -54,6 +54,9 @@ VARIANTS = {
     "batch-64": {"batch_size": 64},
     "ends-8bit-diagnostic": {"quant.overrides": {"conv1": {"wbits": 8}, "linear": {"wbits": 8}}},
     "a8-diagnostic": {"quant.abits": 8},
+    "w8-diagnostic": {"quant.wbits": 8},
+    "a8-internal-diagnostic": {"quant.overrides": {"layer*.relu1": {"abits": 8}}},
+    "a8-stream-diagnostic": {"quant.overrides": {"relu": {"abits": 8}, "layer*.relu2": {"abits": 8}}},
     "lr-astep-4e-4": {"lr_astep": 4e-4},
 }
 
