@@ -1,18 +1,20 @@
 """Where `recon` loses accuracy: its settings varied one at a time, and a diagnostic with real images.
 
 Each variant runs `dfq.methods.recon.recon` on resnet20a_cifar10 with the default `ReconConfig` plus the variant's
-overrides, seed 0, and evaluates the final model on both test sets (no selection). The `real-pool` variants are a
-**diagnostic, not a method**: the synthetic pool is replaced by the first N images of the JPEG-75 test set, which
-bounds what better synthesis could buy (and leaks test images into the JPEG-75 figure); nothing in dfq uses it.
+overrides, seed 0 unless `--seed` says otherwise, and evaluates the final model on both test sets (no selection).
+The `real-pool` variants are a **diagnostic, not a method**: the synthetic pool is replaced by the first N images of
+the JPEG-75 test set, which bounds what better synthesis could buy (and leaks test images into the JPEG-75 figure);
+nothing in dfq uses it.
 
 With `--shared-pool N`, one synthetic pool of N images (seed 0) is synthesized once, cached as
 `runs/recon-pool-N-s0.pt`, and every variant reconstructs from its first `num_samples` images: the variants then
 differ only in their reconstruction settings, and each costs only its reconstruction (`seconds`; add the pool's
-`synthesize_s`, pro rata, for the whole method). Those rows go to `recon_shared_pool.json`.
+`synthesize_s`, pro rata, for the whole method); `--seed` then seeds only the reconstruction. Those rows go to
+`recon_shared_pool.json`.
 
-Usage: python benchmarks/recon_ablation.py [--bits 4] [--variants NAME ...] [--shared-pool N]
-Writes benchmarks/results/recon_ablation.json (or recon_shared_pool.json), replacing rows of the same variant and
-bit-width.
+Usage: python benchmarks/recon_ablation.py [--bits 4] [--variants NAME ...] [--shared-pool N] [--seed S]
+Writes benchmarks/results/recon_ablation.json (or recon_shared_pool.json), replacing rows of the same variant,
+bit-width and seed (a row without a seed is seed 0).
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def shared_pool(n: int) -> tuple[torch.Tensor, float]:
     return pool, seconds
 
 
-def run_variant(name: str, bits: int, shared: torch.Tensor | None = None) -> dict:
+def run_variant(name: str, bits: int, shared: torch.Tensor | None = None, seed: int = 0) -> dict:
     overrides = dict(VARIANTS[name])
     real = overrides.pop("pool", None) == "real"
     p = create_model("resnet20a_cifar10", pretrained=False, weights=WEIGHTS)
@@ -99,18 +101,18 @@ def run_variant(name: str, bits: int, shared: torch.Tensor | None = None) -> dic
         pool = torch.cat([x for x, _ in make_loader(images, info.mean, info.std, limit=config.recon.num_samples)])
     if pool is not None:
         recon_module.synthesize = lambda *args, **kwargs: pool
-    seed_everything(0)
+    seed_everything(seed)
     timings: dict[str, float] = {}
     start = time.perf_counter()
     try:
-        gen = torch.Generator().manual_seed(0)
+        gen = torch.Generator().manual_seed(seed)
         q, _ = recon_module.recon(p, config.quant, config.recon, info.input_size, generator=gen, progress=False,
                                   timings=timings)  # fmt: skip
     finally:
         recon_module.synthesize = synthesize
     seconds = round(time.perf_counter() - start, 1)
     top1 = accuracy(q)
-    return {"variant": name, "bits": bits, "overrides": VARIANTS[name], "diagnostic_real_pool": real,
+    return {"variant": name, "bits": bits, "seed": seed, "overrides": VARIANTS[name], "diagnostic_real_pool": real,
             "seconds": seconds, **timings, **top1}  # fmt: skip
 
 
@@ -119,6 +121,7 @@ def main() -> int:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--shared-pool", type=int, metavar="N", help="reconstruct every variant from one cached pool")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthesis and the reconstruction")
     args = parser.parse_args()
     if not WEIGHTS.is_file():
         print(f"skipped: {WEIGHTS} not found", file=sys.stderr)
@@ -130,10 +133,11 @@ def main() -> int:
     shared, pool_s = shared_pool(args.shared_pool) if args.shared_pool else (None, None)
     extra = {"shared_pool": {"num_samples": args.shared_pool, "synthesize_s": pool_s}} if shared is not None else {}
     for name in args.variants:
-        row = run_variant(name, args.bits, shared)
-        rows = [r for r in rows if (r["variant"], r["bits"]) != (name, args.bits)] + [row]
+        row = run_variant(name, args.bits, shared, args.seed)
+        key = (name, args.bits, args.seed)
+        rows = [r for r in rows if (r["variant"], r["bits"], r.get("seed", 0)) != key] + [row]
         print(json.dumps(row), flush=True)
-        path = write_result(name_out, {"model": "resnet20a_cifar10", "seed": 0, "fp_top1": fp, **extra,
+        path = write_result(name_out, {"model": "resnet20a_cifar10", "fp_top1": fp, **extra,
                                        "results": rows})  # fmt: skip
     print(f"wrote {path}")
     return 0
