@@ -14,7 +14,8 @@ differ only in their reconstruction settings, and each costs only its reconstruc
 
 Usage: python benchmarks/recon_ablation.py [--bits 4] [--variants NAME ...] [--shared-pool N] [--seed S]
 Writes benchmarks/results/recon_ablation.json (or recon_shared_pool.json), replacing rows of the same variant,
-bit-width and seed (a row without a seed is seed 0).
+bit-width and seed (a row without a seed is seed 0); each new row records its command, and the file's note on
+earlier rows is kept.
 """
 
 from __future__ import annotations
@@ -128,16 +129,18 @@ def main() -> int:
         return 0
     name_out = "recon_shared_pool" if args.shared_pool else "recon_ablation"
     old = RESULTS / f"{name_out}.json"
-    rows = json.loads(old.read_text())["results"] if old.is_file() else []
+    previous = json.loads(old.read_text()) if old.is_file() else {}
+    rows = previous.get("results", [])
+    note = {"note": previous["note"]} if "note" in previous else {}  # provenance of rows written by earlier commands
     fp = accuracy(create_model("resnet20a_cifar10", pretrained=False, weights=WEIGHTS))
     shared, pool_s = shared_pool(args.shared_pool) if args.shared_pool else (None, None)
     extra = {"shared_pool": {"num_samples": args.shared_pool, "synthesize_s": pool_s}} if shared is not None else {}
     for name in args.variants:
-        row = run_variant(name, args.bits, shared, args.seed)
+        row = {**run_variant(name, args.bits, shared, args.seed), "command": " ".join(["python", *sys.argv])}
         key = (name, args.bits, args.seed)
         rows = [r for r in rows if (r["variant"], r["bits"], r.get("seed", 0)) != key] + [row]
         print(json.dumps(row), flush=True)
-        path = write_result(name_out, {"model": "resnet20a_cifar10", "fp_top1": fp, **extra,
+        path = write_result(name_out, {"model": "resnet20a_cifar10", "fp_top1": fp, **extra, **note,
                                        "results": rows})  # fmt: skip
     print(f"wrote {path}")
     return 0
