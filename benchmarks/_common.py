@@ -17,6 +17,11 @@ RESULTS = ROOT / "benchmarks" / "results"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+def command() -> str:
+    """This process's command line, as it was typed."""
+    return " ".join([Path(sys.executable).name, *sys.argv])
+
+
 def provenance() -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
@@ -28,7 +33,7 @@ def provenance() -> dict:
     except OSError:
         commit, dirty = "unknown", False
     return {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": command(),
         "git_commit": commit + ("-dirty" if dirty else ""),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {

@@ -26,7 +26,7 @@ import sys
 import time
 
 import torch
-from _common import RESULTS, ROOT, write_result
+from _common import RESULTS, ROOT, command, write_result
 from method_study import JPEG, LOSSLESS, WEIGHTS
 
 import dfq.methods.recon as recon_module
@@ -122,7 +122,12 @@ def main() -> int:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--shared-pool", type=int, metavar="N", help="reconstruct every variant from one cached pool")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the synthesis and the reconstruction")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the synthesis and the reconstruction (of the reconstruction only with --shared-pool)",
+    )
     args = parser.parse_args()
     if not WEIGHTS.is_file():
         print(f"skipped: {WEIGHTS} not found", file=sys.stderr)
@@ -136,7 +141,7 @@ def main() -> int:
     shared, pool_s = shared_pool(args.shared_pool) if args.shared_pool else (None, None)
     extra = {"shared_pool": {"num_samples": args.shared_pool, "synthesize_s": pool_s}} if shared is not None else {}
     for name in args.variants:
-        row = {**run_variant(name, args.bits, shared, args.seed), "command": " ".join(["python", *sys.argv])}
+        row = {**run_variant(name, args.bits, shared, args.seed), "command": command()}
         key = (name, args.bits, args.seed)
         rows = [r for r in rows if (r["variant"], r["bits"], r.get("seed", 0)) != key] + [row]
         print(json.dumps(row), flush=True)
