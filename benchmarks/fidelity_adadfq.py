@@ -12,6 +12,10 @@ benchmarks/results/fidelity_adadfq.json, replacing the rows of runs with the sam
 run directories need not exist any more). The `observer` column tells the activation-range observer of each run
 (`--observer paper` reproduces the official code's EMA update, deviation 1 in docs/methods.md).
 
+A run with `train.ema_decay` (the moving average of Q's weights, which the run evaluates and returns) also gets its
+last iterate evaluated, the raw weights of the same run from its final checkpoint (`final_last_iterate`), so the
+average's effect is measured on one trajectory.
+
 The trajectory holds the run's own evaluations during training, on the set passed to `dfq quantize --data`
 (`--trajectory-set jpeg75` when that was the JPEG-75 set); the final model is evaluated on both sets.
 
@@ -25,8 +29,15 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 from _common import RESULTS, SHARED_DATA, run_cli, write_result
+
+from dfq.checkpoint import load_quantized
+from dfq.data import open_dataset
+from dfq.data.loader import make_loader
+from dfq.engine import read_train_checkpoint
+from dfq.evaluate import evaluate
 
 LOSSLESS = SHARED_DATA / "cifar10-test-4class-lossless.npz"
 JPEG = SHARED_DATA / "cifar10-test-jpeg75.npz"
@@ -35,6 +46,16 @@ OFFICIAL = {  # final top-1 after 30 minutes of the official code; and after the
     3: {"lossless": 89.00, "jpeg75": 71.27, "after_calibration": {"lossless": 72.10, "jpeg75": 54.31}},
 }
 FP = {"lossless": 94.95, "jpeg75": 81.03}
+
+
+def last_iterate(run: Path) -> dict[str, float]:
+    """Top-1 of the run's raw last weights (the final checkpoint's Q), not of their moving average."""
+    model, _ = load_quantized(run)
+    model.load_state_dict(read_train_checkpoint(run)["student"])
+    info = model.dfq_info
+    with torch.no_grad():
+        return {name: evaluate(model, make_loader(open_dataset(path), info.mean, info.std), progress=False)["top1"]
+                for name, path in (("lossless", LOSSLESS), ("jpeg75", JPEG))}  # fmt: skip
 
 
 def describe(run: Path, trajectory_set: str) -> dict:
@@ -60,6 +81,9 @@ def describe(run: Path, trajectory_set: str) -> dict:
             for name, path in (("lossless", LOSSLESS), ("jpeg75", JPEG))
         }
         row["final"] = final
+        if config["train"].get("ema_decay"):
+            row["ema_decay"] = config["train"]["ema_decay"]
+            row["final_last_iterate"] = last_iterate(run)
         if bits in OFFICIAL:
             row["final_minus_official"] = {k: round(final[k] - OFFICIAL[bits][k], 2) for k in final}
     return row

@@ -31,6 +31,10 @@ WEIGHTS = SHARED_DATA / "resnet20-12fca82f.th"
 LOSSLESS = SHARED_DATA / "cifar10-test-4class-lossless.npz"
 JPEG = SHARED_DATA / "cifar10-test-jpeg75.npz"
 GAME = ("gdfq", "zaq", "adasg", "adadfq")
+# Exceptions to the papers' protocol, reported in their own rows: Genie's / BRECQ's / QDrop's first and last layer
+# at 8 bits (`--ends-bits 8`: the first convolution's weights and its output, which is the second layer's input;
+# the classifier's weights and its input, the pooled output of the last block).
+EXCEPTIONS = {"none": [], "genie": ["--ends-bits", "8"]}
 
 
 def preset(method: str) -> Path:
@@ -48,11 +52,16 @@ def fit_schedule(method: str, bits: int, budget_s: float, fast: bool = False) ->
             "probe_ms_median": probe["ms_median"]}  # fmt: skip
 
 
-def run_one(method: str, bits: int, root: Path, budget_s: float, fp: dict[str, float], fast: bool = False) -> dict:
+def run_one(
+    method: str, bits: int, root: Path, budget_s: float, fp: dict[str, float], fast: bool = False,
+    exceptions: str = "none",
+) -> dict:  # fmt: skip
     fast = fast and method in GAME
-    out = root / f"{method}-w{bits}a{bits}{'-fast' if fast else ''}"
+    suffix = ("-fast" if fast else "") + ("" if exceptions == "none" else f"-{exceptions}")
+    out = root / f"{method}-w{bits}a{bits}{suffix}"
     cmd = ["quantize", "resnet20a_cifar10", "--method", method, "--wbits", str(bits), "--abits", str(bits),
            "--weights", str(WEIGHTS), "--data", str(LOSSLESS), "--out", str(out)]  # fmt: skip
+    cmd += EXCEPTIONS[exceptions]
     schedule = None
     if method in GAME:
         plan = root / f"{out.name}.schedule.json"  # the fitted schedule is kept: a rerun reuses it
@@ -73,6 +82,7 @@ def run_one(method: str, bits: int, root: Path, budget_s: float, fp: dict[str, f
         "wbits": bits,
         "abits": bits,
         "fast": fast,
+        "exceptions": exceptions,
         "command": "dfq " + " ".join(cmd),
         "seconds": summary["seconds"],
         **{k: {"top1": final[k], "fp_top1": fp[k], "drop": round(fp[k] - final[k], 2)} for k in final},
@@ -84,12 +94,19 @@ def run_one(method: str, bits: int, root: Path, budget_s: float, fp: dict[str, f
     return row
 
 
+def _key(row: dict) -> tuple:
+    return row["method"], row["wbits"], row.get("fast", False), row.get("exceptions", "none")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--methods", nargs="+", default=["zeroq", "recon", *GAME])
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     parser.add_argument("--budget-min", type=float, default=10.0, help="CPU minutes per generator-based run")
     parser.add_argument("--fast", action="store_true", help="generator-based methods in fast mode")
+    parser.add_argument(
+        "--exceptions", choices=list(EXCEPTIONS), default="none", help="layers kept at 8 bits (own rows)"
+    )
     parser.add_argument("--results", default="method_study", help="name of the JSON under benchmarks/results/")
     parser.add_argument("--root", type=Path, default=ROOT / "runs" / "study")
     args = parser.parse_args()
@@ -102,9 +119,9 @@ def main() -> int:
           for name, path in (("lossless", LOSSLESS), ("jpeg75", JPEG))}  # fmt: skip
     for bits in args.bits:
         for method in args.methods:
-            row = run_one(method, bits, args.root, args.budget_min * 60, fp, args.fast)
-            key = (method, bits, row["fast"])
-            rows = [r for r in rows if (r["method"], r["wbits"], r.get("fast", False)) != key] + [row]
+            row = run_one(method, bits, args.root, args.budget_min * 60, fp, args.fast, args.exceptions)
+            key = (method, bits, row["fast"], args.exceptions)
+            rows = [r for r in rows if _key(r) != key] + [row]
             print(json.dumps(row), flush=True)
             path = write_result(args.results, {"model": "resnet20a_cifar10", "budget_min": args.budget_min,
                                                  "results": rows})  # fmt: skip

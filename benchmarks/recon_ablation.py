@@ -61,6 +61,9 @@ VARIANTS = {
     "a8-internal-diagnostic": {"quant.overrides": {"layer*.relu1": {"abits": 8}}},
     "a8-stream-diagnostic": {"quant.overrides": {"relu": {"abits": 8}, "layer*.relu2": {"abits": 8}}},
     "lr-astep-4e-4": {"lr_astep": 4e-4},
+    # Genie's / BRECQ's protocol: first and last layer at 8 bits, weights and inputs (the stem's output feeds the
+    # second layer; the last block's output, pooled, is the classifier's input). A separate column, not the papers'.
+    "genie-ends": {"quant.ends_bits": 8},
 }
 
 

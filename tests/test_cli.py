@@ -240,6 +240,23 @@ def test_overrides_reach_config_and_reloaded_model(
     assert set(act_bits.values()) == {4}
 
 
+def test_ends_bits_flag_reaches_config_and_reloaded_model(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, random_weights: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    rc, _, err = _run(
+        capsys,
+        "quantize", MODEL, "--wbits", "3", "--abits", "3", "--ends-bits", "8", "--weights", str(random_weights),
+        "--out", str(run_dir), *TINY,
+    )  # fmt: skip
+    assert rc == 0, err
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["quant"]["ends_bits"] == 8
+    model, _ = load_quantized(run_dir)
+    assert model.conv1.weight_quantizer.spec.bits == model.linear.weight_quantizer.spec.bits == 8
+    assert model.relu.act_quantizer.spec.bits == model.layer3[2].relu2.act_quantizer.spec.bits == 8
+    assert model.layer1[0].conv1.weight_quantizer.spec.bits == model.layer3[2].relu1.act_quantizer.spec.bits == 3
+
+
 # --------------------------------------------------------------------------- user errors
 
 

@@ -404,9 +404,11 @@ def test_student_step_uses_the_teacher_logits_of_the_generator_batch(monkeypatch
 
 
 # ------------------------------------------------------------------ resume
-@pytest.mark.parametrize("method", ["adadfq", "zaq"])
-def test_resume_is_bit_identical(method, tmp_path):
-    config = make_config(method, train__epochs=4, train__warmup_epochs=1, train__observe_epochs=2)
+@pytest.mark.parametrize(("method", "ema_decay"), [("adadfq", 0.0), ("zaq", 0.0), ("adadfq", 0.7)])
+def test_resume_is_bit_identical(method, ema_decay, tmp_path):
+    config = make_config(
+        method, train__epochs=4, train__warmup_epochs=1, train__observe_epochs=2, train__ema_decay=ema_decay
+    )
     g = torch.Generator().manual_seed(9)
     real = [(torch.randn(16, *INPUT, generator=g), torch.randint(10, (16,), generator=g))]
 
@@ -540,3 +542,55 @@ def test_zaq_with_functional_relus():
         make_config("zaq", train__epochs=1, train__iters_per_epoch=1), teacher=make_teacher(FunctionalReluNet)
     )
     engine.run()
+
+
+# ------------------------------------------------------------------ average of Q's weights
+@pytest.mark.parametrize("method", METHODS)
+def test_ema_averages_q_after_every_step_and_is_what_is_evaluated_and_returned(method):
+    """train.ema_decay: avg = w_1 after Q's first step, then avg <- avg + (1 - d)(w_k - avg) after each step
+    (ZAQ's five Q steps per iteration included); evaluations and the returned Q see the average."""
+    decay = 0.6
+    engine = make_engine(make_config(method, train__ema_decay=decay), evaluate=None)
+    trajectory: list[list[torch.Tensor]] = []
+    step = engine.q_opt.step
+
+    def recording_step(*args, **kwargs):
+        out = step(*args, **kwargs)
+        trajectory.append([p.detach().clone() for p in engine.student.parameters()])
+        return out
+
+    engine.q_opt.step = recording_step
+    seen = []
+    engine.evaluate = lambda model: seen.append(model.fc.weight.detach().clone()) or {"top1": 0.0}
+    q, _ = engine.run()
+    assert len(trajectory) == 3 * (5 if method == "zaq" else 1)  # one epoch of Q training
+    expected = [w.clone() for w in trajectory[0]]
+    for weights in trajectory[1:]:
+        for avg, w in zip(expected, weights, strict=True):
+            avg.lerp_(w, 1 - decay)
+    last = trajectory[-1]
+    for p, avg in zip(q.parameters(), expected, strict=True):
+        assert torch.equal(p.detach(), avg)
+    assert not all(torch.equal(avg, w) for avg, w in zip(expected, last, strict=True))
+    fc = [n for n, _ in q.named_parameters()].index("fc.weight")
+    assert torch.equal(seen[-1], expected[fc])  # the last evaluation scored the returned weights
+
+
+def test_without_ema_q_is_the_last_iterate():
+    engine = make_engine(make_config("adadfq"))
+    q, _ = engine.run()
+    assert engine.ema is None
+    assert q.fc.weight.requires_grad
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"train__ema_decay": 1.0}, "ema_decay must be in"),
+        ({"train__ema_decay": -0.1}, "ema_decay must be in"),
+        ({"train__ema_decay": 0.9, "plugins__lsq": True}, "ema_decay averages Q's weights"),
+    ],
+)
+def test_ema_refusals(overrides, message):
+    with pytest.raises(DFQError, match=message):
+        make_engine(make_config("adadfq", train__epochs=3, **overrides))

@@ -138,6 +138,32 @@ def test_overrides_by_name_pattern():
     assert q.layer2[2].relu2.act_quantizer.spec.bits == 4
 
 
+def test_ends_bits_keeps_the_first_and_last_layers_and_their_activations():
+    """BRECQ/QDrop/Genie's exception: first conv's weights and output (the 2nd layer's input), classifier's
+    weights and the site it reads (the last block's output, through pooling and flatten), all else at 4 bits."""
+    q = quantize_model(_resnet(), QuantConfig(wbits=4, abits=4, ends_bits=8))
+    weights = {
+        n: m.weight_quantizer.spec.bits for n, m in q.named_modules() if isinstance(m, QuantConv2d | QuantLinear)
+    }
+    acts = {n: a.spec.bits for n, a in act_quantizers(q)}
+    assert {n for n, b in weights.items() if b == 8} == {"conv1", "linear"}
+    assert {n for n, b in acts.items() if b == 8} == {"relu.act_quantizer", "layer3.2.relu2.act_quantizer"}
+    assert set(weights.values()) | set(acts.values()) == {4, 8}
+
+
+def test_ends_bits_on_a_functional_model_and_explicit_overrides_win():
+    """The sites are found in the dataflow: functional ReLUs and a reused module split into their own sites."""
+    cfg = QuantConfig(wbits=4, abits=4, ends_bits=6, overrides={"fc": LayerOverride(wbits=5)})
+    q = quantize_model(FunctionalNet().eval(), cfg)
+    assert (q.conv.weight_quantizer.spec.bits, q.conv2.weight_quantizer.spec.bits, q.fc.weight_quantizer.spec.bits) == (
+        6, 4, 5)  # fmt: skip
+    acts = {n: a.spec.bits for n, a in act_quantizers(q)}
+    # the functional stem ReLU, the shared module's first use, its second use (read by fc through pool and flatten)
+    assert acts == {"relu_act.act_quantizer": 6, "shared.act_quantizer": 4, "shared_1_act.act_quantizer": 6}
+    with pytest.raises(DFQError, match="ends_bits"):
+        QuantConfig(ends_bits=1)
+
+
 def test_calibrate_then_frozen_ranges_survive_state_dict():
     q = quantize_model(_resnet(), QuantConfig())
     calibrate(q, torch.randn(8, 3, 32, 32).split(4))

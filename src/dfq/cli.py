@@ -118,6 +118,11 @@ def _build_parser() -> argparse.ArgumentParser:
         default=None,
         help="generator-based methods: bfloat16 autocast and channels-last, on CPU or GPU (not exact; train.fast)",
     )
+    p.add_argument(
+        "--ema-decay",
+        type=float,
+        help="generator-based methods: evaluate and return the moving average of Q's weights (train.ema_decay)",
+    )
     p.add_argument("--device", default="auto", help="generator-based methods: cpu, cuda or auto (CUDA when available)")
     p.add_argument(
         "--nproc",
@@ -138,6 +143,13 @@ def _build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="PATTERN=WxAy",
         help="per-layer bits by name pattern, e.g. conv1=W8 or 'linear=W8A8' (repeatable)",
+    )
+    p.add_argument(
+        "--ends-bits",
+        type=int,
+        metavar="B",
+        help="keep the first and last layers (weights and the activations next to them) at B bits, as "
+        "BRECQ/QDrop/Genie do; not the DFQ papers' protocol (quant.ends_bits)",
     )
     _add_data_args(p, batch_flag="--eval-batch-size")
     p.set_defaults(func=_cmd_quantize)
@@ -364,6 +376,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         "quant.abits": args.abits,
         "quant.act_observer": args.observer,
         "quant.protocol": args.protocol,
+        "quant.ends_bits": args.ends_bits,
         "recon.synth_steps" if method == "recon" else "zeroq.steps": args.steps,
         "recon.num_samples" if method == "recon" else "zeroq.num_samples": args.num_samples,
         "recon.iters": args.recon_iters,
@@ -372,6 +385,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         "train.batch_size": args.batch_size,
         "train.eval_every": args.eval_every,
         "train.fast": args.fast,
+        "train.ema_decay": args.ema_decay,
         "train.shards": args.shards,
     }
     if args.override:

@@ -52,6 +52,9 @@ class TrainConfig:
         rollback_lr_factor: multiply the learning rates by this at each rollback.
         fast: trade exactness for speed: bfloat16 autocast for the forwards and backwards of G, P and Q and the
             channels-last memory format (quantizers, BNS statistics and losses stay in float32).
+        ema_decay: keep an exponential moving average of Q's parameters, updated after every Q step with this
+            decay (0: off); evaluations and the returned Q use it. Meant to steady the final model (the game's
+            top-1 swings by tenths of a point between epochs); on the AdaDFQ preset it did not (docs/methods.md).
         shards: the batch is this many equal shards, each drawn from its own noise stream, split evenly over the
             processes of a data-parallel run; ``None``: one per process of the launch that starts the run (fixed in
             the run's config.yaml). One process with ``shards: S`` draws exactly the images of S processes.
@@ -77,6 +80,7 @@ class TrainConfig:
     max_rollbacks: int = 3
     rollback_lr_factor: float = 0.5
     fast: bool = False
+    ema_decay: float = 0.0
     shards: int | None = None
 
     def __post_init__(self) -> None:
@@ -99,6 +103,8 @@ class TrainConfig:
                 raise DFQError(f"train.{key} must be >= 0, got {getattr(self, key)}")
         if self.q_nesterov and self.q_momentum <= 0:
             raise DFQError("train.q_nesterov needs train.q_momentum > 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise DFQError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if not self.lr_gamma > 0:
             raise DFQError(f"train.lr_gamma must be > 0, got {self.lr_gamma}")
 

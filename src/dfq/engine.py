@@ -132,6 +132,7 @@ class Engine:
             (CamProbe(self.teacher, leaf=True), CamProbe(self.student, leaf=False)) if self.plugins.cam_weight else ()
         )
         self.qp_opt: torch.optim.Adam | None = None  # the learned steps/rounding (plugins.lsq, plugins.adaround)
+        self.ema: list[torch.Tensor] | None = None  # the average of Q's parameters (train.ema_decay), from Q's 1st step
         self.shards = config.train.shards
         check_shards(t.batch_size, self.shards, self.dist.world_size)
         own = self.shards // self.dist.world_size
@@ -191,6 +192,8 @@ class Engine:
             raise DFQError("plugins.lsq: the model has no quantized weights or activations")
         if (pl.hard_tau is not None or pl.cam_weight) and not m.conditional:
             raise DFQError(f"plugins.hard_tau and plugins.cam_weight need sampled labels; '{m.name}' has none")
+        if pl.learns_quantizers and self.train.ema_decay:
+            raise DFQError("train.ema_decay averages Q's weights; plugins.lsq/adaround learn other parameters")
         if self.dist.active and (pl.cam_weight or pl.learns_quantizers):
             raise DFQError("plugins.cam_weight, plugins.lsq and plugins.adaround run on one process only (for now)")
 
@@ -313,6 +316,7 @@ class Engine:
             for opt in self._q_opts():
                 _check_grads(opt, "quantized-model gradient")
                 opt.step()
+            self._update_ema()
         return losses
 
     def _teacher_targets(self, x: torch.Tensor, y: torch.Tensor | None, cam: bool) -> tuple:
@@ -389,6 +393,7 @@ class Engine:
                 _check_grads(opt, what)
         for opt in (self.g_opt, *self._q_opts()):
             opt.step()
+        self._update_ema()
         return {
             **{f"g_{k}": v.detach() for k, v in g_losses.items()},
             **{f"q_{k}": v.detach() for k, v in q_losses.items()},
@@ -420,6 +425,36 @@ class Engine:
         if student_logs:
             logs.update({f"q_{k}": v.detach() for k, v in student_logs[-1].items()})
         return logs
+
+    # ------------------------------------------------------ average of Q's weights (train.ema_decay)
+    def _update_ema(self) -> None:
+        decay = self.train.ema_decay
+        if not decay:
+            return
+        params = [p.detach() for p in self.student.parameters()]
+        if self.ema is None:
+            self.ema = [p.clone() for p in params]
+            return
+        for avg, p in zip(self.ema, params, strict=True):
+            avg.lerp_(p, 1.0 - decay)
+
+    @contextlib.contextmanager
+    def _averaged_weights(self) -> Iterator[None]:
+        """Q with the averaged parameters inside the block, its own ones again after it."""
+        if self.ema is None:
+            yield
+            return
+        params = list(self.student.parameters())
+        own = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, avg in zip(params, self.ema, strict=True):
+                p.copy_(avg)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, mine in zip(params, own, strict=True):
+                    p.copy_(mine)
 
     # ----------------------------------------------- learned steps and rounding (plugins.lsq, plugins.adaround)
     @property
@@ -508,6 +543,10 @@ class Engine:
             bar.close()
         self._end_quantizer_learning()
         self._unparallelize()
+        if self.ema is not None:
+            with torch.no_grad():
+                for p, avg in zip(self.student.parameters(), self.ema, strict=True):
+                    p.copy_(avg)
         self.student.to(memory_format=torch.contiguous_format)  # the caller gets an ordinary model
         return self.student, self.summary()
 
@@ -599,7 +638,8 @@ class Engine:
         # In the layout Q is saved in: channels-last sums in another order, which flips a few images at code boundaries.
         self.student.to(memory_format=torch.contiguous_format)
         try:
-            return self.evaluate(self.student)
+            with self._averaged_weights():  # the weights the run returns
+                return self.evaluate(self.student)
         finally:
             self.student.to(memory_format=torch.channels_last)
             self.student.train(was_training)
@@ -650,6 +690,7 @@ class Engine:
                 "q_opt": self.q_opt.state_dict(),
                 "g_opt": self.g_opt.state_dict(),
                 "qp_opt": None if self.qp_opt is None else self.qp_opt.state_dict(),
+                "ema": self.ema,
                 "sampler": self._sampler_states(),
                 "torch_rng": torch.get_rng_state(),
             }
@@ -688,6 +729,8 @@ class Engine:
         for k, gen in self.samplers.items():
             gen.set_state(states[k].clone())  # a view of the stacked states crashes set_state
         torch.set_rng_state(ckpt["torch_rng"])
+        saved_ema = ckpt.get("ema")
+        self.ema = None if saved_ema is None else [t.clone().to(self.device) for t in saved_ema]
         self.state = _State(
             ckpt["epoch"],
             ckpt["iteration"],

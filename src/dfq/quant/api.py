@@ -27,7 +27,7 @@ import fnmatch
 import operator
 import warnings
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -115,6 +115,10 @@ class QuantConfig:
             residual site after its BatchNorm (``layer1.0.bn2``). Later patterns win.
         weight_scales: "minmax" (the papers: the min/max grid of the current weights at every
             forward) or "stored" (a grid kept in buffers, so methods can learn it).
+        ends_bits: keep the first and the last weight layer at this bit-width, with the activations
+            next to them (the first activation site, which is the second layer's input, and the
+            site the last layer reads), as BRECQ, QDrop and Genie do; ``None``: every layer at
+            ``wbits``/``abits`` (the DFQ papers' protocol). ``overrides`` still win.
         input_bits: deploy protocol: bit-width of the model input (images are 8-bit data).
         quantize_residual: deploy protocol: quantize the BatchNorm outputs that enter
             residual additions, so the convolutions before them run on integer kernels too.
@@ -130,6 +134,7 @@ class QuantConfig:
     act_momentum: float = 0.9
     overrides: dict[str, LayerOverride] = field(default_factory=dict)
     weight_scales: str = "minmax"
+    ends_bits: int | None = None
     input_bits: int = 8
     quantize_residual: bool = True
 
@@ -141,6 +146,8 @@ class QuantConfig:
         check_bits(self.wbits, "wbits")
         check_bits(self.abits, "abits")
         check_bits(self.input_bits, "input_bits")
+        if self.ends_bits is not None:
+            check_bits(self.ends_bits, "ends_bits")
         if self.weight_granularity not in {g.value for g in Granularity}:
             raise DFQError(f"weight_granularity must be per_channel or per_tensor, got {self.weight_granularity!r}")
         if self.weight_scales not in ("minmax", "stored"):
@@ -190,6 +197,9 @@ def quantize_model(model: nn.Module, config: QuantConfig, *, inplace: bool = Fal
     model = model if inplace else copy.deepcopy(model)
     model = _split_activation_sites(model)
     _check_supported(model)
+    if config.ends_bits is not None:
+        ends = end_overrides(model, config.ends_bits)
+        config = replace(config, ends_bits=None, overrides={**ends, **config.overrides})
     for name, module in list(model.named_modules()):
         replacement = _quantized_version(name, module, config)
         if replacement is not None:
@@ -199,6 +209,40 @@ def quantize_model(model: nn.Module, config: QuantConfig, *, inplace: bool = Fal
     if info is not None:
         model.dfq_info = info  # type: ignore[assignment]
     return model
+
+
+def end_overrides(model: nn.Module, bits: int) -> dict[str, LayerOverride]:
+    """Overrides that keep the model's ends at ``bits``: the first and last Conv2d/Linear (weights; the last one's
+    input site too, under the deploy protocol), the first activation site and the one the last layer reads."""
+    graph = trace(model, "quant.ends_bits")
+    modules = dict(model.named_modules())
+    calls = [n for n in graph.nodes if n.op == "call_module"]
+    layers = [n for n in calls if isinstance(modules[str(n.target)], nn.Conv2d | nn.Linear)]
+    sites = [n for n in calls if isinstance(modules[str(n.target)], _ACTIVATIONS)]
+    if not layers:
+        return {}
+    first, last = str(layers[0].target), str(layers[-1].target)
+    out = {first: LayerOverride(wbits=bits), last: LayerOverride(wbits=bits, abits=bits)}
+    if sites:
+        out[str(sites[0].target)] = LayerOverride(abits=bits)
+    read = _site_read_by(layers[-1], modules)
+    if read is not None:
+        out[read] = LayerOverride(abits=bits)
+    return out
+
+
+def _site_read_by(layer: fx.Node, modules: dict[str, nn.Module]) -> str | None:
+    """The activation module whose output reaches ``layer`` through single-input, weight-free operations."""
+    node = layer.args[0]
+    while isinstance(node, fx.Node) and node.op in ("call_module", "call_function", "call_method"):
+        m = modules.get(str(node.target)) if node.op == "call_module" else None
+        if isinstance(m, _ACTIVATIONS):
+            return str(node.target)
+        inputs = node.all_input_nodes
+        if isinstance(m, nn.Conv2d | nn.Linear) or len(inputs) != 1:
+            return None
+        node = inputs[0]
+    return None
 
 
 def _quantized_version(name: str, module: nn.Module, config: QuantConfig) -> nn.Module | None:
