@@ -9,7 +9,8 @@ The run was made on the device machine (one NVIDIA H200) from the repository roo
 under `timeout -s TERM 540` (the device lease is 15 minutes in all). SIGTERM stops the run after the current
 iteration with a resumable checkpoint. This script reads that run directory (fetched back) and writes
 benchmarks/results/gpu_full_schedule.json: epochs done, seconds per epoch and per iteration on the GPU, the
-evaluations made, and the device time the whole schedule would need at that speed.
+evaluations made, and the training time the whole schedule would need at that speed (a lower bound on device time:
+evaluations, checkpoints and the machine's start come on top).
 
 Usage: python benchmarks/gpu_full_schedule.py RUN --device "NVIDIA H200, driver ..., torch ..."
 """
@@ -36,7 +37,7 @@ def describe(run: Path) -> dict:
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     seconds = [m["train_seconds"] for m in metrics]
     per_epoch = [b - a for a, b in zip([0.0, *seconds], seconds, strict=False)]
-    q_epochs = [s for m, s in zip(metrics, per_epoch, strict=True) if m["train_q"]]
+    q_epochs = [s for m, s in zip(metrics, per_epoch, strict=True) if m["train_q"]] or per_epoch
     epoch_s = statistics.median(q_epochs)
     planned = train["epochs"]
     return {
@@ -46,7 +47,7 @@ def describe(run: Path) -> dict:
         "train_seconds": seconds[-1],
         "median_epoch_seconds_q_training": round(epoch_s, 3),
         "ms_per_iteration_q_training": round(1000 * epoch_s / train["iters_per_epoch"], 1),
-        "projected_full_schedule_minutes": round((seconds[-1] + epoch_s * (planned - len(metrics))) / 60, 1),
+        "projected_training_minutes_full_schedule": round((seconds[-1] + epoch_s * (planned - len(metrics))) / 60, 1),
         "trajectory_lossless": [{"epoch": m["epoch"], "top1": m["top1"]} for m in metrics if "top1" in m],
     }
 

@@ -545,12 +545,8 @@ def test_zaq_with_functional_relus():
 
 
 # ------------------------------------------------------------------ average of Q's weights
-@pytest.mark.parametrize("method", METHODS)
-def test_ema_averages_q_after_every_step_and_is_what_is_evaluated_and_returned(method):
-    """train.ema_decay: avg = w_1 after Q's first step, then avg <- avg + (1 - d)(w_k - avg) after each step
-    (ZAQ's five Q steps per iteration included); evaluations and the returned Q see the average."""
-    decay = 0.6
-    engine = make_engine(make_config(method, train__ema_decay=decay), evaluate=None)
+def _record_q_steps(engine) -> list[list[torch.Tensor]]:
+    """Q's parameters after every optimizer step of ``engine``, appended as it trains."""
     trajectory: list[list[torch.Tensor]] = []
     step = engine.q_opt.step
 
@@ -560,10 +556,20 @@ def test_ema_averages_q_after_every_step_and_is_what_is_evaluated_and_returned(m
         return out
 
     engine.q_opt.step = recording_step
+    return trajectory
+
+
+@pytest.mark.parametrize("method", ["gdfq", "adasg", "adadfq"])
+def test_ema_averages_q_after_every_step_and_is_what_is_evaluated_and_returned(method):
+    """train.ema_decay: avg = w_1 after Q's first step, then avg <- avg + (1 - d)(w_k - avg) after each step
+    (the shared-forward Q step of AdaSG/AdaDFQ included); evaluations and the returned Q see the average."""
+    decay = 0.6
+    engine = make_engine(make_config(method, train__ema_decay=decay), evaluate=None)
+    trajectory = _record_q_steps(engine)
     seen = []
     engine.evaluate = lambda model: seen.append(model.fc.weight.detach().clone()) or {"top1": 0.0}
     q, _ = engine.run()
-    assert len(trajectory) == 3 * (5 if method == "zaq" else 1)  # one epoch of Q training
+    assert len(trajectory) == 3  # one epoch of Q training
     expected = [w.clone() for w in trajectory[0]]
     for weights in trajectory[1:]:
         for avg, w in zip(expected, weights, strict=True):
@@ -576,11 +582,27 @@ def test_ema_averages_q_after_every_step_and_is_what_is_evaluated_and_returned(m
     assert torch.equal(seen[-1], expected[fc])  # the last evaluation scored the returned weights
 
 
+def test_evaluating_the_average_leaves_training_on_q_own_weights():
+    """Evaluations swap the average in and Q's own weights back: training with an evaluation after every
+    epoch follows exactly the trajectory of training without any."""
+    config = make_config("adadfq", train__epochs=4, train__ema_decay=0.5)
+    quiet = make_engine(config)
+    evaluated = make_engine(config, evaluate=lambda model: {"top1": 0.0})
+    trajectories = [_record_q_steps(e) for e in (quiet, evaluated)]
+    q_quiet, _ = quiet.run()
+    q_evaluated, _ = evaluated.run()
+    assert len(trajectories[1]) == 9  # three epochs of Q training, evaluated after each one
+    for a, b in zip(*trajectories, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert all(torch.equal(x, y) for x, y in zip(q_quiet.parameters(), q_evaluated.parameters(), strict=True))
+
+
 def test_without_ema_q_is_the_last_iterate():
     engine = make_engine(make_config("adadfq"))
+    trajectory = _record_q_steps(engine)
     q, _ = engine.run()
     assert engine.ema is None
-    assert q.fc.weight.requires_grad
+    assert all(torch.equal(p.detach(), w) for p, w in zip(q.parameters(), trajectory[-1], strict=True))
 
 
 @pytest.mark.parametrize(
@@ -589,8 +611,10 @@ def test_without_ema_q_is_the_last_iterate():
         ({"train__ema_decay": 1.0}, "ema_decay must be in"),
         ({"train__ema_decay": -0.1}, "ema_decay must be in"),
         ({"train__ema_decay": 0.9, "plugins__lsq": True}, "ema_decay averages Q's weights"),
+        ({"train__ema_decay": 0.9, "method": "zaq"}, "trains Q's BatchNorm statistics"),
     ],
 )
 def test_ema_refusals(overrides, message):
+    method = overrides.pop("method", "adadfq")
     with pytest.raises(DFQError, match=message):
-        make_engine(make_config("adadfq", train__epochs=3, **overrides))
+        make_engine(make_config(method, train__epochs=3, **overrides))

@@ -164,6 +164,53 @@ def test_ends_bits_on_a_functional_model_and_explicit_overrides_win():
         QuantConfig(ends_bits=1)
 
 
+class ViewNet(nn.Module):
+    """The pytorch-cifar style head: the classifier reads ``x.view(x.size(0), -1)`` of a pooled ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.relu1 = nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()
+        self.conv2, self.relu2 = nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = self.relu2(self.conv2(self.relu1(self.conv1(x))))
+        x = F.avg_pool2d(x, x.size()[3])
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_ends_bits_sees_through_shape_reads_and_reaches_the_deploy_input_site():
+    q = quantize_model(ViewNet().eval(), QuantConfig(wbits=4, abits=4, ends_bits=8))
+    assert (q.relu1.act_quantizer.spec.bits, q.relu2.act_quantizer.spec.bits) == (8, 8)
+    deploy = quantize_model(_resnet(), QuantConfig(protocol="deploy", wbits=4, abits=4, ends_bits=8))
+    assert deploy.linear.input_quantizer.spec.bits == deploy.linear.weight_quantizer.spec.bits == 8
+    assert deploy.layer1[0].conv1.weight_quantizer.spec.bits == 4
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"conv*": {"wbits": 6}, "conv1": {"wbits": 3}}, {"conv1": (3, 8), "linear": (8, 8)}),  # later pattern wins
+        ({"conv1": {"wbits": 3}, "conv*": {"wbits": 6}}, {"conv1": (6, 8)}),
+        ({"relu": {"wbits": 6}}, {"relu": (6, 8)}),  # a field left unset keeps the ends' bits
+        ({"layer*": {"abits": 6}}, {"layer3.2.relu2": (4, 6), "relu": (4, 8)}),
+    ],
+)
+def test_ends_bits_lie_under_explicit_overrides(overrides, expected):
+    """The ends are the first patterns: each explicit override wins where it matches, as without ends_bits."""
+    cfg = QuantConfig(wbits=4, abits=4, ends_bits=8, overrides=overrides)
+    q = quantize_model(_resnet(), cfg)
+    for name, (wbits, abits) in expected.items():
+        module = q.get_submodule(name)
+        if hasattr(module, "weight_quantizer"):
+            assert module.weight_quantizer.spec.bits == wbits, name
+        if hasattr(module, "act_quantizer"):
+            assert module.act_quantizer.spec.bits == abits, name
+    reference = QuantConfig(wbits=4, abits=4, overrides=overrides)
+    for name in expected:
+        assert cfg.bits_for(name) == reference.bits_for(name)  # the saved config's own patterns are untouched
+
+
 def test_calibrate_then_frozen_ranges_survive_state_dict():
     q = quantize_model(_resnet(), QuantConfig())
     calibrate(q, torch.randn(8, 3, 32, 32).split(4))

@@ -194,6 +194,9 @@ class Engine:
             raise DFQError(f"plugins.hard_tau and plugins.cam_weight need sampled labels; '{m.name}' has none")
         if pl.learns_quantizers and self.train.ema_decay:
             raise DFQError("train.ema_decay averages Q's weights; plugins.lsq/adaround learn other parameters")
+        if m.student_bn_train and self.train.ema_decay:
+            raise DFQError(f"train.ema_decay: '{m.name}' trains Q's BatchNorm statistics, which follow Q's own "
+                           "weights, not their average")  # fmt: skip
         if self.dist.active and (pl.cam_weight or pl.learns_quantizers):
             raise DFQError("plugins.cam_weight, plugins.lsq and plugins.adaround run on one process only (for now)")
 

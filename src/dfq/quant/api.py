@@ -115,10 +115,11 @@ class QuantConfig:
             residual site after its BatchNorm (``layer1.0.bn2``). Later patterns win.
         weight_scales: "minmax" (the papers: the min/max grid of the current weights at every
             forward) or "stored" (a grid kept in buffers, so methods can learn it).
-        ends_bits: keep the first and the last weight layer at this bit-width, with the activations
-            next to them (the first activation site, which is the second layer's input, and the
-            site the last layer reads), as BRECQ, QDrop and Genie do; ``None``: every layer at
-            ``wbits``/``abits`` (the DFQ papers' protocol). ``overrides`` still win.
+        ends_bits: keep the first and the last Conv2d/Linear (in execution order) at this
+            bit-width, with the activations next to them (the first activation site, in the usual
+            conv-BN-ReLU stem the second layer's input, and the site the last layer reads), as
+            BRECQ, QDrop and Genie do; ``None``: every layer at ``wbits``/``abits`` (the DFQ
+            papers' protocol). ``overrides`` still win where they match.
         input_bits: deploy protocol: bit-width of the model input (images are 8-bit data).
         quantize_residual: deploy protocol: quantize the BatchNorm outputs that enter
             residual additions, so the convolutions before them run on integer kernels too.
@@ -185,7 +186,8 @@ def quantize_model(model: nn.Module, config: QuantConfig, *, inplace: bool = Fal
     unless ``inplace``.
 
     Raises:
-        UnsupportedLayerError: listing every layer that cannot be quantized, by name.
+        UnsupportedLayerError: listing every layer that cannot be quantized, by name; or, with
+            ``ends_bits`` or the deploy protocol, a model that torch.fx cannot trace.
 
     Example:
         >>> from dfq.models import create_model
@@ -199,7 +201,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, *, inplace: bool = Fal
     _check_supported(model)
     if config.ends_bits is not None:
         ends = end_overrides(model, config.ends_bits)
-        config = replace(config, ends_bits=None, overrides={**ends, **config.overrides})
+        config = replace(config, ends_bits=None, overrides=_under(ends, config.overrides))
     for name, module in list(model.named_modules()):
         replacement = _quantized_version(name, module, config)
         if replacement is not None:
@@ -212,8 +214,9 @@ def quantize_model(model: nn.Module, config: QuantConfig, *, inplace: bool = Fal
 
 
 def end_overrides(model: nn.Module, bits: int) -> dict[str, LayerOverride]:
-    """Overrides that keep the model's ends at ``bits``: the first and last Conv2d/Linear (weights; the last one's
-    input site too, under the deploy protocol), the first activation site and the one the last layer reads."""
+    """Overrides that keep the model's ends at ``bits``: the first and the last Conv2d/Linear in execution order
+    (weights; the last one's input site too, under the deploy protocol), the first activation site in execution
+    order and the site the last layer reads."""
     graph = trace(model, "quant.ends_bits")
     modules = dict(model.named_modules())
     calls = [n for n in graph.nodes if n.op == "call_module"]
@@ -231,18 +234,41 @@ def end_overrides(model: nn.Module, bits: int) -> dict[str, LayerOverride]:
     return out
 
 
+def _under(base: dict[str, LayerOverride], overrides: dict[str, LayerOverride]) -> dict[str, LayerOverride]:
+    """``base`` as the first patterns, so that every one of ``overrides`` still wins where it matches; a pattern in
+    both keeps its place among ``overrides`` and takes from ``base`` only the bit-widths it leaves unset."""
+    merged = {k: v for k, v in base.items() if k not in overrides}
+    for k, o in overrides.items():
+        b = base.get(k, LayerOverride())
+        merged[k] = LayerOverride(wbits=b.wbits if o.wbits is None else o.wbits,
+                                  abits=b.abits if o.abits is None else o.abits)  # fmt: skip
+    return merged
+
+
 def _site_read_by(layer: fx.Node, modules: dict[str, nn.Module]) -> str | None:
-    """The activation module whose output reaches ``layer`` through single-input, weight-free operations."""
-    node = layer.args[0]
+    """The activation module whose output reaches ``layer`` through weight-free operations of one data input
+    (pooling, flattening, ``x.view(x.size(0), -1)``)."""
+    node = layer.args[0] if layer.args else next(iter(layer.kwargs.values()), None)
     while isinstance(node, fx.Node) and node.op in ("call_module", "call_function", "call_method"):
         m = modules.get(str(node.target)) if node.op == "call_module" else None
         if isinstance(m, _ACTIVATIONS):
             return str(node.target)
-        inputs = node.all_input_nodes
+        inputs = [n for n in node.all_input_nodes if not _is_shape(n)]
         if isinstance(m, nn.Conv2d | nn.Linear) or len(inputs) != 1:
             return None
         node = inputs[0]
     return None
+
+
+def _is_shape(node: fx.Node) -> bool:
+    """Whether ``node`` only reads a tensor's shape (``x.size(0)``, ``x.shape[1]``), not its values."""
+    if node.op == "call_method":
+        return node.target in ("size", "dim")
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] == "shape"
+    if node.op == "call_function" and node.target is operator.getitem:
+        return isinstance(node.args[0], fx.Node) and _is_shape(node.args[0])
+    return False
 
 
 def _quantized_version(name: str, module: nn.Module, config: QuantConfig) -> nn.Module | None:
