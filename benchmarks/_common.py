@@ -12,6 +12,10 @@ from pathlib import Path
 
 import torch
 
+from dfq.data import open_dataset
+from dfq.data.loader import make_loader
+from dfq.evaluate import evaluate
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -61,3 +65,10 @@ def run_cli(args: list[str]) -> dict:
     if proc.returncode:
         raise RuntimeError(f"dfq {' '.join(args)} failed: {proc.stderr.strip()}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def top1_on(model: torch.nn.Module, sets: dict[str, Path]) -> dict[str, float]:
+    """Top-1 of a zoo-derived model (float or quantized) on each named test set, in this process."""
+    info = model.dfq_info
+    return {name: evaluate(model, make_loader(open_dataset(path), info.mean, info.std), progress=False)["top1"]
+            for name, path in sets.items()}  # fmt: skip

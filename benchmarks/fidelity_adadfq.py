@@ -29,15 +29,11 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 import yaml
-from _common import RESULTS, SHARED_DATA, run_cli, write_result
+from _common import RESULTS, SHARED_DATA, run_cli, top1_on, write_result
 
 from dfq.checkpoint import load_quantized
-from dfq.data import open_dataset
-from dfq.data.loader import make_loader
 from dfq.engine import read_train_checkpoint
-from dfq.evaluate import evaluate
 
 LOSSLESS = SHARED_DATA / "cifar10-test-4class-lossless.npz"
 JPEG = SHARED_DATA / "cifar10-test-jpeg75.npz"
@@ -52,10 +48,7 @@ def last_iterate(run: Path) -> dict[str, float]:
     """Top-1 of the run's raw last weights (the final checkpoint's Q), not of their moving average."""
     model, _ = load_quantized(run)
     model.load_state_dict(read_train_checkpoint(run)["student"])
-    info = model.dfq_info
-    with torch.no_grad():
-        return {name: evaluate(model, make_loader(open_dataset(path), info.mean, info.std), progress=False)["top1"]
-                for name, path in (("lossless", LOSSLESS), ("jpeg75", JPEG))}  # fmt: skip
+    return top1_on(model, {"lossless": LOSSLESS, "jpeg75": JPEG})
 
 
 def describe(run: Path, trajectory_set: str) -> dict:

@@ -26,14 +26,13 @@ import sys
 import time
 
 import torch
-from _common import RESULTS, ROOT, command, write_result
+from _common import RESULTS, ROOT, command, top1_on, write_result
 from method_study import JPEG, LOSSLESS, WEIGHTS
 
 import dfq.methods.recon as recon_module
 from dfq.config import resolve_config
 from dfq.data import open_dataset
 from dfq.data.loader import make_loader
-from dfq.evaluate import evaluate
 from dfq.models import create_model
 from dfq.utils.seed import seed_everything
 
@@ -65,12 +64,6 @@ VARIANTS = {
     # second layer; the last block's output, pooled, is the classifier's input). A separate column, not the papers'.
     "genie-ends": {"quant.ends_bits": 8},
 }
-
-
-def accuracy(model: torch.nn.Module) -> dict[str, float]:
-    info = create_model("resnet20a_cifar10", pretrained=False).dfq_info
-    return {k: evaluate(model, make_loader(open_dataset(path), info.mean, info.std), progress=False)["top1"]
-            for k, path in SETS.items()}  # fmt: skip
 
 
 def shared_pool(n: int) -> tuple[torch.Tensor, float]:
@@ -115,7 +108,7 @@ def run_variant(name: str, bits: int, shared: torch.Tensor | None = None, seed: 
     finally:
         recon_module.synthesize = synthesize
     seconds = round(time.perf_counter() - start, 1)
-    top1 = accuracy(q)
+    top1 = top1_on(q, SETS)
     return {"variant": name, "bits": bits, "seed": seed, "overrides": VARIANTS[name], "diagnostic_real_pool": real,
             "seconds": seconds, **timings, **top1}  # fmt: skip
 
@@ -140,7 +133,7 @@ def main() -> int:
     previous = json.loads(old.read_text()) if old.is_file() else {}
     rows = previous.get("results", [])
     note = {"note": previous["note"]} if "note" in previous else {}  # provenance of rows written by earlier commands
-    fp = accuracy(create_model("resnet20a_cifar10", pretrained=False, weights=WEIGHTS))
+    fp = top1_on(create_model("resnet20a_cifar10", pretrained=False, weights=WEIGHTS), SETS)
     shared, pool_s = shared_pool(args.shared_pool) if args.shared_pool else (None, None)
     extra = {"shared_pool": {"num_samples": args.shared_pool, "synthesize_s": pool_s}} if shared is not None else {}
     for name in args.variants:

@@ -447,17 +447,17 @@ class Engine:
         if self.ema is None:
             yield
             return
-        params = list(self.student.parameters())
-        own = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            for p, avg in zip(params, self.ema, strict=True):
-                p.copy_(avg)
+        own = [p.detach().clone() for p in self.student.parameters()]
+        self._load_student_params(self.ema)
         try:
             yield
         finally:
-            with torch.no_grad():
-                for p, mine in zip(params, own, strict=True):
-                    p.copy_(mine)
+            self._load_student_params(own)
+
+    @torch.no_grad()
+    def _load_student_params(self, values: list[torch.Tensor]) -> None:
+        for p, v in zip(self.student.parameters(), values, strict=True):
+            p.copy_(v)
 
     # ----------------------------------------------- learned steps and rounding (plugins.lsq, plugins.adaround)
     @property
@@ -547,9 +547,7 @@ class Engine:
         self._end_quantizer_learning()
         self._unparallelize()
         if self.ema is not None:
-            with torch.no_grad():
-                for p, avg in zip(self.student.parameters(), self.ema, strict=True):
-                    p.copy_(avg)
+            self._load_student_params(self.ema)
         self.student.to(memory_format=torch.contiguous_format)  # the caller gets an ordinary model
         return self.student, self.summary()
 
