@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -82,6 +83,41 @@ def describe(run: Path, trajectory_set: str) -> dict:
     return row
 
 
+def summarize(rows: list[dict], after_epoch: int = 20) -> dict[str, dict]:
+    """Per bit-width, over every finished run: the last iterates' lossless top-1, and where the official single
+    final lies in the distribution of the runs' lossless evaluations after `after_epoch` (the eval-to-eval swing;
+    runs with `ema_decay` evaluated their average, so their evaluations are left out)."""
+    out = {}
+    for bits, official in OFFICIAL.items():
+        done = [r for r in rows if r["wbits"] == bits and "final" in r]
+        late = [
+            t["top1_lossless"]
+            for r in done
+            if "ema_decay" not in r
+            for t in r["trajectory"]
+            if "top1_lossless" in t and t["epoch"] >= after_epoch
+        ]
+        if len(late) < 2:
+            continue
+        finals = [r.get("final_last_iterate", r["final"])["lossless"] for r in done]
+        out[f"w{bits}a{bits}"] = {
+            "runs": len(done),
+            "last_iterate_lossless": {
+                "min": min(finals),
+                "max": max(finals),
+                "mean": round(statistics.mean(finals), 3),
+            },
+            f"evaluations_after_epoch_{after_epoch}": {
+                "count": len(late),
+                "mean": round(statistics.mean(late), 3),
+                "stdev": round(statistics.stdev(late), 3),
+                "at_or_above_official": sum(v >= official["lossless"] for v in late),
+            },
+            "official_lossless": official["lossless"],
+        }
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path)
@@ -93,7 +129,10 @@ def main() -> int:
     new = {r["run"] for r in rows}
     old = RESULTS / "fidelity_adadfq.json"
     kept = [r for r in json.loads(old.read_text())["results"] if r["run"] not in new] if old.is_file() else []
-    payload = {"model": "resnet20a_cifar10", "method": "adadfq", "results": kept + rows}
+    results = kept + rows
+    summary = summarize(results)
+    print(json.dumps(summary))
+    payload = {"model": "resnet20a_cifar10", "method": "adadfq", "summary": summary, "results": results}
     print(f"wrote {write_result('fidelity_adadfq', payload)}")
     return 0
 
