@@ -365,8 +365,12 @@ class Engine:
             and m.student_steps == 1
             and not m.student_bn_train
             and not self.plugins.changes_student_input
-            and all(q.get_mode() is not ActMode.OBSERVE for _, q in act_quantizers(self.student))
+            and not self._observing()
         )
+
+    def _observing(self) -> bool:
+        """Whether Q's forwards still move activation ranges (the observation window)."""
+        return any(q.get_mode() is ActMode.OBSERVE for _, q in act_quantizers(self.student))
 
     def _shared_iteration(self) -> dict[str, torch.Tensor]:
         """One G step and one Q step from a single Q forward; gradients routed with ``autograd.grad``
@@ -418,9 +422,9 @@ class Engine:
         if m.student_first:
             student_logs = [self._student_step(self._fresh_student_batch(), train_q) for _ in range(m.student_steps)]
         batch, g_losses = self._generator_step()
-        # During warm-up a method whose G step already ran Q has nothing to gain from a second
-        # forward (the official AdaSG/AdaDFQ loops skip it); GDFQ still needs it to observe ranges.
-        if not m.student_first and (train_q or not m.generator_uses_student):
+        # In warm-up the official loops still compute Q's loss (no step): for a method whose G step already ran Q,
+        # that forward only matters while it moves the ranges, so it is skipped once they are frozen.
+        if not m.student_first and (train_q or not m.generator_uses_student or self._observing()):
             for k in range(m.student_steps):
                 b = self._fresh_student_batch() if (m.fresh_student_batches and k) else batch
                 student_logs.append(self._student_step(b, train_q))
