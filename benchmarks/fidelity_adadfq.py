@@ -10,7 +10,9 @@ one seed. The dfq side is `configs/cpu/adadfq_resnet20a_cifar10.yaml`, run with
 This script reads finished (or partial) run directories, evaluates the final model on both test sets and writes
 benchmarks/results/fidelity_adadfq.json, replacing the rows of runs with the same name and keeping the others (whose
 run directories need not exist any more). The `observer` column tells the activation-range observer of each run
-(`--observer paper` reproduces the official code's EMA update, deviation 1 in docs/methods.md).
+(`--observer paper` reproduces the official code's EMA update, deviation 1 in docs/methods.md). The
+`warmup_range_updates` column tells how often the warm-up's observation epochs updated the ranges per batch: 2 as in
+the official loop, 1 for runs made before commit ef7f5b6; the `summary` keeps the two apart.
 
 A run with `train.ema_decay` (the moving average of Q's weights, which the run evaluates and returns) also gets its
 last iterate evaluated, the raw weights of the same run from its final checkpoint (`final_last_iterate`), so the
@@ -25,6 +27,7 @@ Usage: python benchmarks/fidelity_adadfq.py [--trajectory-set {lossless,jpeg75}]
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -52,6 +55,13 @@ def last_iterate(run: Path) -> dict[str, float]:
     return top1_on(model, {"lossless": LOSSLESS, "jpeg75": JPEG})
 
 
+def warmup_range_updates(metrics: list[dict]) -> int:
+    """Range updates per batch in the warm-up's observation epochs: 2 (the G step's Q forward and the Q loss's, as in
+    the official loop) when the run logged Q's loss there, 1 for runs made before dfq computed it (commit ef7f5b6)."""
+    warm = [m for m in metrics if not m["train_q"]]
+    return 2 if warm and "q_loss" in warm[0] else 1
+
+
 def describe(run: Path, trajectory_set: str) -> dict:
     config = yaml.safe_load((run / "config.yaml").read_text())
     bits = config["quant"]["wbits"]
@@ -64,6 +74,7 @@ def describe(run: Path, trajectory_set: str) -> dict:
         "epochs_done": len(metrics),
         "epochs_planned": config["train"]["epochs"],
         "observer": config["quant"].get("act_observer", "ema"),
+        "warmup_range_updates": warmup_range_updates(metrics),
         "train_seconds": metrics[-1]["train_seconds"] if metrics else None,
         "official": OFFICIAL.get(bits),
         "fp": FP,
@@ -84,12 +95,13 @@ def describe(run: Path, trajectory_set: str) -> dict:
 
 
 def summarize(rows: list[dict], after_epoch: int = 20) -> dict[str, dict]:
-    """Per bit-width, over every finished run: the last iterates' lossless top-1, and where the official single
+    """Per bit-width and warm-up range updates per batch (rows from before commit ef7f5b6 have 1), over every
+    finished run: the last iterates' lossless top-1, and where the official single
     final lies in the distribution of the runs' lossless evaluations after `after_epoch` (the eval-to-eval swing;
     runs with `ema_decay` evaluated their average, so their evaluations are left out)."""
     out = {}
-    for bits, official in OFFICIAL.items():
-        done = [r for r in rows if r["wbits"] == bits and "final" in r]
+    for (bits, official), updates in itertools.product(OFFICIAL.items(), (1, 2)):
+        done = [r for r in rows if r["wbits"] == bits and "final" in r and r.get("warmup_range_updates", 1) == updates]
         late = [
             t["top1_lossless"]
             for r in done
@@ -100,7 +112,7 @@ def summarize(rows: list[dict], after_epoch: int = 20) -> dict[str, dict]:
         if len(late) < 2:
             continue
         finals = [r.get("final_last_iterate", r["final"])["lossless"] for r in done]
-        out[f"w{bits}a{bits}"] = {
+        out[f"w{bits}a{bits}_warmup_range_updates_{updates}"] = {
             "runs": len(done),
             "last_iterate_lossless": {
                 "min": min(finals),
