@@ -57,7 +57,8 @@ def last_iterate(run: Path) -> dict[str, float]:
 
 def warmup_range_updates(metrics: list[dict]) -> int:
     """Range updates per batch in the warm-up's observation epochs: 2 (the G step's Q forward and the Q loss's, as in
-    the official loop) when the run logged Q's loss there, 1 for runs made before dfq computed it (commit ef7f5b6)."""
+    the official loop) when the run logged Q's loss there, 1 for runs made before dfq computed it (commit ef7f5b6).
+    Read from the first warm-up epoch: a run started before that commit and resumed after it counts as 1."""
     warm = [m for m in metrics if not m["train_q"]]
     return 2 if warm and "q_loss" in warm[0] else 1
 

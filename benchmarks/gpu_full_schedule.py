@@ -15,7 +15,7 @@ This script reads the run directory and writes benchmarks/results/gpu_full_sched
 epoch and per iteration on the GPU (the first `--device-epochs` epochs) and on the CPU (the rest), the evaluations
 made, the training time the whole schedule would need at the GPU's speed (a lower bound on device time: evaluations,
 checkpoints and the machine's start come on top) and, once the run has finished, its final model's top-1 on both
-test sets.
+test sets. The epoch the device run was stopped in is counted as CPU time (the medians hide it).
 
 Usage: python benchmarks/gpu_full_schedule.py RUN --device "NVIDIA H200, driver ..., torch ..." [--device-epochs N]
 """
@@ -37,7 +37,7 @@ DEVICE_COMMAND = (
     "--weights .devdata/resnet20-12fca82f.th --data .devdata/cifar10-test-4class-lossless.npz --eval-every 20 "
     "--device cuda --no-progress --out runs/gpu-full-adadfq-w4a4 --json"
 )
-CPU_COMMAND = (  # the continuation on this machine, from the checkpoint the device run left
+CPU_COMMAND = (  # the continuation on this machine, as run; --resume takes the config from the run directory
     "dfq quantize resnet20a_cifar10 --config runs/gpu-full-adadfq-w4a4/config.yaml "
     "--data .devdata/cifar10-test-4class-lossless.npz --device cpu --no-progress --json "
     "--out runs/gpu-full-adadfq-w4a4 --resume"
@@ -59,6 +59,8 @@ def describe(run: Path, device_epochs: int | None) -> dict:
     seconds = [m["train_seconds"] for m in metrics]
     per_epoch = [b - a for a, b in zip([0.0, *seconds], seconds, strict=False)]
     on_device = len(metrics) if device_epochs is None else device_epochs
+    if not 1 <= on_device <= len(metrics):
+        raise SystemExit(f"--device-epochs must be between 1 and the {len(metrics)} epochs done, got {on_device}")
     epoch_s = q_epoch_seconds(metrics[:on_device], per_epoch[:on_device])
     planned, iters = train["epochs"], train["iters_per_epoch"]
     device_seconds = seconds[on_device - 1]

@@ -40,7 +40,8 @@ class TrainConfig:
     Attributes:
         epochs, iters_per_epoch: length of the game; each iteration draws a fresh batch.
         batch_size: generated images per iteration.
-        warmup_epochs: epochs in which only G trains (Q's loss is computed, not stepped).
+        warmup_epochs: epochs in which only G trains (Q's loss is computed, not stepped; AdaSG/AdaDFQ, whose G step
+            already ran Q, compute it only while ranges are observed).
         observe_epochs: epochs in which Q's activation ranges are observed; frozen afterwards.
         q_*: Q's SGD (learning rate, momentum, weight decay, Nesterov, per-epoch milestones).
         g_*: G's Adam (learning rate, betas, per-epoch milestones).
