@@ -19,6 +19,9 @@ from dfq.evaluate import evaluate
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SHARED_DATA = ROOT.parent / "shared" / "data"
+LOSSLESS = SHARED_DATA / "cifar10-test-4class-lossless.npz"
+JPEG = SHARED_DATA / "cifar10-test-jpeg75.npz"
+TEST_SETS = {"lossless": LOSSLESS, "jpeg75": JPEG}  # both CIFAR-10 test sets, by the names results use
 
 
 def command() -> str:

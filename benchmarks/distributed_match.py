@@ -33,11 +33,9 @@ from pathlib import Path
 
 import torch
 import yaml
-from _common import ROOT, SHARED_DATA, write_result
+from _common import JPEG, LOSSLESS, ROOT, SHARED_DATA, write_result
 
 WEIGHTS = SHARED_DATA / "resnet20-12fca82f.th"
-LOSSLESS = SHARED_DATA / "cifar10-test-4class-lossless.npz"
-JPEG = SHARED_DATA / "cifar10-test-jpeg75.npz"
 PRESET = ROOT / "configs" / "cpu" / "adadfq_resnet20a_cifar10.yaml"
 NOISE = ("conv1.bias", "conv2.bias", "bn1.running_mean", "bn2.running_mean")  # of the CIFAR generator
 

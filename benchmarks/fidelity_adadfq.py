@@ -34,13 +34,11 @@ import sys
 from pathlib import Path
 
 import yaml
-from _common import RESULTS, SHARED_DATA, run_cli, top1_on, write_result
+from _common import RESULTS, TEST_SETS, run_cli, top1_on, write_result
 
 from dfq.checkpoint import load_quantized
 from dfq.engine import read_train_checkpoint
 
-LOSSLESS = SHARED_DATA / "cifar10-test-4class-lossless.npz"
-JPEG = SHARED_DATA / "cifar10-test-jpeg75.npz"
 OFFICIAL = {  # final top-1 after 30 minutes of the official code; and after the 4 range-calibration epochs
     4: {"lossless": 94.18, "jpeg75": 79.08, "after_calibration": {"lossless": 92.53, "jpeg75": 75.59}},
     3: {"lossless": 89.00, "jpeg75": 71.27, "after_calibration": {"lossless": 72.10, "jpeg75": 54.31}},
@@ -52,7 +50,7 @@ def last_iterate(run: Path) -> dict[str, float]:
     """Top-1 of the run's raw last weights (the final checkpoint's Q), not of their moving average."""
     model, _ = load_quantized(run)
     model.load_state_dict(read_train_checkpoint(run)["student"])
-    return top1_on(model, {"lossless": LOSSLESS, "jpeg75": JPEG})
+    return top1_on(model, TEST_SETS)
 
 
 def warmup_range_updates(metrics: list[dict]) -> int:
@@ -82,10 +80,7 @@ def describe(run: Path, trajectory_set: str) -> dict:
         "trajectory": trajectory,
     }
     if (run / "model.pt").is_file():
-        final = {
-            name: run_cli(["eval", str(run), "--data", str(path)])["top1"]
-            for name, path in (("lossless", LOSSLESS), ("jpeg75", JPEG))
-        }
+        final = {name: run_cli(["eval", str(run), "--data", str(path)])["top1"] for name, path in TEST_SETS.items()}
         row["final"] = final
         if config["train"].get("ema_decay"):
             row["ema_decay"] = config["train"]["ema_decay"]

@@ -28,7 +28,7 @@ import statistics
 from pathlib import Path
 
 import yaml
-from _common import SHARED_DATA, top1_on, write_result
+from _common import TEST_SETS, top1_on, write_result
 
 from dfq.checkpoint import load_quantized
 
@@ -42,9 +42,6 @@ CPU_COMMAND = (  # the continuation on this machine, as run; --resume takes the 
     "--data .devdata/cifar10-test-4class-lossless.npz --device cpu --no-progress --json "
     "--out runs/gpu-full-adadfq-w4a4 --resume"
 )
-
-LOSSLESS = SHARED_DATA / "cifar10-test-4class-lossless.npz"
-JPEG = SHARED_DATA / "cifar10-test-jpeg75.npz"
 
 
 def q_epoch_seconds(metrics: list[dict], per_epoch: list[float]) -> float:
@@ -82,7 +79,7 @@ def describe(run: Path, device_epochs: int | None) -> dict:
                                    "ms_per_iteration": round(1000 * cpu_s / iters, 1)}  # fmt: skip
     if (run / "model.pt").is_file():
         model, _ = load_quantized(run)
-        row["final"] = top1_on(model, {"lossless": LOSSLESS, "jpeg75": JPEG})
+        row["final"] = top1_on(model, TEST_SETS)
     return row
 
 

@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 import yaml
-from _common import ROOT, run_cli, write_result
-from method_study import JPEG, LOSSLESS, WEIGHTS, fit_schedule, preset
+from _common import JPEG, LOSSLESS, ROOT, run_cli, write_result
+from method_study import WEIGHTS, fit_schedule, preset
 
 VARIANTS = {
     "baseline": {},

@@ -13,12 +13,7 @@ import json
 import sys
 from pathlib import Path
 
-from _common import SHARED_DATA, run_cli, write_result
-
-TEST_SETS = {
-    "lossless": SHARED_DATA / "cifar10-test-4class-lossless.npz",
-    "jpeg75": SHARED_DATA / "cifar10-test-jpeg75.npz",
-}
+from _common import TEST_SETS, run_cli, write_result
 
 
 def top1(run: Path) -> dict[str, float]:

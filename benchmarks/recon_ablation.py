@@ -26,8 +26,8 @@ import sys
 import time
 
 import torch
-from _common import RESULTS, ROOT, command, top1_on, write_result
-from method_study import JPEG, LOSSLESS, WEIGHTS
+from _common import RESULTS, ROOT, TEST_SETS, command, top1_on, write_result
+from method_study import WEIGHTS
 
 import dfq.methods.recon as recon_module
 from dfq.config import resolve_config
@@ -36,7 +36,6 @@ from dfq.data.loader import make_loader
 from dfq.models import create_model
 from dfq.utils.seed import seed_everything
 
-SETS = {"lossless": LOSSLESS, "jpeg75": JPEG}
 VARIANTS = {
     "default": {},
     "default-256-500": {"num_samples": 256, "iters": 500},
@@ -94,7 +93,7 @@ def run_variant(name: str, bits: int, shared: torch.Tensor | None = None, seed: 
     synthesize = recon_module.synthesize
     pool = shared[: config.recon.num_samples] if shared is not None else None
     if real:
-        images = open_dataset(SETS["jpeg75"])
+        images = open_dataset(TEST_SETS["jpeg75"])
         pool = torch.cat([x for x, _ in make_loader(images, info.mean, info.std, limit=config.recon.num_samples)])
     if pool is not None:
         recon_module.synthesize = lambda *args, **kwargs: pool
@@ -108,7 +107,7 @@ def run_variant(name: str, bits: int, shared: torch.Tensor | None = None, seed: 
     finally:
         recon_module.synthesize = synthesize
     seconds = round(time.perf_counter() - start, 1)
-    top1 = top1_on(q, SETS)
+    top1 = top1_on(q, TEST_SETS)
     return {"variant": name, "bits": bits, "seed": seed, "overrides": VARIANTS[name], "diagnostic_real_pool": real,
             "seconds": seconds, **timings, **top1}  # fmt: skip
 
@@ -133,7 +132,7 @@ def main() -> int:
     previous = json.loads(old.read_text()) if old.is_file() else {}
     rows = previous.get("results", [])
     note = {"note": previous["note"]} if "note" in previous else {}  # provenance of rows written by earlier commands
-    fp = top1_on(create_model("resnet20a_cifar10", pretrained=False, weights=WEIGHTS), SETS)
+    fp = top1_on(create_model("resnet20a_cifar10", pretrained=False, weights=WEIGHTS), TEST_SETS)
     shared, pool_s = shared_pool(args.shared_pool) if args.shared_pool else (None, None)
     extra = {"shared_pool": {"num_samples": args.shared_pool, "synthesize_s": pool_s}} if shared is not None else {}
     for name in args.variants:
