@@ -10,15 +10,13 @@ import torch
 __all__ = ["seed_everything"]
 
 
-def seed_everything(seed: int, rank: int = 0, deterministic: bool = False) -> None:
-    """Seed Python, NumPy and PyTorch with ``seed + rank``.
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and PyTorch with ``seed``.
 
-    ``deterministic`` also asks PyTorch for deterministic kernels (slower on GPU;
-    CPU runs are already deterministic for a fixed thread count).
+    A CPU run is then bit-identical from process to process for a fixed thread count once MKL's code path is
+    pinned (``MKL_CBWR=COMPATIBLE``; unpinned, MKL's vector maths can differ between processes:
+    benchmarks/results/determinism.json).
     """
-    s = seed + rank
-    random.seed(s)
-    np.random.seed(s % 2**32)
-    torch.manual_seed(s)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
