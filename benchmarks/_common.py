@@ -19,6 +19,7 @@ from dfq.evaluate import evaluate
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 SHARED_DATA = ROOT.parent / "shared" / "data"
+WEIGHTS = SHARED_DATA / "resnet20-12fca82f.th"  # the pretrained CIFAR-10 ResNet-20 (P)
 LOSSLESS = SHARED_DATA / "cifar10-test-4class-lossless.npz"
 JPEG = SHARED_DATA / "cifar10-test-jpeg75.npz"
 TEST_SETS = {"lossless": LOSSLESS, "jpeg75": JPEG}  # both CIFAR-10 test sets, by the names results use
@@ -68,6 +69,11 @@ def run_cli(args: list[str]) -> dict:
     if proc.returncode:
         raise RuntimeError(f"dfq {' '.join(args)} failed: {proc.stderr.strip()}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def cli_top1(target: list[str], sets: dict[str, Path] = TEST_SETS) -> dict[str, float]:
+    """Top-1 of ``dfq eval TARGET`` (a run directory, or a zoo model and its ``--weights``) on each named set."""
+    return {name: run_cli(["eval", *target, "--data", str(path)])["top1"] for name, path in sets.items()}
 
 
 def top1_on(model: torch.nn.Module, sets: dict[str, Path]) -> dict[str, float]:

@@ -75,6 +75,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.probe:
         return probe()
+    if args.runs < 1 or args.bench_rounds < 1:
+        parser.error("--runs and --bench-rounds must be >= 1")
     results = {s: [] for s in args.settings}
     for _ in range(args.runs):  # settings alternate, so machine load falls on all of them alike
         for s in args.settings:

@@ -33,9 +33,8 @@ from pathlib import Path
 
 import torch
 import yaml
-from _common import JPEG, LOSSLESS, ROOT, SHARED_DATA, write_result
+from _common import JPEG, LOSSLESS, ROOT, WEIGHTS, write_result
 
-WEIGHTS = SHARED_DATA / "resnet20-12fca82f.th"
 PRESET = ROOT / "configs" / "cpu" / "adadfq_resnet20a_cifar10.yaml"
 NOISE = ("conv1.bias", "conv2.bias", "bn1.running_mean", "bn2.running_mean")  # of the CIFAR generator
 

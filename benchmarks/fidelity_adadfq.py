@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 
 import yaml
-from _common import RESULTS, TEST_SETS, run_cli, top1_on, write_result
+from _common import RESULTS, TEST_SETS, cli_top1, top1_on, write_result
 
 from dfq.checkpoint import load_quantized
 from dfq.engine import read_train_checkpoint
@@ -80,7 +80,7 @@ def describe(run: Path, trajectory_set: str) -> dict:
         "trajectory": trajectory,
     }
     if (run / "model.pt").is_file():
-        final = {name: run_cli(["eval", str(run), "--data", str(path)])["top1"] for name, path in TEST_SETS.items()}
+        final = cli_top1([str(run)])
         row["final"] = final
         if config["train"].get("ema_decay"):
             row["ema_decay"] = config["train"]["ema_decay"]

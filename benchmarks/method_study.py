@@ -25,9 +25,8 @@ import sys
 from pathlib import Path
 
 import yaml
-from _common import LOSSLESS, RESULTS, ROOT, SHARED_DATA, TEST_SETS, run_cli, write_result
+from _common import LOSSLESS, RESULTS, ROOT, WEIGHTS, cli_top1, run_cli, write_result
 
-WEIGHTS = SHARED_DATA / "resnet20-12fca82f.th"
 GAME = ("gdfq", "zaq", "adasg", "adadfq")
 # Exceptions to the papers' protocol, reported in their own rows: Genie's / BRECQ's / QDrop's first and last layer
 # at 8 bits (`--ends-bits 8`: the first convolution's weights and its output, which is the second layer's input;
@@ -73,8 +72,7 @@ def run_one(
         summary = json.loads((out / "summary.json").read_text())
     else:
         summary = run_cli([*cmd, "--overwrite"])
-    final = {name: run_cli(["eval", str(out), "--data", str(path)])["top1"] for name, path in
-             TEST_SETS.items()}  # fmt: skip
+    final = cli_top1([str(out)])
     row = {
         "method": method,
         "wbits": bits,
@@ -113,8 +111,7 @@ def main() -> int:
         return 0
     old = RESULTS / f"{args.results}.json"
     rows = json.loads(old.read_text())["results"] if old.is_file() else []
-    fp = {name: run_cli(["eval", "resnet20a_cifar10", "--weights", str(WEIGHTS), "--data", str(path)])["top1"]
-          for name, path in TEST_SETS.items()}  # fmt: skip
+    fp = cli_top1(["resnet20a_cifar10", "--weights", str(WEIGHTS)])
     for bits in args.bits:
         for method in args.methods:
             row = run_one(method, bits, args.root, args.budget_min * 60, fp, args.fast, args.exceptions)

@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 import yaml
-from _common import JPEG, LOSSLESS, ROOT, run_cli, write_result
-from method_study import WEIGHTS, fit_schedule, preset
+from _common import JPEG, LOSSLESS, ROOT, WEIGHTS, cli_top1, run_cli, write_result
+from method_study import fit_schedule, preset
 
 VARIANTS = {
     "baseline": {},
@@ -67,8 +67,7 @@ def main() -> int:
     if not plan.is_file():  # one schedule for every variant: equal iterations, so the time shows each plug-in's cost
         plan.write_text(json.dumps(fit_schedule(args.method, args.bits, args.budget_min * 60)))
     schedule = json.loads(plan.read_text())
-    fp = {k: run_cli(["eval", "resnet20a_cifar10", "--weights", str(WEIGHTS), "--data", str(p)])["top1"]
-          for k, p in (("lossless", LOSSLESS), ("jpeg75", JPEG))}  # fmt: skip
+    fp = cli_top1(["resnet20a_cifar10", "--weights", str(WEIGHTS)])
     rows = []
     for name in args.variants:
         rows.append(run_variant(name, args.method, args.bits, args.root, schedule))

@@ -13,11 +13,11 @@ import json
 import sys
 from pathlib import Path
 
-from _common import TEST_SETS, run_cli, write_result
+from _common import cli_top1, write_result
 
 
 def top1(run: Path) -> dict[str, float]:
-    return {name: run_cli(["eval", str(run), "--data", str(path)])["top1"] for name, path in TEST_SETS.items()}
+    return cli_top1([str(run)])
 
 
 def main() -> int:

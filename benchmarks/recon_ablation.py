@@ -26,8 +26,7 @@ import sys
 import time
 
 import torch
-from _common import RESULTS, ROOT, TEST_SETS, command, top1_on, write_result
-from method_study import WEIGHTS
+from _common import RESULTS, ROOT, TEST_SETS, WEIGHTS, command, top1_on, write_result
 
 import dfq.methods.recon as recon_module
 from dfq.config import resolve_config

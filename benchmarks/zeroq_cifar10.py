@@ -11,12 +11,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import SHARED_DATA, run_cli, write_result
+from _common import JPEG, LOSSLESS, WEIGHTS, cli_top1, run_cli, write_result
 
-WEIGHTS = SHARED_DATA / "resnet20-12fca82f.th"
 SETS = {
-    "4class-lossless": SHARED_DATA / "cifar10-test-4class-lossless.npz",
-    "jpeg75": SHARED_DATA / "cifar10-test-jpeg75.npz",
+    "4class-lossless": LOSSLESS,  # the key this result file has always used
+    "jpeg75": JPEG,
 }
 
 
@@ -29,10 +28,7 @@ def main() -> int:
         print(f"skipped: {WEIGHTS} not found", file=sys.stderr)
         return 0
     rows = []
-    fp = {
-        name: run_cli(["eval", "resnet20a_cifar10", "--weights", str(WEIGHTS), "--data", str(path)])["top1"]
-        for name, path in SETS.items()
-    }
+    fp = cli_top1(["resnet20a_cifar10", "--weights", str(WEIGHTS)], SETS)
     with tempfile.TemporaryDirectory() as tmp:
         for bits in args.bits:
             out = Path(tmp) / f"w{bits}a{bits}"
@@ -54,8 +50,7 @@ def main() -> int:
             ]
             summary = run_cli(cmd)
             row = {"wbits": bits, "abits": bits, "seconds": summary["seconds"], "command": "dfq " + " ".join(cmd)}
-            for name, path in SETS.items():
-                top1 = run_cli(["eval", str(out), "--data", str(path)])["top1"]
+            for name, top1 in cli_top1([str(out)], SETS).items():
                 row[name] = {"top1": top1, "fp_top1": fp[name], "drop": round(fp[name] - top1, 2)}
             rows.append(row)
             print(row, flush=True)
