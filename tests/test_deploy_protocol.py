@@ -21,7 +21,6 @@ from dfq.quant import (
     QuantSpec,
     calibrate,
     choose_qparams,
-    quantize,
     quantize_model,
 )
 from dfq.quant.modules import batchnorm_affine, bias_grid, folded_weight_scale
@@ -58,7 +57,7 @@ def test_quantize_divide_is_exact_division():
     x = torch.randn(4, 257, generator=g) * 3
     scale = torch.rand(4, 1, generator=g) * 0.2 + 0.01
     ref = torch.clamp(torch.round(x / scale), -7, 7)
-    assert torch.equal(quantize(x, scale, torch.zeros_like(scale), -7, 7, divide=True), ref)
+    assert torch.equal(quantize_affine(x, scale, torch.zeros_like(scale), -7, 7, divide=True), ref)
 
 
 def _tie_case() -> tuple[float, torch.Tensor]:
@@ -82,8 +81,8 @@ def test_divide_breaks_ties_like_onnx_quantizelinear_where_multiply_does_not():
 
     s, x = _tie_case()
     scale, zp = torch.tensor(s), torch.zeros(())
-    divided = quantize(x, scale, zp, -127, 127, divide=True)
-    multiplied = quantize(x, scale, zp, -127, 127, divide=False)
+    divided = quantize_affine(x, scale, zp, -127, 127, divide=True)
+    multiplied = quantize_affine(x, scale, zp, -127, 127, divide=False)
     assert (divided != multiplied).any()
 
     graph = helper.make_graph(

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 from conftest import CIFAR10_4CLASS, RESNET20_WEIGHTS, require_shared
+from dfq.engine import Engine, RunInterrupted, read_train_checkpoint
 from test_engine import INPUT, make_config, make_teacher
 from torch import nn
 from tqdm.auto import tqdm
@@ -38,7 +39,6 @@ from dfq.distributed import (
     resolve_device,
     sync_batchnorms,
 )
-from dfq.engine import Engine, RunInterrupted, read_train_checkpoint
 from dfq.errors import DFQError
 from dfq.generators import BNStatsLoss, CifarGenerator
 from dfq.quant import QuantBatchNorm2d, act_quantizers

@@ -13,11 +13,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from dfq.engine import TRAIN_CHECKPOINT, Engine, read_train_checkpoint
 from torch import nn
 from tqdm.auto import tqdm
 
 from dfq.config import resolve_config
-from dfq.engine import TRAIN_CHECKPOINT, Engine, read_train_checkpoint
 from dfq.errors import DFQError
 from dfq.evaluate import evaluate as evaluate_batches
 from dfq.quant import ActMode, act_quantizers

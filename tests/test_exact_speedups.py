@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from dfq.engine import Engine
 
 from dfq.config import resolve_config
-from dfq.engine import Engine
 from dfq.generators import create_generator, nets
 from dfq.generators.bns import channel_mean_var
 from dfq.generators.nets import upsample_conv
 from dfq.models import create_model
 from dfq.quant import calibrate, quant_disabled
-from dfq.quant.functional import choose_qparams, dequantize, fake_quantize, quantize
+from dfq.quant.functional import choose_qparams, dequantize_affine, fake_quantize, quantize_affine
 
 
 def _engine(method: str, shared: bool) -> Engine:
@@ -112,7 +112,7 @@ def test_in_place_fake_quantize_equals_quantize_then_dequantize(divide):
     per_channel = x.amin((1, 2, 3), keepdim=True), x.amax((1, 2, 3), keepdim=True)
     for lo, hi in ((x.min(), x.max()), per_channel, (torch.tensor(0.0), x.max())):
         scale, zp, qmin, qmax = choose_qparams(lo, hi, 4)
-        want = dequantize(quantize(x, scale, zp, qmin, qmax, divide), scale, zp)
+        want = dequantize_affine(quantize_affine(x, scale, zp, qmin, qmax, divide), scale, zp)
         assert torch.equal(fake_quantize(x, scale, zp, qmin, qmax, divide), want)
         xc = x.contiguous(memory_format=torch.channels_last)
         assert torch.equal(fake_quantize(xc, scale, zp, qmin, qmax, divide), want)

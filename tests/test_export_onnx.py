@@ -19,11 +19,11 @@ from dfq.config import RunConfig
 from dfq.data import make_loader, open_dataset
 from dfq.errors import DFQError, UnsupportedLayerError
 from dfq.export.api import export, load_target
-from dfq.export.onnx import build_onnx, export_onnx
+from dfq.export.onnx import build_onnx, write_onnx
 from dfq.export.runtime import OnnxClassifier, optimized_op_counts, read_metadata, session
 from dfq.export.verify import verify
 from dfq.models import CIFAR10_CLASSES, create_model
-from dfq.quant import QuantConfig, calibrate, quantize, quantize_model
+from dfq.quant import QuantConfig, calibrate, quantize_affine, quantize_model
 from dfq.quant.modules import batchnorm_affine, folded_weight_scale
 
 onnx = pytest.importorskip("onnx")
@@ -171,7 +171,7 @@ def test_round_trip_is_code_exact(cls, bits, tmp_path):
     assert result["images"] == 8
     assert result["top1_agreement"] == 1.0
     assert result["sites"] and all(s["mismatch"] == 0 for s in result["sites"]), result["sites"]
-    path = export_onnx(q, tmp_path / "m.onnx", SHAPE)
+    path = write_onnx(q, tmp_path / "m.onnx", SHAPE)
     with torch.no_grad():
         for x in batches:
             assert np.abs(_ort(path, x) - q(x).numpy()).max() < 1e-4
@@ -198,7 +198,7 @@ def test_bn_folding_is_exact_in_the_export():
     proto = build_onnx(q, (3, 4, 4))
     init = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
     w = conv.weight.detach()
-    codes = quantize(w, *conv.weight_quantizer.qparams(w), divide=True)
+    codes = quantize_affine(w, *conv.weight_quantizer.qparams(w), divide=True)
     gain = batchnorm_affine(bn)[0]
     expected = codes * torch.sign(gain).float()[:, None, None, None]
     assert init["conv_weight_q"].dtype == np.int8
@@ -237,7 +237,7 @@ def deploy_run(tmp_path_factory: pytest.TempPathFactory, random_weights: Path) -
     root = tmp_path_factory.mktemp("deploy")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DFQ_HOME", str(root / "dfq_home"))
-        rc = main(["quantize", MODEL, "--method", "zeroq", "--protocol", "deploy", "--wbits", "4", "--abits", "4",
+        rc = main(["quantize_affine", MODEL, "--method", "zeroq", "--protocol", "deploy", "--wbits", "4", "--abits", "4",
                    "--weights", str(random_weights), "--out", str(root / "run"), *TINY])  # fmt: skip
     assert rc == 0
     return root / "run"
@@ -360,7 +360,7 @@ def test_cli_eval_of_a_file_that_is_not_onnx(tmp_path, capsys):
 
 
 def test_cli_eval_of_onnx_without_dfq_metadata(tmp_path, capsys):
-    path = export_onnx(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)).eval(), tmp_path / "m.onnx", (3, 32, 32))
+    path = write_onnx(nn.Sequential(nn.Flatten(), nn.Linear(3 * 32 * 32, 10)).eval(), tmp_path / "m.onnx", (3, 32, 32))
     rc, _, err = _run(capsys, "eval", str(path), "--data", str(_npz(tmp_path / "d.npz")))
     _assert_user_error(rc, err, "lacks dfq metadata", "dfq export")
 
@@ -425,5 +425,5 @@ def test_non_negative_weights_at_8_bits():
 
 def test_string_metadata_that_looks_like_json_round_trips(tmp_path):
     meta = {"dfq_version": "1.0", "model": "7", "method": "null"}
-    path = export_onnx(nn.Sequential(nn.Flatten(), nn.Linear(12, 2)).eval(), tmp_path / "m.onnx", (3, 2, 2), meta)
+    path = write_onnx(nn.Sequential(nn.Flatten(), nn.Linear(12, 2)).eval(), tmp_path / "m.onnx", (3, 2, 2), meta)
     assert read_metadata(path) == meta

@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dfq.engine import Engine
 from PIL import Image
 
 from dfq.config import load_yaml, resolve_config
 from dfq.data import make_loader, open_dataset
-from dfq.engine import Engine
 from dfq.evaluate import evaluate as evaluate_batches
 from dfq.generators import ImageNetGenerator
 from dfq.models import create_model

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from dfq.engine import Engine, RunInterrupted
 
 from dfq.config import resolve_config
-from dfq.engine import Engine, RunInterrupted
 from dfq.models import create_model
 
 SMALL = {
@@ -178,6 +178,7 @@ def test_nan_loss_rolls_back_with_lower_lr_and_finishes(tmp_path):
 
 def test_persistent_nan_stops_with_a_clear_error_and_no_nan_checkpoint(tmp_path):
     from dfq.engine import read_train_checkpoint
+
     from dfq.errors import DFQError
 
     e = engine(tmp_path, **{"train.max_rollbacks": 2})

@@ -13,17 +13,17 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from dfq.engine import read_train_checkpoint
+from dfq.methods.plugins import CamProbe, PluginConfig, cam_loss, easy_mask, grad_cam, masked_ce
 from test_engine import INPUT, clone_state, make_config, make_engine, make_teacher, quiet_bar
 from torch import nn
 from torch.testing import assert_close
 
 from dfq.config import resolve_config
-from dfq.engine import read_train_checkpoint
 from dfq.errors import DFQError
 from dfq.generators import lowpass
 from dfq.methods import Outputs
 from dfq.methods.losses import kd_loss
-from dfq.methods.plugins import CamProbe, PluginConfig, cam_loss, easy_mask, grad_cam, masked_ce
 from dfq.quant import ActMode, act_quantizers, set_act_mode
 from dfq.quant.functional import lsq_fake_quantize
 

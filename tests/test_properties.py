@@ -101,7 +101,7 @@ def test_outputs_stay_inside_the_clamp_range(case: tuple[torch.Tensor, WeightQua
     x, wq = case
     scale, zp, qmin, qmax = wq.qparams(x)
     y = wq(x)
-    # The bounds computed with the same float32 operations as dequantize(): exact, no tolerance needed.
+    # The bounds computed with the same float32 operations as dequantize_affine(): exact, no tolerance needed.
     low = ((qmin - zp) * scale).expand_as(y)
     high = ((qmax - zp) * scale).expand_as(y)
     assert bool((y >= low).all()) and bool((y <= high).all())

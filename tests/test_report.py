@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from dfq.engine import TRAIN_CHECKPOINT, Engine
 from PIL import Image
 
 from dfq.cli import main
 from dfq.config import resolve_config
-from dfq.engine import TRAIN_CHECKPOINT, Engine
 from dfq.errors import DFQError
 from dfq.models import create_model, get_model_info
 from dfq.report import generator_samples, load_run, write_report

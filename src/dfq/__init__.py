@@ -1,15 +1,34 @@
 """dfq: data-free quantization of neural networks.
 
 Example:
-    >>> import dfq
+    >>> import torch, dfq
     >>> from dfq.models import create_model
-    >>> p = create_model("resnet20a_cifar10")
-    >>> q, summary = dfq.quantize(p, method="zeroq", wbits=8, abits=8, progress=False,
-    ...                           **{"zeroq.steps": 2, "zeroq.num_samples": 4})
+    >>> result = dfq.quantize(create_model("resnet20a_cifar10"), dfq.QuantConfig(wbits=8, abits=8),
+    ...                       dfq.methods.ZeroQConfig(steps=2, num_samples=4), progress=False)
+    >>> result.summary["method"]
+    'zeroq'
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
-from dfq.api import quantize
+from dfq import methods
+from dfq.api import QuantizationResult, quantize, run
+from dfq.deploy import export_onnx, synthesize
+from dfq.methods import list_methods, register_method
+from dfq.models import create_model, list_models
+from dfq.quant import QuantConfig
 
-__all__ = ["__version__", "quantize"]
+__all__ = [
+    "QuantConfig",
+    "QuantizationResult",
+    "__version__",
+    "create_model",
+    "export_onnx",
+    "list_methods",
+    "list_models",
+    "methods",
+    "quantize",
+    "register_method",
+    "run",
+    "synthesize",
+]

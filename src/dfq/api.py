@@ -1,19 +1,19 @@
-"""Python API and the run driver used by the CLI.
+"""The Python API, and the run driver behind ``dfq quantize``.
 
-``quantize(model, ...)`` works on any float classifier built from supported
-layers. ``run(config, out_dir, evaluate=...)`` is what ``dfq quantize`` does:
-build P, quantize it data-free, save the run directory. Real data reaches a
-run only through the ``evaluate`` callback, so the methods stay data-free by
-construction.
+``quantize(model, QuantConfig(...), method=...)`` works on any float classifier built from supported
+layers; its input size and class count come from ``example_inputs`` (or a zoo model's metadata) and one
+forward pass. ``run(config, out_dir)`` is what ``dfq quantize`` does: build P, quantize it data-free,
+save the run directory. Real data reaches a run only through the ``evaluate`` callback, so the methods
+stay data-free by construction.
 
-Both run data-parallel when the process group is initialised (under ``torchrun``,
-see :mod:`dfq.distributed`): every rank calls them, rank 0 alone writes files and
-evaluates.
+Both run data-parallel when the process group is initialised (under ``torchrun``, see
+:mod:`dfq.distributed`): every rank calls them, rank 0 alone writes files and evaluates.
 """
 
 from __future__ import annotations
 
-import time
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,137 +22,139 @@ from torch import nn
 
 import dfq
 from dfq.checkpoint import CHECKPOINT_NAME, save_quantized
-from dfq.config import DEFAULT_METHOD, POST_TRAINING, RunConfig, from_dict, load_yaml, resolve_config
-from dfq.distributed import DistContext, with_shards
-from dfq.engine import TRAIN_CHECKPOINT, Engine, Evaluator
+from dfq.config import RunConfig, load_yaml, resolve_config
+from dfq.distributed import DistContext
 from dfq.errors import DFQError
-from dfq.methods.recon import recon
-from dfq.methods.zeroq import zeroq
+from dfq.methods import Method, MethodContext, create_method, method_of_config
+from dfq.methods.base import Evaluator
 from dfq.models import create_model
+from dfq.quant import QuantConfig
+from dfq.train import TRAIN_CHECKPOINT
 from dfq.utils.io import remove_stale_temporaries, save_json, save_yaml
 from dfq.utils.seed import seed_everything
 
-__all__ = ["Evaluator", "load_run_config", "quantize", "run"]
+__all__ = ["Evaluator", "QuantizationResult", "describe", "load_run_config", "quantize", "run"]
+
+
+@dataclass
+class QuantizationResult:
+    """What :func:`quantize` returns.
+
+    Attributes:
+        model: Q, the quantized model (fake-quantized PyTorch modules; export it with :func:`dfq.export_onnx`).
+        summary: method, bits, seconds and, with ``evaluate``, ``top1``/``top5`` (games: also ``top1_best``).
+        quant: the resolved quantization config (the method's defaults filled in).
+        method: the method's resolved config.
+        input_size: (C, H, W) of one input.
+    """
+
+    model: nn.Module
+    summary: dict[str, Any]
+    quant: QuantConfig
+    method: Any
+    input_size: tuple[int, ...]
+
+    @property
+    def method_name(self) -> str:
+        return str(self.summary["method"])
 
 
 def quantize(
     model: nn.Module,
-    method: str = DEFAULT_METHOD,
-    wbits: int = 4,
-    abits: int = 4,
+    quant_config: QuantConfig | None = None,
+    method: str | Any = "recon",
     *,
-    num_classes: int | None = None,
-    input_size: tuple[int, int, int] | None = None,
+    example_inputs: torch.Tensor | None = None,
+    evaluate: Evaluator | None = None,
     seed: int = 0,
-    evaluate: Evaluator | None = None,
-    run_dir: str | Path | None = None,
-    progress: bool = True,
-    device: str | torch.device | None = None,
-    **options: Any,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Quantize a float classifier without data; returns ``(Q, summary)``.
-
-    Args:
-        model: float classifier (Conv2d/Linear/BatchNorm/ReLU/ReLU6 and pooling); not modified.
-        method: "zeroq", "recon", "gdfq", "zaq", "adasg" or "adadfq".
-        wbits, abits: weight and activation bit-widths.
-        num_classes, input_size: the model's outputs and (C, H, W) input; taken from
-            ``model.dfq_info`` for zoo models.
-        seed: seed of every random stream.
-        evaluate: optional callback ``model -> {"top1": ...}`` on real data.
-        run_dir: optional directory for checkpoints and metrics of generator-based methods.
-        device: where the generator-based methods train ("cpu", "cuda"; default: the process
-            group's device, else the CPU); Q is returned there.
-        options: dotted config overrides, e.g. ``**{"train.epochs": 10, "adadfq.lambda_l": 0.3}``.
-
-    Example:
-        >>> from dfq.models import create_model
-        >>> q, summary = quantize(create_model("resnet20a_cifar10"), "zeroq", wbits=8, abits=8,
-        ...                       progress=False, **{"zeroq.steps": 2, "zeroq.num_samples": 4})
-        >>> summary["method"], summary["wbits"]
-        ('zeroq', 8)
-    """
-    info = getattr(model, "dfq_info", None)
-    size = input_size or (info.input_size if info else None)
-    classes = num_classes or (info.num_classes if info else None)
-    if size is None:
-        raise DFQError("input_size=(C, H, W) is required for a model outside the dfq zoo")
-    if classes is None and method not in ("zeroq", "recon"):
-        raise DFQError(f"num_classes is required by '{method}' for a model outside the dfq zoo")
-    config = resolve_config(
-        None, {"method": method, "seed": seed, "quant.wbits": wbits, "quant.abits": abits, **options}
-    )
-    return _quantize(
-        model,
-        config,
-        int(classes or 0),
-        tuple(size),
-        evaluate=evaluate,
-        run_dir=run_dir,
-        progress=progress,
-        dist=DistContext.current(device),
-    )
-
-
-def _quantize(
-    model: nn.Module,
-    config: RunConfig,
-    num_classes: int,
-    input_size: tuple[int, ...],
-    *,
-    evaluate: Evaluator | None = None,
     run_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
-    dist: DistContext | None = None,
-) -> tuple[nn.Module, dict[str, Any]]:
-    seed_everything(config.seed)
-    dist = dist or DistContext.current()
-    _check_processes(config, dist)
-    if config.method in POST_TRAINING:
-        start = time.perf_counter()
-        gen = torch.Generator().manual_seed(config.seed)
-        timings: dict[str, float] = {}
-        if config.method == "zeroq":
-            q, _ = zeroq(model, config.quant, config.zeroq, input_size, generator=gen, progress=progress)
-        else:
-            q, _ = recon(model, config.quant, config.recon, input_size, generator=gen, progress=progress,
-                         timings=timings)  # fmt: skip
-        summary = {
-            "method": config.method,
-            "wbits": config.quant.wbits,
-            "abits": config.quant.abits,
-            "seconds": round(time.perf_counter() - start, 3),
-            **timings,
-        }
-        if evaluate:
-            metrics = evaluate(q)
-            summary.update(top1=metrics["top1"], top5=metrics["top5"])
-        return q, summary
-    engine = Engine(
-        config,
-        model,
-        num_classes=num_classes,
-        input_size=input_size,
-        run_dir=run_dir,
-        evaluate=evaluate,
-        progress=progress,
-        dist=dist,
-    )
-    return engine.run(resume=resume)
+    device: str | torch.device | None = None,
+) -> QuantizationResult:
+    """Quantize a float classifier without data.
+
+    Args:
+        model: the float classifier P; not modified.
+        quant_config: bits and protocol (default ``QuantConfig()``: W4A4 under the papers' protocol).
+        method: a registered method's name (``dfq.list_methods()``), or its config object, e.g.
+            ``dfq.methods.ReconConfig(iters=200)``.
+        example_inputs: one batch of inputs (only the shape is used); optional for zoo models.
+        evaluate: optional callback ``model -> {"top1": ..., "top5": ...}`` on real data.
+        seed: seed of every random stream.
+        run_dir: where generator-based methods keep checkpoints and metrics (``resume`` continues them).
+        device: where the generator-based methods train ("cpu", "cuda"; default: the process group's, else
+            the CPU); Q is returned there.
+
+    Example:
+        >>> import torch, dfq
+        >>> p = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        ...                         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 2))
+        >>> result = dfq.quantize(p, dfq.QuantConfig(wbits=8, abits=8), dfq.methods.ZeroQConfig(steps=2),
+        ...                       example_inputs=torch.randn(1, 3, 8, 8), progress=False)
+        >>> result.summary["method"], result.summary["wbits"]
+        ('zeroq', 8)
+    """
+    chosen = _method(method)
+    quant = (quant_config or QuantConfig()).resolved(**chosen.quant_defaults())
+    chosen.check(quant)
+    input_size, num_classes = describe(model, example_inputs)
+    dist = DistContext.current(device)
+    chosen.check_launch(dist)
+    ctx = MethodContext(input_size, num_classes, seed, evaluate=evaluate, progress=progress, dist=dist, resume=resume,
+                        run_dir=None if run_dir is None else Path(run_dir))  # fmt: skip
+    return _quantize(model, quant, chosen, ctx)
 
 
-def _check_processes(config: RunConfig, dist: DistContext) -> None:
-    if dist.active and config.method in POST_TRAINING:
-        raise DFQError(f"'{config.method}' runs on one process; launch it without torchrun or --nproc")
+def _method(method: str | Any) -> Method:
+    if isinstance(method, str):
+        return create_method(method)
+    if isinstance(method, Method):
+        return method
+    return method_of_config(method)(method)
+
+
+def describe(model: nn.Module, example_inputs: torch.Tensor | None = None) -> tuple[tuple[int, ...], int]:
+    """(C, H, W) of one input and the number of classes, from ``example_inputs`` (or a zoo model's input size)
+    and one forward pass in eval mode."""
+    if example_inputs is None:
+        info = getattr(model, "dfq_info", None)
+        if info is None:
+            raise DFQError("example_inputs is required for a model outside the dfq zoo (e.g. torch.randn(1, 3, 224, 224))")
+        example_inputs = torch.zeros(1, *info.input_size)
+    if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() < 2:
+        raise DFQError("example_inputs must be a batch tensor, e.g. torch.randn(1, 3, 224, 224)")
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            out = model.eval()(example_inputs[:1].to(device))
+    except RuntimeError as e:
+        raise DFQError(f"the model does not run on example inputs of shape {tuple(example_inputs.shape)}: {e}") from e
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise DFQError("dfq quantizes classifiers: the model's output must be a (batch, classes) tensor")
+    return tuple(example_inputs.shape[1:]), int(out.shape[1])
+
+
+def _quantize(model: nn.Module, quant: QuantConfig, method: Method, ctx: MethodContext) -> QuantizationResult:
+    seed_everything(ctx.seed)  # the one seeding of a run; the method's own stream is ctx.generator
+    ctx.generator = torch.Generator().manual_seed(ctx.seed)
+    q, summary = method.quantize(model, quant, ctx)
+    summary = {"method": method.name, "wbits": quant.wbits, "abits": quant.abits, **summary}
+    if ctx.evaluate and ctx.dist.main and "top1" not in summary:
+        metrics = ctx.evaluate(q)
+        summary.update(top1=metrics["top1"], top5=metrics["top5"])
+    return QuantizationResult(q, summary, quant, method.config, ctx.input_size)
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
-    """The resolved configuration saved in a run directory."""
+    """The resolved configuration saved in a run directory (earlier layouts migrated)."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise DFQError(f"nothing to resume in {run_dir}: no config.yaml (was a run started there?)")
-    return from_dict(RunConfig, load_yaml(path))
+    return resolve_config(load_yaml(path))
 
 
 def run(
@@ -174,7 +176,8 @@ def run(
     on a filesystem every rank reads (a resumed run reads the checkpoint on every rank).
     """
     dist = DistContext.current(device)
-    _check_processes(config, dist)
+    method = config.create_method()
+    method.check_launch(dist)
     out = Path(out_dir)
     if dist.main:
         remove_stale_temporaries(out)
@@ -189,9 +192,10 @@ def run(
     p = create_model(
         config.model, pretrained=config.weights is None, weights=config.weights, progress=progress and dist.main
     )
-    info = p.dfq_info
-    if config.method not in POST_TRAINING and not resume:
-        config = with_shards(config, dist.world_size)  # config.yaml records the shards this run draws
+    input_size, num_classes = describe(p)
+    if not resume:  # config.yaml records what this launch fixed (the noise streams of a game)
+        config = dataclasses.replace(config, method=method.for_launch(dist.world_size))
+        method = config.create_method()
     evaluate = evaluate if dist.main else None
     if dist.main:
         if overwrite and not resume:
@@ -202,22 +206,15 @@ def run(
     if evaluate:
         fp = evaluate(p)
         summary.update(fp_top1=fp["top1"], fp_top5=fp["top5"], n=fp["n"])
-    q, result = _quantize(
-        p,
-        config,
-        info.num_classes,
-        info.input_size,
-        evaluate=evaluate,
-        run_dir=out,
-        resume=resume,
-        progress=progress,
-        dist=dist,
-    )
-    summary.update(result)
+    ctx = MethodContext(input_size, num_classes, config.seed, evaluate=evaluate, run_dir=out, resume=resume,
+                        progress=progress, dist=dist, model_name=config.model)  # fmt: skip
+    result = _quantize(p, config.quant, method, ctx)
+    summary.update(result.summary)
     if dist.main:
-        save_quantized(out / CHECKPOINT_NAME, q, config, summary=summary)
+        save_quantized(out / CHECKPOINT_NAME, result.model, config, summary=summary)
     if "top1" in summary and "fp_top1" in summary:
         summary["drop"] = round(summary["fp_top1"] - summary["top1"], 2)
     if dist.main:
         save_json(summary, out / "summary.json")
     return summary
+

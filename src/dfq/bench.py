@@ -27,9 +27,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from dfq.config import resolve_config
-from dfq.engine import Engine
+from dfq.errors import DFQError
+from dfq.methods import GameMethod
 from dfq.models import create_model, get_model_info
 from dfq.quant import calibrate, quant_disabled
+from dfq.train import Engine
 
 __all__ = ["bench", "median_ms", "peak_rss_mib"]
 
@@ -136,7 +138,7 @@ class _Plain:
     """
 
     def __init__(self, engine: Engine, same_math: bool = True) -> None:
-        self.e, m, quant, train = engine, engine.method, engine.config.quant, engine.config.train
+        self.e, m, quant, train = engine, engine.method, engine.quant, engine.train
         self.g = copy.deepcopy(engine.generator)
         self.p = copy.deepcopy(engine.teacher)  # its own hooks, none on the engine's P
         self.bns = _PlainBNS(self.p) if m.uses_bns and same_math else None
@@ -156,7 +158,14 @@ class _Plain:
         with torch.set_grad_enabled(grad):
             return self.g(z, y), y
 
-    def generator_step(self) -> torch.Tensor:
+    # The game interface (what a method's ``iteration`` calls), so the method's own order of steps drives it.
+    def generator_then_student(self, train_q: bool) -> dict:
+        x, _ = self.generator_step()
+        if not self.shared:
+            self.student_step(x, train_q)
+        return {}
+
+    def generator_step(self) -> tuple[torch.Tensor, dict]:
         m = self.e.method
         x, _ = self._x(True)
         loss = self._teacher_loss(x)
@@ -169,33 +178,33 @@ class _Plain:
                     p_.grad = g_
                 self.g_opt.step()
                 self.q_opt.step()
-                return x
+                return x, {}
             loss = loss + q.sum()
         self.g_opt.zero_grad()
         params = list(self.g.parameters())
         for p_, g_ in zip(params, torch.autograd.grad(loss, params), strict=True):
             p_.grad = g_
         self.g_opt.step()
+        return x, {}
+
+    def fresh_batch(self) -> torch.Tensor:
+        x, _ = self._x(False)
+        with torch.no_grad():
+            self.p(x)
         return x
 
-    def student_step(self, x: torch.Tensor | None = None) -> None:
-        if x is None:
-            x, _ = self._x(False)
-            with torch.no_grad():
-                self.p(x)
+    def student_step(self, x: torch.Tensor, train_q: bool = True) -> dict:
         self.q_opt.zero_grad()
         self.q(x.detach()).sum().backward()
         self.q_opt.step()
+        return {}
+
+    @staticmethod
+    def logs(g_losses: dict, q_losses: dict | None) -> dict:
+        return {}
 
     def iteration(self) -> None:
-        m = self.e.method
-        if m.student_first:
-            for _ in range(m.student_steps):
-                self.student_step()
-        x = self.generator_step()
-        if not m.student_first and not self.shared:
-            for _ in range(m.student_steps):
-                self.student_step(x)
+        self.e.method.iteration(self, True)
 
 
 def bench(
@@ -215,18 +224,22 @@ def bench(
     config = resolve_config(
         None,
         {
-            "method": method,
+            "method.name": method,
             "model": model,
-            "train.batch_size": batch_size,
-            "train.q_lr": 1e-9,  # random weights: keep Q finite; a step costs the same at any learning rate
+            "method.train.batch_size": batch_size,
+            "method.train.q_lr": 1e-9,  # random weights: keep Q finite; a step costs the same at any learning rate
             "quant.wbits": wbits,
             "quant.abits": abits,
-            "train.fast": fast,
+            "method.train.fast": fast,
         },
     )
+    game = config.create_method()
+    if not isinstance(game, GameMethod):
+        raise DFQError(f"dfq bench times the iteration of a generator-based method; '{method}' has none")
     engine = Engine(
-        config, create_model(model), num_classes=info.num_classes, input_size=info.input_size, progress=False
-    )
+        game, create_model(model), config.quant, num_classes=info.num_classes, input_size=info.input_size,
+        progress=False,
+    )  # fmt: skip
     calibrate(engine.student, [torch.randn(batch_size, *info.input_size)])  # steady state: ranges frozen
     engine._iteration(True)
     peak = peak_rss_mib()  # the engine's own high-water mark, before the reference models exist
@@ -289,5 +302,5 @@ def _phases(engine: Engine, batch_size: int, iters: int, warmup: int) -> dict[st
     with quant_disabled(engine.student):
         out["fake_quantization"] = out["student_fwd_bwd"] - median_ms(student, iters, warmup)
     engine.q_opt.zero_grad()
-    out["generator_step"] = median_ms(engine._generator_step, iters, warmup)
+    out["generator_step"] = median_ms(engine.generator_step, iters, warmup)
     return {k: round(v, 2) for k, v in out.items()}

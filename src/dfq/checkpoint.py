@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 import dfq
-from dfq.config import RunConfig, from_dict
+from dfq.config import RunConfig, resolve_config
 from dfq.errors import DFQError
 from dfq.models import create_model
 from dfq.quant import quantize_model
@@ -44,7 +44,7 @@ def load_quantized(path: str | Path) -> tuple[nn.Module, RunConfig]:
     if path.is_dir():
         path = path / CHECKPOINT_NAME
     payload = load_payload(path, _FORMAT, "dfq quantized checkpoint")
-    config = from_dict(RunConfig, payload["config"])
+    config = resolve_config(payload["config"])  # earlier layouts migrated
     model = quantize_model(create_model(config.model), config.quant, inplace=True)
     problem = state_dict_mismatch(model.state_dict(), payload["state_dict"])
     if problem:

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 import dfq
-from dfq.engine import RunInterrupted
 from dfq.errors import DFQError
+from dfq.train import RunInterrupted
 
 EXIT_USER_ERROR = 2
 
@@ -73,6 +73,9 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.set_defaults(debug=False)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
+    p = sub.add_parser("methods", parents=[common], help="list the data-free methods")
+    p.set_defaults(func=_cmd_methods)
+
     p = sub.add_parser("models", parents=[common], help="list the model zoo")
     p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'resnet*'")
     p.set_defaults(func=_cmd_models)
@@ -88,40 +91,28 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quantize", parents=[common], help="quantize a model without training data")
     p.add_argument("model", help="model name from `dfq models`")
-    p.add_argument("--method", help="data-free method (default: recon)")
+    p.add_argument("--method", help="data-free method (default: recon; `dfq methods` lists them)")
     p.add_argument("--wbits", type=int, help="weight bit-width, 2-8 (default 4)")
     p.add_argument("--abits", type=int, help="activation bit-width, 2-8 (default 4)")
     p.add_argument("--weights", help="float checkpoint (default: the published weights)")
     p.add_argument("--config", help="YAML preset; command-line values override it")
     p.add_argument("--out", required=True, help="run directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help="seed of every random stream (default 0)")
     p.add_argument("--data", help="real test set, used only to report accuracy")
-    p.add_argument("--observer", choices=["ema", "paper", "minmax"], help="activation range observer")
     p.add_argument(
         "--protocol",
         choices=["paper", "deploy"],
         help="paper: the DFQ papers' fake quantization (default); deploy: what integer runtimes run (exportable)",
     )
-    p.add_argument("--steps", type=int, help="zeroq: steps of the distilled inputs; recon: synthesis steps")
-    p.add_argument("--recon-iters", type=int, help="recon: reconstruction steps per block")
-    p.add_argument("--num-samples", type=int, help="zeroq, recon: number of synthetic inputs")
-    p.add_argument("--epochs", type=int, help="generator-based methods: epochs of the game")
-    p.add_argument("--iters-per-epoch", type=int, help="generator-based methods: iterations per epoch")
-    p.add_argument("--batch-size", type=int, help="generator-based methods: generated images per iteration")
-    p.add_argument("--eval-every", type=int, help="evaluate on --data every K epochs (and after the last)")
     p.add_argument(
-        "--fast",
-        "--amp",
-        dest="fast",
-        action="store_true",
-        default=None,
-        help="generator-based methods: bfloat16 autocast and channels-last, on CPU or GPU (not exact; train.fast)",
-    )
-    p.add_argument(
-        "--ema-decay",
-        type=float,
-        help="generator-based methods: evaluate and return the moving average of Q's weights (train.ema_decay)",
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any config key, e.g. method.train.epochs=10, method.iters=200, quant.act_observer=minmax "
+        "(repeatable; docs/configuration.md lists them)",
     )
     p.add_argument("--device", default="auto", help="generator-based methods: cpu, cuda or auto (CUDA when available)")
     p.add_argument(
@@ -129,12 +120,6 @@ def _build_parser() -> argparse.ArgumentParser:
         type=int,
         help="generator-based methods: run data-parallel on N local processes (torchrun --standalone "
         "--nproc_per_node N): one per GPU, or gloo processes on the CPU",
-    )
-    p.add_argument(
-        "--shards",
-        type=int,
-        help="generator-based methods: noise streams the batch is drawn from (train.shards; default: one per "
-        "process); one process with --shards N draws the images of N processes",
     )
     p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument(
@@ -153,6 +138,17 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     _add_data_args(p, batch_flag="--eval-batch-size")
     p.set_defaults(func=_cmd_quantize)
+
+    p = sub.add_parser("synthesize", parents=[common], help="synthetic calibration images for other toolchains")
+    p.add_argument("model", help="model name from `dfq models`")
+    p.add_argument("--weights", help="float checkpoint (default: the published weights)")
+    p.add_argument("--num", type=int, default=256, help="number of images (default 256)")
+    p.add_argument("--out", required=True, help=".npz (images, mean, std) or .npy file to write")
+    p.add_argument("--synthesizer", choices=["recon", "zeroq"], default="recon", help="how images are made")
+    p.add_argument("--steps", type=int, help="optimisation steps (default: 150 per batch for recon, 500 for zeroq)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthesis")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    p.set_defaults(func=_cmd_synthesize)
 
     p = sub.add_parser("export", parents=[common], help="export a deploy-protocol run (or a float model) to ONNX")
     p.add_argument("target", help="a run directory from `dfq quantize --protocol deploy`, or a model name (float)")
@@ -215,6 +211,15 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from dfq.methods import method_class
+
+    rows = [{"name": n, "description": method_class(n).description} for n in dfq.list_methods()]
+    human = "\n".join(f"{r['name']:<10} {r['description']}" for r in rows)
+    _emit(args, human, {"methods": rows})
+    return 0
+
+
 def _make_evaluator(args: argparse.Namespace, info: Any):
     """An evaluation callback over the real test set (the only place real data is read)."""
     from dfq.data import make_loader, open_dataset
@@ -256,7 +261,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         if args.weights:
             raise DFQError("--weights applies to a model name, not to a run directory")
         model, config = load_quantized(target)
-        name, bits = config.model, {"wbits": config.quant.wbits, "abits": config.quant.abits, "method": config.method}
+        name = config.model
+        bits = {"wbits": config.quant.wbits, "abits": config.quant.abits, "method": config.method_name}
     else:
         model = create_model(
             args.target, pretrained=args.weights is None, weights=args.weights, progress=not args.no_progress
@@ -356,7 +362,7 @@ def _parse_overrides(items: list[str]) -> dict[str, dict[str, int]]:
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from dfq.api import load_run_config
-    from dfq.config import DEFAULT_METHOD, load_yaml, resolve_config
+    from dfq.config import load_yaml, parse_set, resolve_config
     from dfq.models import get_model_info
 
     if args.nproc is not None and args.nproc < 1:
@@ -366,27 +372,16 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if args.resume:
         return _finish_quantize(args, load_run_config(args.out), get_model_info)
     preset = load_yaml(args.config) if args.config else {}
-    method = args.method or preset.get("method") or DEFAULT_METHOD
     overrides = {
         "model": args.model,
-        "method": args.method,
+        "method.name": args.method,
         "weights": args.weights,
         "seed": args.seed,
         "quant.wbits": args.wbits,
         "quant.abits": args.abits,
-        "quant.act_observer": args.observer,
         "quant.protocol": args.protocol,
         "quant.ends_bits": args.ends_bits,
-        "recon.synth_steps" if method == "recon" else "zeroq.steps": args.steps,
-        "recon.num_samples" if method == "recon" else "zeroq.num_samples": args.num_samples,
-        "recon.iters": args.recon_iters,
-        "train.epochs": args.epochs,
-        "train.iters_per_epoch": args.iters_per_epoch,
-        "train.batch_size": args.batch_size,
-        "train.eval_every": args.eval_every,
-        "train.fast": args.fast,
-        "train.ema_decay": args.ema_decay,
-        "train.shards": args.shards,
+        **parse_set(args.settings),
     }
     if args.override:
         overrides["quant.overrides"] = _parse_overrides(args.override)
@@ -428,7 +423,7 @@ def _finish_quantize(args: argparse.Namespace, config: Any, get_model_info: Any)
     if not dist.main:
         return 0  # rank 0 reports
     bits = f"W{config.quant.wbits}A{config.quant.abits}"
-    human = f"{config.method} {bits} {config.model}: quantized in {summary['seconds']:.1f}s -> {args.out}"
+    human = f"{config.method_name} {bits} {config.model}: quantized in {summary['seconds']:.1f}s -> {args.out}"
     if "top1" in summary and "fp_top1" in summary:
         human += (
             f"\n  final top-1 {summary['top1']:.2f}% (full precision {summary['fp_top1']:.2f}%, "
@@ -437,6 +432,29 @@ def _finish_quantize(args: argparse.Namespace, config: Any, get_model_info: Any)
         if "top1_best" in summary:
             human += f"\n  best top-1 over evaluations {summary['top1_best']:.2f}% (selected on the test set)"
     _emit(args, human, {**summary, "out": str(args.out)})
+    return 0
+
+
+def _cmd_synthesize(args: argparse.Namespace) -> int:
+    from dfq.deploy import save_pool
+    from dfq.models import create_model
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise DFQError(f"{out} exists; pass --overwrite to replace it")
+    if out.suffix not in (".npz", ".npy"):
+        raise DFQError(f"--out must be a .npz or .npy file, got {out.name}")
+    model = create_model(args.model, pretrained=args.weights is None, weights=args.weights,
+                         progress=not args.no_progress)  # fmt: skip
+    start = time.perf_counter()
+    images = dfq.synthesize(model, args.num, synthesizer=args.synthesizer, steps=args.steps, seed=args.seed,
+                            progress=not args.no_progress)  # fmt: skip
+    save_pool(images, out, model)
+    seconds = round(time.perf_counter() - start, 3)
+    lo, hi = float(images.min()), float(images.max())
+    human = f"{len(images)} synthetic images of {args.model} -> {out} in {seconds:.1f}s (values {lo:.2f} to {hi:.2f})"
+    _emit(args, human, {"out": str(out), "num": len(images), "shape": list(images.shape), "seconds": seconds,
+                        "min": lo, "max": hi, "synthesizer": args.synthesizer})  # fmt: skip
     return 0
 
 

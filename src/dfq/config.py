@@ -1,7 +1,18 @@
-"""Run configuration: typed dataclasses <- YAML preset <- command-line values.
+"""Run configuration, shaped like what it configures: the model, the quantization, one method section.
 
-The resolved configuration is saved as ``config.yaml`` in every run directory
-and is enough to rebuild the quantized model from its checkpoint.
+```yaml
+model: resnet20a_cifar10
+seed: 0
+quant: {wbits: 4, abits: 4}
+method: {name: adadfq, lambda_l: 0.1, train: {epochs: 68}}
+```
+
+Values come from three layers: the dataclasses' defaults (each method's config class holds its paper's
+settings), then a YAML preset, then the command line or the Python API (``--set KEY=VALUE``). A section
+sets only the keys it names; an unknown key, a wrong type or a combination a method cannot honour is an
+error, never a silent rewrite. The resolved configuration is saved as ``config.yaml`` in every run
+directory and rebuilds the quantized model from its checkpoint; files written in the earlier flat layout
+(one section per method) are migrated on read.
 """
 
 from __future__ import annotations
@@ -9,122 +20,20 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
 
 from dfq.errors import DFQError, did_you_mean
-from dfq.methods import list_methods, method_class
-from dfq.methods.adadfq import AdaDFQConfig, AdaSGConfig
-from dfq.methods.gdfq import GDFQConfig
-from dfq.methods.plugins import PluginConfig
-from dfq.methods.recon import ReconConfig
-from dfq.methods.zaq import ZAQConfig
-from dfq.methods.zeroq import ZeroQConfig
+from dfq.methods import METHODS, Method, ReconConfig, method_of_config
 from dfq.quant import LayerOverride, QuantConfig
 
-__all__ = ["METHODS", "GeneratorConfig", "RunConfig", "TrainConfig", "from_dict", "load_yaml", "resolve_config"]
+__all__ = ["DEFAULT_METHOD", "RunConfig", "from_dict", "load_yaml", "migrate", "parse_set", "resolve_config"]
 
-# Post-training methods (no generator game): their defaults on top of RunConfig's.
-POST_TRAINING = {"zeroq": {}, "recon": {"quant.weight_scales": "stored"}}
-METHODS = (*POST_TRAINING, *list_methods())
 DEFAULT_METHOD = "recon"
-
-
-@dataclass
-class TrainConfig:
-    """The shared schedule of the generator-based methods (METHODS.md §1.7).
-
-    Attributes:
-        epochs, iters_per_epoch: length of the game; each iteration draws a fresh batch.
-        batch_size: generated images per iteration.
-        warmup_epochs: epochs in which only G trains (Q's loss is computed, not stepped; AdaSG/AdaDFQ, whose G step
-            already ran Q, compute it only while ranges are observed).
-        observe_epochs: epochs in which Q's activation ranges are observed; frozen afterwards.
-        q_*: Q's SGD (learning rate, momentum, weight decay, Nesterov, per-epoch milestones).
-        g_*: G's Adam (learning rate, betas, per-epoch milestones).
-        lr_gamma: learning-rate factor at each milestone.
-        eval_every: evaluate on the real test set every K epochs (and after the last one).
-        checkpoint_every: write a resumable checkpoint every K epochs (and after the last one).
-        checkpoint_every_iters: also write one every N iterations (0: only at epoch ends).
-        max_rollbacks: on a NaN/Inf loss, gradient or range, return to the last checkpoint at most this often.
-        rollback_lr_factor: multiply the learning rates by this at each rollback.
-        fast: trade exactness for speed: bfloat16 autocast for the forwards and backwards of G, P and Q and the
-            channels-last memory format (quantizers, BNS statistics and losses stay in float32).
-        ema_decay: keep an exponential moving average of Q's parameters, updated after every Q step with this
-            decay (0: off); evaluations and the returned Q use it. Meant to steady the final model (the game's
-            top-1 swings by tenths of a point between epochs); on the AdaDFQ preset it did not (docs/methods.md).
-        shards: the batch is this many equal shards, each drawn from its own noise stream, split evenly over the
-            processes of a data-parallel run; ``None``: one per process of the launch that starts the run (fixed in
-            the run's config.yaml). One process with ``shards: S`` draws exactly the images of S processes.
-    """
-
-    epochs: int = 400
-    iters_per_epoch: int = 200
-    batch_size: int = 16
-    warmup_epochs: int = 4
-    observe_epochs: int = 4
-    q_lr: float = 1e-4
-    q_momentum: float = 0.9
-    q_weight_decay: float = 1e-4
-    q_nesterov: bool = True
-    q_milestones: list[int] = field(default_factory=lambda: [100, 200, 300])
-    g_lr: float = 1e-3
-    g_betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
-    g_milestones: list[int] = field(default_factory=lambda: [100, 200, 300])
-    lr_gamma: float = 0.1
-    eval_every: int = 1
-    checkpoint_every: int = 1
-    checkpoint_every_iters: int = 0
-    max_rollbacks: int = 3
-    rollback_lr_factor: float = 0.5
-    fast: bool = False
-    ema_decay: float = 0.0
-    shards: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.shards is not None and self.shards < 1:
-            raise DFQError(f"train.shards must be >= 1, got {self.shards}")
-        for key in ("epochs", "iters_per_epoch", "batch_size", "eval_every", "checkpoint_every", "observe_epochs"):
-            if getattr(self, key) < 1:
-                raise DFQError(f"train.{key} must be >= 1, got {getattr(self, key)}")
-        if self.max_rollbacks < 0 or not 0.0 < self.rollback_lr_factor <= 1.0:
-            raise DFQError("train.max_rollbacks must be >= 0 and train.rollback_lr_factor in (0, 1]")
-        if self.checkpoint_every_iters < 0:
-            raise DFQError(f"train.checkpoint_every_iters must be >= 0, got {self.checkpoint_every_iters}")
-        if self.warmup_epochs < 0:
-            raise DFQError(f"train.warmup_epochs must be >= 0, got {self.warmup_epochs}")
-        if len(self.g_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.g_betas):
-            raise DFQError(f"train.g_betas must be two values in [0, 1), got {self.g_betas}")
-        # The optimizers' own checks, reported as config errors instead of tracebacks mid-run.
-        for key in ("q_lr", "g_lr", "q_momentum", "q_weight_decay"):
-            if not getattr(self, key) >= 0:
-                raise DFQError(f"train.{key} must be >= 0, got {getattr(self, key)}")
-        if self.q_nesterov and self.q_momentum <= 0:
-            raise DFQError("train.q_nesterov needs train.q_momentum > 0")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise DFQError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
-        if not self.lr_gamma > 0:
-            raise DFQError(f"train.lr_gamma must be > 0, got {self.lr_gamma}")
-
-
-@dataclass
-class GeneratorConfig:
-    """Attributes:
-    name: generator architecture; ``None`` picks the method's (cifar, imagenet or unconditional).
-    latent_dim: noise dimension; ``None`` uses the method's (100, or 256 for ZAQ).
-    """
-
-    name: str | None = None
-    latent_dim: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.latent_dim is not None and self.latent_dim < 1:
-            raise DFQError(f"generator.latent_dim must be >= 1, got {self.latent_dim}")
-
-
+_GAME_SECTIONS = ("train", "generator", "plugins")  # the flat layout's sections that moved into a game's
 T = TypeVar("T")
 
 
@@ -135,45 +44,101 @@ class RunConfig:
     Attributes:
         model: registered model name.
         weights: local checkpoint of the full-precision model; ``None`` uses the published weights.
-        method: data-free method.
         seed: seed of every random stream of the run.
-        quant: the quantizer protocol.
-        train: the game's schedule (generator-based methods).
-        generator: the generator (generator-based methods).
-        plugins: optional additions to any generator-based method (low-pass filter, hard-sample labels,
-            Grad-CAM alignment, learned steps and rounding); all off by default.
-        zeroq, recon, gdfq, zaq, adasg, adadfq: each method's own settings (only the chosen one is used).
+        quant: how Q is quantized.
+        method: the chosen method's config (an instance of its ``config_cls``, e.g. ``ReconConfig``).
     """
 
     model: str = "resnet20a_cifar10"
     weights: str | None = None
-    method: str = DEFAULT_METHOD
     seed: int = 0
     quant: QuantConfig = field(default_factory=QuantConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
-    plugins: PluginConfig = field(default_factory=PluginConfig)
-    zeroq: ZeroQConfig = field(default_factory=ZeroQConfig)
-    recon: ReconConfig = field(default_factory=ReconConfig)
-    gdfq: GDFQConfig = field(default_factory=GDFQConfig)
-    zaq: ZAQConfig = field(default_factory=ZAQConfig)
-    adasg: AdaSGConfig = field(default_factory=AdaSGConfig)
-    adadfq: AdaDFQConfig = field(default_factory=AdaDFQConfig)
+    method: Any = field(default_factory=ReconConfig)
 
     def __post_init__(self) -> None:
         if not -(2**63) <= self.seed < 2**63:  # what torch.manual_seed accepts
             raise DFQError(f"seed must be a 64-bit signed integer, got {self.seed}")
-        if self.method in POST_TRAINING and self.plugins != PluginConfig():
-            raise DFQError(f"plugins apply to the generator-based methods, not '{self.method}'")
-        if (self.plugins.lsq or self.plugins.adaround) and self.quant.weight_scales != "stored":
-            raise DFQError("plugins.lsq and plugins.adaround learn the weight steps: set quant.weight_scales: stored")
-        if self.method not in METHODS:
-            raise DFQError(
-                f"unknown method '{self.method}'{did_you_mean(self.method, METHODS)}; available: {', '.join(METHODS)}"
-            )
+        method_of_config(self.method)
+
+    @property
+    def method_name(self) -> str:
+        return method_of_config(self.method).name
+
+    def create_method(self) -> Method:
+        return method_of_config(self.method)(self.method)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("quant", "method")}
+        method = {"name": self.method_name, **dataclasses.asdict(self.method)}
+        return {**out, "quant": self.quant.to_dict(), "method": method}
+
+
+def resolve_config(preset: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """The run config from a preset (or a saved ``config.yaml``) and dotted overrides such as
+    ``{"method.name": "zeroq", "quant.wbits": 8, "method.train.epochs": 2}`` (``None`` values are ignored).
+
+    Naming another method than the preset's starts that method's section from its defaults.
+    """
+    data = migrate(_deep_copy(preset or {}))
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    chosen = overrides.pop("method.name", None) or overrides.pop("method", None)
+    if chosen is not None and chosen != _method_name(data):
+        data["method"] = {"name": chosen}
+    _set_dotted(data, overrides)
+    return _build(data)
+
+
+def _method_name(data: dict[str, Any]) -> str:
+    section = data.get("method") or {}
+    if not isinstance(section, dict):
+        raise DFQError(f"config key 'method' must be a mapping with a name, got {section!r}")
+    return str(section.get("name", DEFAULT_METHOD))
+
+
+def _build(data: dict[str, Any]) -> RunConfig:
+    known = [f.name for f in dataclasses.fields(RunConfig)]
+    for key in sorted(set(data) - set(known)):
+        raise DFQError(f"unknown config key '{key}'{did_you_mean(key, known)}")
+    section = dict(data.get("method") or {})
+    method_cls = METHODS.get(str(section.pop("name", DEFAULT_METHOD)))
+    method = method_cls(from_dict(method_cls.config_cls, section, "method"))
+    quant = from_dict(QuantConfig, data.get("quant") or {}, "quant").resolved(**method.quant_defaults())
+    method.check(quant)
+    top = {k: v for k, v in data.items() if k not in ("quant", "method")}
+    hints = typing.get_type_hints(RunConfig)
+    top = {k: _coerce(hints[k], v, k) for k, v in top.items()}
+    return RunConfig(**top, quant=quant, method=method.config)
+
+
+def migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """A config in the earlier flat layout (``method: NAME`` with sections ``zeroq:``, ``recon:``, ``train:``,
+    ``plugins:``, ...) in today's layout; today's layout is returned as it is."""
+    if isinstance(data.get("method"), dict):
+        return data
+    name = data.pop("method", None) or DEFAULT_METHOD
+    section = {"name": name, **(data.pop(name, None) or {})}
+    moved = {k: data.pop(k) for k in _GAME_SECTIONS if k in data}
+    for other in METHODS:
+        data.pop(other, None)
+    if name in METHODS and "train" in {f.name for f in dataclasses.fields(METHODS.get(name).config_cls)}:
+        generator = {k: v for k, v in (moved.get("generator") or {}).items() if v is not None}  # None: the method's
+        section.update({**moved, "generator": generator} if "generator" in moved else moved)
+    data["method"] = section
+    return data
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items as dotted overrides; values are read as YAML (numbers, booleans, lists)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise DFQError(f"--set must look like KEY=VALUE (e.g. method.train.epochs=10), got '{item}'")
+        try:
+            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise DFQError(f"--set {key}: the value '{raw}' is not valid YAML") from e
+    return out
 
 
 def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
@@ -187,11 +152,31 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
         name = f"{where}.{key}" if where else key
         if key not in fields:
             raise DFQError(f"unknown config key '{name}'{did_you_mean(key, fields)}")
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict | None):
+            value = _onto_default(fields[key], value or {})  # a section sets only the keys it names
         kwargs[key] = _coerce(hints[key], value, name)
     try:
         return cls(**kwargs)
     except TypeError as e:
         raise DFQError(f"invalid config section '{where or '<root>'}': {e}") from e
+
+
+def _onto_default(f: dataclasses.Field, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` merged onto the field's default instance (a method's schedule keeps its other defaults)."""
+    if f.default_factory is dataclasses.MISSING:
+        return values
+    data = _plain(dataclasses.asdict(f.default_factory()))
+    _merge(data, values)
+    return data
+
+
+def _plain(value: Any) -> Any:
+    """asdict's output with tuples as lists and nested dataclass dicts as they are (what YAML would give)."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _coerce(hint: Any, value: Any, name: str) -> Any:
@@ -250,26 +235,6 @@ def _yaml_problem(e: Exception) -> str:
     if problem and mark is not None:
         return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
     return " ".join(str(e).split())
-
-
-def resolve_config(preset: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Defaults, then the method's paper defaults, then the preset, then dotted command-line
-    overrides (``{"quant.wbits": 4}``; ``None`` values are ignored)."""
-    preset = preset or {}
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    method = overrides.get("method", preset.get("method", DEFAULT_METHOD))
-    data: dict[str, Any] = {}
-    if method in POST_TRAINING:
-        _set_dotted(data, POST_TRAINING[method])
-    elif method in METHODS:
-        _set_dotted(data, method_class(method).defaults)
-    _merge(data, _deep_copy(preset))
-    _set_dotted(data, overrides)
-    plugins, quant = data.get("plugins"), data.get("quant")
-    learns = isinstance(plugins, dict) and (plugins.get("lsq") or plugins.get("adaround"))
-    if learns and (quant is None or (isinstance(quant, dict) and "weight_scales" not in quant)):
-        _set_dotted(data, {"quant.weight_scales": "stored"})  # a learned weight step lives in the stored grid
-    return from_dict(RunConfig, data)
 
 
 def _set_dotted(data: dict[str, Any], values: dict[str, Any]) -> None:

@@ -11,12 +11,12 @@ from torch import nn
 
 import dfq
 from dfq.errors import DFQError
-from dfq.export.onnx import export_onnx
+from dfq.export.onnx import write_onnx
 from dfq.export.runtime import INTEGER_OPS, optimized_op_counts
 from dfq.export.verify import verify
 from dfq.models import CIFAR10_CLASSES
 
-__all__ = ["export", "load_target"]
+__all__ = ["describe_model", "export", "load_target", "quant_metadata"]
 
 
 def load_target(target: str | Path, weights: str | None = None, progress: bool = True) -> tuple[nn.Module, dict]:
@@ -35,25 +35,31 @@ def load_target(target: str | Path, weights: str | None = None, progress: bool =
                 f"{target} was quantized under the papers' protocol (asymmetric weights, float input and "
                 "unfolded BatchNorm), which integer runtimes cannot run; quantize with --protocol deploy to export"
             )
-        meta = {"method": config.method, "wbits": q.wbits, "abits": q.abits, "protocol": q.protocol,
-                "input_bits": q.input_bits, "quantize_residual": q.quantize_residual}  # fmt: skip
+        meta = quant_metadata(config.method_name, q)
     else:
         model = create_model(str(target), pretrained=weights is None, weights=weights, progress=progress)
         meta = {"method": "none", "wbits": 32, "abits": 32, "protocol": "float"}
-    info = model.dfq_info
-    meta = {
-        "dfq_version": dfq.__version__,
-        "model": info.name,
-        "dataset": info.dataset,
-        "num_classes": info.num_classes,
-        "input_size": list(info.input_size),
-        "mean": list(info.mean),
-        "std": list(info.std),
-        **meta,
-    }
-    if info.dataset == "cifar10":
-        meta["class_names"] = list(CIFAR10_CLASSES)
+    meta = describe_model(model, tuple(model.dfq_info.input_size), meta)
     return model.eval(), meta
+
+
+def describe_model(model: nn.Module, input_size: tuple[int, ...], extra: dict[str, Any]) -> dict[str, Any]:
+    """The metadata an exported file carries: dfq's version, the input size and, for zoo models, the dataset,
+    classes and normalisation (what ``dfq eval model.onnx`` needs), plus ``extra``."""
+    meta: dict[str, Any] = {"dfq_version": dfq.__version__, "input_size": list(input_size)}
+    info = getattr(model, "dfq_info", None)
+    if info is not None:
+        meta.update(model=info.name, dataset=info.dataset, num_classes=info.num_classes, mean=list(info.mean),
+                    std=list(info.std))  # fmt: skip
+        if info.dataset == "cifar10":
+            meta["class_names"] = list(CIFAR10_CLASSES)
+    return {**meta, **extra}
+
+
+def quant_metadata(method: str, quant: Any) -> dict[str, Any]:
+    """What a deploy-protocol Q was quantized with, for the exported file's metadata."""
+    return {"method": method, "wbits": quant.wbits, "abits": quant.abits, "protocol": quant.protocol,
+            "input_bits": quant.input_bits, "quantize_residual": quant.quantize_residual}  # fmt: skip
 
 
 def export(
@@ -65,7 +71,7 @@ def export(
 ) -> dict[str, Any]:
     """Write ``model`` to ``out`` as ONNX; with ``verify_batches``, compare it site by site with PyTorch."""
     input_size = tuple(metadata["input_size"])
-    path = export_onnx(model, out, input_size, metadata)
+    path = write_onnx(model, out, input_size, metadata)
     ops = optimized_op_counts(path)
     result = {
         "out": str(path),

@@ -29,11 +29,11 @@ from torch import fx, nn
 
 from dfq.errors import DFQError, UnsupportedLayerError
 from dfq.quant import ActMode, ActQuantizer, QuantBatchNorm2d, QuantConv2d, QuantLinear, QuantReLU
-from dfq.quant.functional import quantize
+from dfq.quant.functional import quantize_affine
 from dfq.quant.graph import ADD_FUNCTIONS, ADD_METHODS, following_batchnorm, trace
 from dfq.quant.modules import batchnorm_affine, bias_grid, folded_weight_scale
 
-__all__ = ["OPSET", "build_onnx", "export_onnx"]
+__all__ = ["OPSET", "build_onnx", "write_onnx"]
 
 OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
@@ -172,7 +172,7 @@ class _Builder:
         """int8 codes of the quantized weight; a folded gain only rescales (and maybe negates) them."""
         wq = layer.weight_quantizer
         _check_container_bits(wq.spec.bits, name)
-        codes = quantize(layer.weight.detach(), *wq.qparams(layer.weight), divide=wq.spec.deploy).double()
+        codes = quantize_affine(layer.weight.detach(), *wq.qparams(layer.weight), divide=wq.spec.deploy).double()
         sign = torch.where(gain < 0, -1.0, 1.0).double()
         codes = codes * sign.reshape(-1, *([1] * (codes.dim() - 1)))
         codes[gain == 0] = 0  # BatchNorm gamma of 0: the channel is its bias
@@ -283,7 +283,7 @@ class _Builder:
             return self.quantize_site(self.activation(x, m.act, name), aq, site)
         cap = None
         if isinstance(m.act, nn.ReLU6):  # codes of min(x, 6): at most the code of 6 (monotonic rounding)
-            cap = int(quantize(torch.tensor(6.0), *aq.qparams(), divide=aq.spec.deploy))
+            cap = int(quantize_affine(torch.tensor(6.0), *aq.qparams(), divide=aq.spec.deploy))
         return self.quantize_site(x, aq, site, code_cap=cap)
 
     def _after_bn(self, out: _Value, bn: nn.BatchNorm2d, name: str) -> _Value:
@@ -467,7 +467,7 @@ def build_onnx(
     return proto
 
 
-def export_onnx(
+def write_onnx(
     model: nn.Module, path: str | Path, input_shape: tuple[int, ...], metadata: dict[str, Any] | None = None
 ) -> Path:
     """Write ``model`` as ONNX to ``path`` (atomically) and return the path."""

@@ -10,14 +10,18 @@ from dfq.generators.nets import (
     create_generator,
     list_generators,
 )
+from dfq.generators.synthesis import LatentDecoder, distill_inputs, synthesize_pool
 
 __all__ = [
     "BNStatsLoss",
     "CifarGenerator",
     "ConditionalBatchNorm2d",
     "ImageNetGenerator",
+    "LatentDecoder",
     "UnconditionalGenerator",
     "create_generator",
+    "distill_inputs",
     "list_generators",
     "lowpass",
+    "synthesize_pool",
 ]

@@ -1,4 +1,4 @@
-"""Batch-normalization statistics (BNS) loss (METHODS.md §1.6).
+"""Batch-normalization statistics (BNS) loss (ZeroQ, Cai et al. 2020; GDFQ, Xu et al. 2020).
 
 ``with BNStatsLoss(teacher) as bns: teacher(x); loss = bns.loss()`` hooks every
 BatchNorm of the (eval-mode) teacher, records the mean and biased variance of
@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from dfq.errors import DFQError
 
 __all__ = ["BNStatsLoss", "channel_mean_var"]
 
@@ -57,7 +59,9 @@ class BNStatsLoss:
     def __init__(self, model: nn.Module) -> None:
         self.layers = {m: name for name, m in model.named_modules() if isinstance(m, _BN)}
         if not self.layers:
-            raise ValueError("the BNS loss needs a model with BatchNorm layers")
+            raise DFQError(
+                "data-free synthesis matches BatchNorm statistics, and this model has no BatchNorm layer"
+            )
         self._stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfq.errors import DFQError, did_you_mean
+from dfq.errors import DFQError
+from dfq.registry import Registry
 
 __all__ = [
     "CifarGenerator",
@@ -172,23 +173,19 @@ class UnconditionalGenerator(nn.Module):
         return self.out_bn(torch.tanh(self.conv3(h)))
 
 
-_GENERATORS: dict[str, Callable[..., nn.Module]] = {
-    "cifar": CifarGenerator,
-    "imagenet": ImageNetGenerator,
-    "unconditional": UnconditionalGenerator,
-}
+GENERATORS = Registry[Callable[..., nn.Module]]("generator")
+GENERATORS.add("cifar", CifarGenerator)
+GENERATORS.add("imagenet", ImageNetGenerator)
+GENERATORS.add("unconditional", UnconditionalGenerator)
 
 
 def list_generators() -> list[str]:
-    return sorted(_GENERATORS)
+    return GENERATORS.names()
 
 
 def create_generator(name: str, num_classes: int, img_size: int, latent_dim: int, channels: int = 3) -> nn.Module:
     """Build a registered generator; ``img_size`` must be divisible by 4."""
-    if name not in _GENERATORS:
-        raise DFQError(
-            f"unknown generator '{name}'{did_you_mean(name, _GENERATORS)}; available: {', '.join(_GENERATORS)}"
-        )
+    factory = GENERATORS.get(name)
     if img_size % 4:
         raise DFQError(f"generator image size must be divisible by 4, got {img_size}")
-    return _GENERATORS[name](num_classes=num_classes, latent_dim=latent_dim, img_size=img_size, channels=channels)
+    return factory(num_classes=num_classes, latent_dim=latent_dim, img_size=img_size, channels=channels)

@@ -1,20 +1,42 @@
-"""Data-free quantization methods. Each owns its math only; none sees real data.
+"""Data-free quantization methods: one protocol (:class:`Method`), one registry (:data:`METHODS`).
 
-Importing this package registers every generator-based method.
+Importing this package registers the built-in methods. Each owns its math only; none sees real data.
 """
 
-from dfq.methods import adadfq, gdfq, zaq  # noqa: F401  (registers methods)
-from dfq.methods.base import GameMethod, Outputs, create_method, list_methods, method_class, register_method
-from dfq.methods.zeroq import ZeroQConfig, distill_inputs, zeroq
+from dfq.methods import adadfq, gdfq, recon, zaq, zeroq  # noqa: F401  (registers methods)
+from dfq.methods.adadfq import AdaDFQConfig, AdaSGConfig
+from dfq.methods.base import (
+    METHODS,
+    Method,
+    MethodContext,
+    create_method,
+    list_methods,
+    method_class,
+    method_of_config,
+    register_method,
+)
+from dfq.methods.game import GameConfig, GameMethod, Outputs
+from dfq.methods.gdfq import GDFQConfig
+from dfq.methods.recon import ReconConfig
+from dfq.methods.zaq import ZAQConfig
+from dfq.methods.zeroq import ZeroQConfig
 
 __all__ = [
+    "METHODS",
+    "AdaDFQConfig",
+    "AdaSGConfig",
+    "GDFQConfig",
+    "GameConfig",
     "GameMethod",
+    "Method",
+    "MethodContext",
     "Outputs",
+    "ReconConfig",
+    "ZAQConfig",
     "ZeroQConfig",
     "create_method",
-    "distill_inputs",
     "list_methods",
     "method_class",
+    "method_of_config",
     "register_method",
-    "zeroq",
 ]

@@ -1,4 +1,4 @@
-"""AdaDFQ (Qian et al., CVPR 2023) and AdaSG (AAAI 2023), METHODS.md §3-§4.
+"""AdaDFQ (Qian et al., CVPR 2023) and AdaSG (Qian et al., AAAI 2023); github.com/hfutqian/AdaDFQ.
 
 A zero-sum game over sample adaptability, measured by the normalised entropy H′
 of the disagreement ``softmax(z_p − z_q)``:
@@ -17,15 +17,16 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from dfq.methods.base import GameMethod, Outputs, register_method
+from dfq.methods.base import register_method
+from dfq.methods.game import GameConfig, GameMethod, Outputs
 from dfq.methods.losses import balance_gap, student_entropy_loss
 
 __all__ = ["AdaDFQ", "AdaDFQConfig", "AdaSG", "AdaSGConfig"]
 
 
 @dataclass
-class AdaDFQConfig:
-    """Attributes (defaults: the AdaDFQ CIFAR configs):
+class AdaDFQConfig(GameConfig):
+    """The AdaDFQ CIFAR configs; besides the shared ``train``/``generator``/``plugins``:
     alpha_ds / alpha_as: weights of the disagreement / agreement CE.
     lambda_l / lambda_u: the balance-gap bounds on H′.
     beta: weight of the balance term ``α_ds·L_ds + α_as·L_as``.
@@ -56,7 +57,9 @@ class AdaSGConfig(AdaDFQConfig):
 class AdaDFQ(GameMethod):
     name = "adadfq"
     config_cls = AdaDFQConfig
-    defaults = {"train.batch_size": 16, "train.q_lr": 1e-4, "train.warmup_epochs": 4}
+    description = "AdaDFQ (CVPR'23): zero-sum game over sample adaptability with a balance gap on H'"
+    log_labels = {"g_bg": "balance gap on H'", "g_ds": "disagreement CE", "g_as": "agreement CE",
+                  "g_bns": "BNS loss", "g_h_norm": "mean normalised entropy H'", "q_loss": "-T^2 H(P - Q)"}  # fmt: skip
     generator_uses_student = True
 
     def generator_loss(self, out: Outputs) -> dict[str, torch.Tensor]:
@@ -91,3 +94,4 @@ class AdaDFQ(GameMethod):
 class AdaSG(AdaDFQ):
     name = "adasg"
     config_cls = AdaSGConfig
+    description = "AdaSG (AAAI'23): AdaDFQ's game with fixed weights (alpha 0.1/0.1, lambda 0.3-0.8)"

@@ -1,99 +1,142 @@
-"""What a generator-based method declares, and the tensors it receives.
+"""The one protocol every data-free method follows, and the registry that lists them.
 
-A method owns only its math: two loss functions returning named components
-(the key ``"loss"`` is the one optimised; every other key is logged). The
-engine owns the loop, the optimizers, the schedules and the data flow, driven
-by the class attributes below.
+A method is a class with a typed config dataclass, registered under a name, entered through
+:meth:`Method.quantize`: ``method.quantize(teacher, quant_config, context) -> (Q, summary)``. The
+CLI, the Python API and the run driver find methods here by name and know nothing else about them,
+so adding a method is one new module (or one class in user code) with ``@register_method``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
-from dfq.errors import DFQError, did_you_mean
+from dfq.distributed import DistContext
+from dfq.errors import DFQError
+from dfq.quant import QuantConfig
+from dfq.registry import Registry
 
-__all__ = ["GameMethod", "Outputs", "create_method", "list_methods", "register_method"]
+__all__ = [
+    "METHODS",
+    "Evaluator",
+    "Method",
+    "MethodContext",
+    "create_method",
+    "list_methods",
+    "method_class",
+    "method_of_config",
+    "register_method",
+]
+
+Evaluator = Callable[[nn.Module], dict[str, Any]]
 
 
 @dataclass
-class Outputs:
-    """One batch as a method sees it.
+class MethodContext:
+    """What a method receives besides the teacher and the quantization config.
 
     Attributes:
-        x: generated images (attached to G's graph in the generator phase, detached in the student phase).
-        y: sampled labels (``None`` for unconditional generators).
-        p_logits: P's logits (detached in the student phase).
-        q_logits: Q's logits (``None`` when the method's generator loss does not use Q).
-        bns: P's BNS loss on ``x`` (``None`` when the method does not use it).
-        p_feats / q_feats: outputs of the method's feature layers, in order.
-        label_mask: per-sample weights of Q's cross-entropy to ``y`` (``None``: all 1; see plugins.hard_tau).
+        input_size: (C, H, W) of one input.
+        num_classes: classes of the teacher's output.
+        seed: the run's seed (the global streams are seeded once, at the entry point, before the call).
+        generator: the method's own random stream, seeded from ``seed``.
+        evaluate: real-data evaluation callback (``None``: no evaluation); the only way real data reaches a run.
+        run_dir: where a method may keep checkpoints and metrics (``None``: nothing on disk).
+        resume: continue the run saved in ``run_dir``.
+        progress: show progress bars.
+        dist: this process's place in a data-parallel run, and its device.
+        model_name: the teacher's registry name, for messages (how to resume).
     """
 
-    x: torch.Tensor
-    y: torch.Tensor | None
-    p_logits: torch.Tensor
-    q_logits: torch.Tensor | None = None
-    bns: torch.Tensor | None = None
-    p_feats: list[torch.Tensor] | None = None
-    q_feats: list[torch.Tensor] | None = None
-    label_mask: torch.Tensor | None = None
+    input_size: tuple[int, ...]
+    num_classes: int
+    seed: int = 0
+    generator: torch.Generator = field(default_factory=torch.Generator)
+    evaluate: Evaluator | None = None
+    run_dir: Path | None = None
+    resume: bool = False
+    progress: bool = True
+    dist: DistContext = field(default_factory=DistContext.current)
+    model_name: str = "MODEL"
 
 
-class GameMethod:
-    """Base class of the generator/quantized-model games."""
+class Method(ABC):
+    """Base class of every data-free method.
+
+    Class attributes:
+        name: the registry name (``--method NAME``, ``method: {name: NAME}``).
+        config_cls: the method's config dataclass (its section of the run config).
+        description: one line for ``dfq methods``.
+        log_labels: metric keys of ``metrics.jsonl`` -> what they mean, for reports.
+    """
 
     name: ClassVar[str]
     config_cls: ClassVar[type]
-    # Engine defaults of this method's paper (CIFAR settings), as dotted RunConfig keys.
-    defaults: ClassVar[dict[str, Any]] = {}
-    conditional: ClassVar[bool] = True  # sample labels and feed them to G
-    generator: ClassVar[str | None] = None  # None: "cifar" or "imagenet" from the input size
-    latent_dim: ClassVar[int] = 100
-    uses_bns: ClassVar[bool] = True  # hook P's BatchNorms in the generator phase
-    generator_uses_student: ClassVar[bool] = False  # Q forward on the non-detached images in the G phase
-    uses_features: ClassVar[bool] = False  # capture P/Q feature maps (ZAQ)
-    student_first: ClassVar[bool] = False  # Q steps before the G step (ZAQ)
-    student_steps: ClassVar[int] = 1  # Q steps per iteration
-    fresh_student_batches: ClassVar[bool] = False  # each Q step draws a new batch (ZAQ) instead of reusing G's
-    student_bn_train: ClassVar[bool] = False  # Q's BatchNorm uses batch statistics (ZAQ) instead of fixed ones
-    label_ce: ClassVar[bool] = False  # Q's loss has a cross-entropy to y, weighted by Outputs.label_mask (GDFQ)
+    description: ClassVar[str] = ""
+    log_labels: ClassVar[dict[str, str]] = {}
 
-    def __init__(self, config: Any) -> None:
-        self.config = config
+    def __init__(self, config: Any = None) -> None:
+        self.config = self.config_cls() if config is None else config
+        if not isinstance(self.config, self.config_cls):
+            raise DFQError(f"method '{self.name}' takes a {self.config_cls.__name__}, got {type(config).__name__}")
 
-    def generator_loss(self, out: Outputs) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+    def quant_defaults(self) -> dict[str, str]:
+        """Quantization settings this method needs unless the user chose them (``QuantConfig`` keys)."""
+        return {}
 
-    def student_loss(self, out: Outputs) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+    def check_launch(self, dist: DistContext) -> None:
+        """Refuse a launch this method cannot run on (by default: anything but one process)."""
+        if dist.active:
+            raise DFQError(f"'{self.name}' runs on one process; launch it without torchrun or --nproc")
+
+    def for_launch(self, world_size: int) -> Any:
+        """The config with anything that depends on the launch fixed (recorded in the run's config.yaml)."""
+        return self.config
+
+    def check(self, quant: QuantConfig) -> None:
+        """Refuse a quantization config this method cannot honour (one clear :class:`DFQError`)."""
+        return None
+
+    @abstractmethod
+    def quantize(self, teacher: nn.Module, quant: QuantConfig, ctx: MethodContext) -> tuple[nn.Module, dict[str, Any]]:
+        """Return Q (a quantized copy; ``teacher`` is not modified) and a summary of the run."""
 
 
-_METHODS: dict[str, type[GameMethod]] = {}
+METHODS = Registry[type[Method]]("method", hint="`dfq methods` lists them")
 
 
-def register_method(cls: type[GameMethod]) -> type[GameMethod]:
-    if cls.name in _METHODS:
-        raise ValueError(f"method {cls.name!r} registered twice")
-    _METHODS[cls.name] = cls
+def register_method(cls: type[Method]) -> type[Method]:
+    """Class decorator: make a method available by its ``name`` everywhere (CLI, API, config files)."""
+    if not dataclasses.is_dataclass(cls.config_cls):
+        raise TypeError(f"{cls.__name__}.config_cls must be a dataclass")
+    METHODS.add(cls.name, cls)
     return cls
 
 
 def list_methods() -> list[str]:
-    return sorted(_METHODS)
+    """Every registered method, sorted."""
+    return METHODS.names()
 
 
-def method_class(name: str) -> type[GameMethod]:
-    if name not in _METHODS:
-        raise DFQError(f"unknown method '{name}'{did_you_mean(name, _METHODS)}")
-    return _METHODS[name]
+def method_class(name: str) -> type[Method]:
+    return METHODS.get(name)
 
 
-def create_method(name: str, config: Any) -> GameMethod:
+def create_method(name: str, config: Any = None) -> Method:
     return method_class(name)(config)
 
 
-MethodFactory = Callable[[Any], GameMethod]
+def method_of_config(config: Any) -> type[Method]:
+    """The method whose config class ``config`` is an instance of (exactly, not a subclass)."""
+    for name in METHODS:
+        cls = METHODS.get(name)
+        if type(config) is cls.config_cls:
+            return cls
+    raise DFQError(f"{type(config).__name__} is not the config of a registered method; `dfq methods` lists them")

@@ -1,4 +1,4 @@
-"""GDFQ (Xu et al., ECCV 2020): the common baseline (METHODS.md §2).
+"""GDFQ (Xu et al., ECCV 2020; github.com/xushoukai/GDFQ): the common baseline.
 
 G: ``CE(P(x), y) + 0.1·BNS``. Q: ``α·T²·KL(P ‖ Q) + CE(Q(x), y)`` on the same batch,
 with the teacher logits of the forward done before the G update.
@@ -6,22 +6,25 @@ with the teacher logits of the forward done before the G update.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from dfq.errors import DFQError
-from dfq.methods.base import GameMethod, Outputs, register_method
+from dfq.methods.base import register_method
+from dfq.methods.game import GameConfig, GameMethod, Outputs
 from dfq.methods.losses import kd_loss
-from dfq.methods.plugins import masked_ce
+from dfq.train import TrainConfig
+from dfq.train.plugins import masked_ce
 
 __all__ = ["GDFQ", "GDFQConfig"]
 
 
 @dataclass
-class GDFQConfig:
-    """Attributes:
+class GDFQConfig(GameConfig):
+    """The paper's CIFAR settings (batch 200) plus, besides the shared ``train``/``generator``/``plugins``:
+
     temperature: KD temperature T.
     kd_weight: α, the weight of the KD term.
     kd_reduction: "mean" (the official code: KL summed then divided by B·C, so the
@@ -30,6 +33,7 @@ class GDFQConfig:
     ce_weight: weight of Q's cross-entropy to the sampled labels.
     """
 
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=200))
     temperature: float = 20.0
     kd_weight: float = 1.0
     kd_reduction: str = "mean"
@@ -47,7 +51,9 @@ class GDFQConfig:
 class GDFQ(GameMethod):
     name = "gdfq"
     config_cls = GDFQConfig
-    defaults = {"train.batch_size": 200, "train.q_lr": 1e-4, "train.warmup_epochs": 4}
+    description = "GDFQ (ECCV'20): conditional generator with BNS loss, Q distilled with KD + label CE"
+    log_labels = {"g_ce": "P's CE to the sampled labels", "g_bns": "BNS loss", "q_kd": "KD(P || Q)",
+                  "q_ce": "Q's CE to the sampled labels"}  # fmt: skip
     label_ce = True
 
     def generator_loss(self, out: Outputs) -> dict[str, torch.Tensor]:

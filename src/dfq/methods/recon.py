@@ -3,12 +3,9 @@
 dfq's own post-training method, in the line of Genie (Jeon et al., CVPR 2023) and
 BRECQ/QDrop, built for a small compute budget:
 
-1. **Synthesis.** Per batch, per-sample latent maps (8x8) and a small decoder (nearest
-   upsampling + 3x3 convolutions, which avoid the checkerboard of transposed
-   convolutions) are optimised jointly against P's BatchNorm-statistics loss. P's
-   strided convolutions see their input shifted by a random pixel ("swing"
-   convolution), which removes the grid artifacts a fixed stride lets the images
-   exploit. Optionally a Fourier low-pass filter smooths the pool (SynQ).
+1. **Synthesis.** A pool of images optimised against P's BatchNorm-statistics loss
+   (:func:`dfq.generators.synthesize_pool`: per-sample latents and a small decoder,
+   "swing" convolutions, optional low-pass filter).
 2. **Initial grids.** Activation ranges are calibrated on the pool, then every step
    (weights per channel, activations per tensor) is set to the one that minimises its
    own quantization error (a grid search on the clipping factor).
@@ -22,19 +19,19 @@ BRECQ/QDrop, built for a small compute budget:
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.split_module import split_module
 from tqdm.auto import tqdm
 
 from dfq.errors import DFQError, UnsupportedLayerError
-from dfq.generators import BNStatsLoss, lowpass
+from dfq.generators import synthesize_pool
+from dfq.methods.base import Method, MethodContext, register_method
 from dfq.quant import (
     ActMode,
     ActQuantizer,
@@ -47,7 +44,7 @@ from dfq.quant import (
 )
 from dfq.quant.graph import ADD_FUNCTIONS, ADD_METHODS, trace
 
-__all__ = ["ReconConfig", "recon", "synthesize"]
+__all__ = ["Recon", "ReconConfig", "reconstruct"]
 
 
 @dataclass
@@ -101,101 +98,6 @@ class ReconConfig:
         if not 0 <= self.drop_prob <= 1 or not 0 <= self.round_warmup < 1 or not 0 <= self.lowpass <= 1:
             raise DFQError("recon.drop_prob and recon.lowpass must be in [0, 1], recon.round_warmup in [0, 1)")
         self.beta = tuple(float(b) for b in self.beta)  # type: ignore[assignment]
-
-
-# -- 1. synthesis ------------------------------------------------------------------------------
-
-
-class LatentDecoder(nn.Module):
-    """Per-sample 8x8 latent maps -> images, by nearest upsampling and 3x3 convolutions."""
-
-    def __init__(self, num: int, image_size: tuple[int, int, int], channels: int = 32, generator=None) -> None:
-        super().__init__()
-        c, h, w = image_size
-        self.latents = nn.Parameter(torch.randn(num, channels, max(h // 4, 1), max(w // 4, 1), generator=generator))
-        self.size = (h, w)
-        self.net = nn.Sequential(
-            nn.Conv2d(channels, 2 * channels, 3, padding=1),
-            nn.BatchNorm2d(2 * channels),
-            nn.LeakyReLU(0.2),
-            nn.Upsample(scale_factor=2),
-            nn.Conv2d(2 * channels, channels, 3, padding=1),
-            nn.BatchNorm2d(channels),
-            nn.LeakyReLU(0.2),
-            nn.Upsample(size=(h, w)),
-            nn.Conv2d(channels, c, 3, padding=1),
-            nn.BatchNorm2d(c, affine=False),  # unit-variance images, like normalised inputs
-        )
-
-    def forward(self) -> torch.Tensor:
-        return self.net(self.latents)
-
-
-class _Swing:
-    """Forward pre-hooks that shift the input of strided convolutions by a random pixel (reflect padded)."""
-
-    def __init__(self, model: nn.Module, generator: torch.Generator) -> None:
-        self.convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and max(m.stride) > 1]
-        self.generator = generator
-
-    def __enter__(self) -> _Swing:
-        self.handles = [m.register_forward_pre_hook(self._hook) for m in self.convs]
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for h in self.handles:
-            h.remove()
-
-    def _hook(self, module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        x = args[0]
-        dy, dx = torch.randint(0, 3, (2,), generator=self.generator).tolist()
-        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
-        return (padded[:, :, dy : dy + x.shape[2], dx : dx + x.shape[3]],)
-
-
-def synthesize(
-    teacher: nn.Module,
-    input_size: tuple[int, int, int],
-    config: ReconConfig,
-    *,
-    generator: torch.Generator,
-    progress: bool = True,
-) -> torch.Tensor:
-    """The synthetic pool: ``config.num_samples`` images optimised against P's BNS loss."""
-    teacher.eval()
-    frozen = [p for p in teacher.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    batches = []
-    sizes = [min(config.synth_batch, config.num_samples - i) for i in range(0, config.num_samples, config.synth_batch)]
-    bar = tqdm(total=len(sizes) * config.synth_steps, desc="recon: synthesize", disable=not progress)
-    try:
-        with BNStatsLoss(teacher) as bns:
-            for start, n in zip(range(0, config.num_samples, config.synth_batch), sizes, strict=True):
-                decoder = LatentDecoder(n, input_size, generator=generator)
-                opt = torch.optim.Adam(decoder.parameters(), lr=config.synth_lr)
-                sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, config.synth_steps)
-                for _ in range(config.synth_steps):
-                    opt.zero_grad(set_to_none=True)
-                    with _Swing(teacher, generator) if config.swing else contextlib.nullcontext():
-                        logits = teacher(decoder())
-                    loss = bns.loss()
-                    if config.label_weight:
-                        labels = torch.arange(start, start + n) % logits.shape[1]
-                        loss = loss + config.label_weight * F.cross_entropy(logits, labels)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    bar.update()
-                bar.set_postfix(bns=f"{loss.item():.4f}")
-                with torch.no_grad():
-                    batches.append(decoder())  # batch statistics, as optimised
-    finally:
-        bar.close()
-        for p in frozen:
-            p.requires_grad_(True)
-    pool = torch.cat(batches)
-    return lowpass(pool, config.lowpass) if config.lowpass else pool
 
 
 # -- 2. initial grids --------------------------------------------------------------------------
@@ -382,26 +284,45 @@ def _run(unit: nn.Module, x: torch.Tensor, size: int) -> torch.Tensor:
     return torch.cat([unit(b) for b in x.split(size)])
 
 
-def recon(
+@register_method
+class Recon(Method):
+    name = "recon"
+    config_cls = ReconConfig
+    description = "dfq's default: a synthesized pool, then block-wise reconstruction (AdaRound, LSQ, QDrop)"
+
+    def quant_defaults(self) -> dict[str, str]:
+        return {"weight_scales": "stored"}
+
+    def check(self, quant: QuantConfig) -> None:
+        if quant.weight_scales not in (None, "stored"):
+            raise DFQError("the recon method learns weight grids: set quant.weight_scales to stored")
+
+    def quantize(self, teacher: nn.Module, quant: QuantConfig, ctx: MethodContext) -> tuple[nn.Module, dict[str, Any]]:
+        c = self.config
+        start = time.perf_counter()
+        pool = synthesize_pool(
+            teacher, ctx.input_size, c.num_samples, batch=c.synth_batch, steps=c.synth_steps, lr=c.synth_lr,
+            swing=c.swing, lowpass=c.lowpass, label_weight=c.label_weight, generator=ctx.generator,
+            progress=ctx.progress,
+        )  # fmt: skip
+        synthesized = time.perf_counter()
+        q = reconstruct(teacher, quant, c, pool, generator=ctx.generator, progress=ctx.progress)
+        done = time.perf_counter()
+        return q, {"seconds": round(done - start, 3), "synthesize_s": round(synthesized - start, 3),
+                   "reconstruct_s": round(done - synthesized, 3)}  # fmt: skip
+
+
+def reconstruct(
     teacher: nn.Module,
-    quant_config: QuantConfig,
+    quant: QuantConfig,
     config: ReconConfig,
-    input_size: tuple[int, int, int],
+    pool: torch.Tensor,
     *,
     generator: torch.Generator,
     progress: bool = True,
-    timings: dict[str, float] | None = None,
-) -> tuple[nn.Module, torch.Tensor]:
-    """Quantize ``teacher`` with the recon method; returns (Q, synthetic pool).
-
-    ``timings``, if given, receives the seconds spent synthesizing and reconstructing.
-    """
-    if quant_config.weight_scales != "stored":
-        raise DFQError("the recon method learns weight grids: set quant.weight_scales to stored")
-    start = time.perf_counter()
-    pool = synthesize(teacher, input_size, config, generator=generator, progress=progress)
-    synthesized = time.perf_counter()
-    q = quantize_model(teacher, quant_config).eval()
+) -> nn.Module:
+    """Q fitted to P unit by unit on ``pool`` (steps 2 and 3 of the module docstring)."""
+    q = quantize_model(teacher, quant).eval()
     for p in q.parameters():
         p.requires_grad_(False)
     init_grids(q, pool, config.synth_batch)
@@ -417,7 +338,4 @@ def recon(
             x_q, x_fp = _run(unit, x_q, eval_bs), y_fp
     for p in q.parameters():
         p.requires_grad_(True)
-    if timings is not None:
-        timings.update(synthesize_s=round(synthesized - start, 3),
-                       reconstruct_s=round(time.perf_counter() - synthesized, 3))  # fmt: skip
-    return q.eval(), pool
+    return q.eval()

@@ -1,4 +1,4 @@
-"""ZAQ (Liu et al., CVPR 2021): adversarial game on a two-level discrepancy (METHODS.md §5).
+"""ZAQ (Liu et al., CVPR 2021; github.com/FLHonker/ZAQ-code): adversarial game on a two-level discrepancy.
 
 Per iteration: 5 Q steps, each on a fresh detached batch, minimising
 ``mean|z_q − z_p| + α·Σ_l SCRM(F_Q,l, F_P,l)``; then one G step maximising the same
@@ -10,22 +10,32 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from dfq.errors import DFQError
-from dfq.methods.base import GameMethod, Outputs, register_method
+from dfq.methods.base import register_method
+from dfq.methods.game import GameConfig, GameMethod, Outputs
 from dfq.methods.losses import scrm
+from dfq.train import GeneratorConfig, TrainConfig
 
 __all__ = ["ZAQ", "ZAQConfig", "feature_layers"]
 
 _STAGE = re.compile(r"(^|\.)(layer|stage)\d+$")
 
 
+def _zaq_schedule() -> TrainConfig:
+    """The official CIFAR schedule: batch 256, 300 epochs x 60 iterations, Q's SGD at 0.1, no warm-up."""
+    return TrainConfig(batch_size=256, epochs=300, iters_per_epoch=60, warmup_epochs=0, q_lr=0.1,
+                       q_weight_decay=5e-4, q_nesterov=False, q_milestones=[100, 200], g_milestones=[100, 200],
+                       g_betas=[0.9, 0.999])  # fmt: skip
+
+
 @dataclass
-class ZAQConfig:
-    """Attributes:
+class ZAQConfig(GameConfig):
+    """The official CIFAR settings; besides the shared ``train``/``generator``/``plugins``:
     alpha: weight of the feature-relation (SCRM) discrepancy.
     beta: weight of the activation regulariser on P's last feature map.
     gamma_r: SCRM's relation weight (hard-coded 0.1 in the official code).
@@ -33,6 +43,8 @@ class ZAQConfig:
         model's stages (modules named ``layerN`` / ``stageN``).
     """
 
+    train: TrainConfig = field(default_factory=_zaq_schedule)
+    generator: GeneratorConfig = field(default_factory=lambda: GeneratorConfig("unconditional", latent_dim=256))
     alpha: float = 1.0
     beta: float = 0.1
     gamma_r: float = 0.1
@@ -57,29 +69,25 @@ def feature_layers(model: nn.Module, names: list[str] | None = None) -> list[str
 class ZAQ(GameMethod):
     name = "zaq"
     config_cls = ZAQConfig
-    defaults = {
-        "train.batch_size": 256,
-        "train.epochs": 300,
-        "train.iters_per_epoch": 60,
-        "train.warmup_epochs": 0,
-        "train.q_lr": 0.1,
-        "train.q_weight_decay": 5e-4,
-        "train.q_nesterov": False,
-        "train.q_milestones": [100, 200],
-        "train.g_milestones": [100, 200],
-        "train.g_betas": [0.9, 0.999],
-        "quant.act_observer": "minmax",
-    }
+    description = "ZAQ (CVPR'21): adversarial game on logit and feature-relation discrepancy, unconditional G"
+    log_labels = {"q_l1": "mean |z_Q - z_P|", "q_scrm": "feature-relation discrepancy (SCRM)",
+                  "g_act": "activation regulariser on P's last features"}  # fmt: skip
     conditional = False
-    generator = "unconditional"
-    latent_dim = 256
     uses_bns = False
     generator_uses_student = True
-    uses_features = True
-    student_first = True
-    student_steps = 5
-    fresh_student_batches = True
     student_bn_train = True
+    student_steps = 5  # Q steps per iteration, each on a fresh batch, before G's step
+
+    def quant_defaults(self) -> dict[str, str]:
+        return {"act_observer": "minmax", **super().quant_defaults()}
+
+    def feature_layers(self, teacher: nn.Module) -> list[str]:
+        return feature_layers(teacher, self.config.feature_layers)
+
+    def iteration(self, game: Any, train_q: bool) -> dict[str, torch.Tensor]:
+        q_losses = [game.student_step(game.fresh_batch(), train_q) for _ in range(self.student_steps)]
+        _, g_losses = game.generator_step()
+        return game.logs(g_losses, q_losses[-1])
 
     def _discrepancy(self, out: Outputs) -> tuple[torch.Tensor, torch.Tensor]:
         logits = (out.q_logits - out.p_logits).abs().mean()

@@ -8,7 +8,6 @@ the model knows nothing of quantization.
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dfq.errors import DFQError, did_you_mean
+from dfq.errors import DFQError
 from dfq.hub import RemoteFile, fetch
+from dfq.registry import Registry
 from dfq.utils.state import state_dict_mismatch
 
 __all__ = [
@@ -77,7 +77,7 @@ def imagenet_info(name: str, weights: Mapping[str, WeightSource], description: s
     return ModelInfo(name, "imagenet", 1000, (3, 224, 224), IMAGENET_MEAN, IMAGENET_STD, weights, description)
 
 
-_MODELS: dict[str, tuple[ModelInfo, Callable[..., nn.Module]]] = {}
+_MODELS = Registry[tuple[ModelInfo, Callable[..., nn.Module]]]("model", hint="`dfq models` lists them")
 
 # layout name -> converter from that layout's state dict to dfq's keys.
 _LAYOUTS: dict[str, Callable[[StateDict], StateDict]] = {}
@@ -87,9 +87,7 @@ def register_model(info: ModelInfo) -> Callable[[Callable[..., nn.Module]], Call
     """Decorator registering a factory ``fn(num_classes) -> nn.Module`` under ``info.name``."""
 
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if info.name in _MODELS:
-            raise ValueError(f"model {info.name!r} registered twice")
-        _MODELS[info.name] = (info, fn)
+        _MODELS.add(info.name, (info, fn))
         return fn
 
     return deco
@@ -107,14 +105,12 @@ def register_layout(name: str) -> Callable[[Callable[[StateDict], StateDict]], C
 
 def list_models(pattern: str = "*") -> list[str]:
     """Registered model names matching a shell-style ``pattern``, sorted."""
-    return sorted(n for n in _MODELS if fnmatch.fnmatch(n, pattern))
+    return _MODELS.names(pattern)
 
 
 def get_model_info(name: str) -> ModelInfo:
     """The :class:`ModelInfo` of a registered model (clear error if unknown)."""
-    if name not in _MODELS:
-        raise DFQError(f"unknown model '{name}'{did_you_mean(name, _MODELS)}; `dfq models` lists them")
-    return _MODELS[name][0]
+    return _MODELS.get(name)[0]
 
 
 def create_model(
@@ -139,7 +135,7 @@ def create_model(
         10
     """
     info = get_model_info(name)
-    model = _MODELS[name][1](num_classes=info.num_classes)
+    model = _MODELS.get(name)[1](num_classes=info.num_classes)
     model.dfq_info = info  # type: ignore[assignment]
     if weights is not None:
         load_weights(model, weights)

@@ -14,7 +14,7 @@ from dfq.quant.api import (
     set_act_mode,
     weight_quantizers,
 )
-from dfq.quant.functional import choose_qparams, dequantize, fake_quantize, quantize, round_ste
+from dfq.quant.functional import choose_qparams, dequantize_affine, fake_quantize, quantize_affine, round_ste
 from dfq.quant.modules import QuantBatchNorm2d, QuantConv2d, QuantLinear, QuantReLU
 from dfq.quant.quantizer import ActMode, ActQuantizer, WeightQuantizer
 from dfq.quant.spec import Granularity, QuantSpec
@@ -35,10 +35,10 @@ __all__ = [
     "act_quantizers",
     "calibrate",
     "choose_qparams",
-    "dequantize",
+    "dequantize_affine",
     "fake_quantize",
     "quant_disabled",
-    "quantize",
+    "quantize_affine",
     "quantize_model",
     "round_ste",
     "set_act_mode",

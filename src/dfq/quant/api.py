@@ -90,6 +90,7 @@ class LayerOverride:
 
 
 PROTOCOLS = ("paper", "deploy")
+_METHOD_CHOICES = {"weight_scales": "minmax", "act_observer": "ema"}  # what a method may choose, dfq's defaults
 
 
 @dataclass
@@ -102,11 +103,12 @@ class QuantConfig:
             activations, see the module docstring).
         wbits: weight bit-width of every Conv2d/Linear (2-8; 16/32 as no-op checks).
         abits: bit-width of every activation quantizer (after each ReLU/ReLU6).
-        weight_granularity: "per_channel" (the papers') or "per_tensor".
-        weight_symmetric: symmetric weights instead of the papers' asymmetric min/max.
-        act_symmetric: symmetric (unsigned after ReLU) activations instead of asymmetric.
+        weight_granularity: "per_channel" (the papers') or "per_tensor"; ``None``: the protocol's.
+        weight_symmetric: symmetric weights instead of the papers' asymmetric min/max; ``None``: the
+            protocol's (asymmetric for "paper", symmetric for "deploy", which allows nothing else).
+        act_symmetric: symmetric (unsigned after ReLU) activations; ``None``: the protocol's, as above.
         act_observer: "ema" (bias-corrected EMA), "paper" (the papers' update, quirk
-            included) or "minmax" (running min/max).
+            included) or "minmax" (running min/max); ``None``: the method's choice, else "ema".
         act_momentum: EMA momentum of the observer.
         overrides: fnmatch pattern on a layer's qualified name -> :class:`LayerOverride`.
             For example ``{"conv1": LayerOverride(wbits=8), "linear": LayerOverride(wbits=8)}``
@@ -114,7 +116,8 @@ class QuantConfig:
             ReLU module (``layer3.2.relu2``), an input site after its layer (``linear``), a
             residual site after its BatchNorm (``layer1.0.bn2``). Later patterns win.
         weight_scales: "minmax" (the papers: the min/max grid of the current weights at every
-            forward) or "stored" (a grid kept in buffers, so methods can learn it).
+            forward) or "stored" (a grid kept in buffers, so methods can learn it); ``None``: the
+            method's choice (``recon`` and learned steps need "stored"), else "minmax".
         ends_bits: keep the first and the last Conv2d/Linear (in execution order) at this
             bit-width, with the activations next to them (the first activation site, in the usual
             conv-BN-ReLU stem the second layer's input, and the site the last layer reads), as
@@ -128,13 +131,13 @@ class QuantConfig:
     protocol: str = "paper"
     wbits: int = 4
     abits: int = 4
-    weight_granularity: str = "per_channel"
-    weight_symmetric: bool = False
-    act_symmetric: bool = False
-    act_observer: str = "ema"
+    weight_granularity: str | None = None
+    weight_symmetric: bool | None = None
+    act_symmetric: bool | None = None
+    act_observer: str | None = None
     act_momentum: float = 0.9
     overrides: dict[str, LayerOverride] = field(default_factory=dict)
-    weight_scales: str = "minmax"
+    weight_scales: str | None = None
     ends_bits: int | None = None
     input_bits: int = 8
     quantize_residual: bool = True
@@ -142,8 +145,7 @@ class QuantConfig:
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
             raise DFQError(f"protocol must be one of {', '.join(PROTOCOLS)}, got {self.protocol!r}")
-        if self.protocol == "deploy":
-            self.weight_granularity, self.weight_symmetric, self.act_symmetric = "per_channel", True, True
+        self._resolve_protocol()
         check_bits(self.wbits, "wbits")
         check_bits(self.abits, "abits")
         check_bits(self.input_bits, "input_bits")
@@ -151,15 +153,31 @@ class QuantConfig:
             check_bits(self.ends_bits, "ends_bits")
         if self.weight_granularity not in {g.value for g in Granularity}:
             raise DFQError(f"weight_granularity must be per_channel or per_tensor, got {self.weight_granularity!r}")
-        if self.weight_scales not in ("minmax", "stored"):
+        if self.weight_scales not in (None, "minmax", "stored"):
             raise DFQError(f"weight_scales must be minmax or stored, got {self.weight_scales!r}")
-        if self.act_observer not in OBSERVERS:
+        if self.act_observer is not None and self.act_observer not in OBSERVERS:
             raise DFQError(f"act_observer must be one of {', '.join(OBSERVERS)}, got {self.act_observer!r}")
         if not 0.0 < self.act_momentum < 1.0:
             raise DFQError(f"act_momentum must be in (0, 1), got {self.act_momentum}")
         self.overrides = {
             str(k): v if isinstance(v, LayerOverride) else LayerOverride(**v) for k, v in self.overrides.items()
         }
+
+    def _resolve_protocol(self) -> None:
+        """Fill the grid choices left open; the deploy protocol allows only symmetric per-channel ones."""
+        deploy = self.protocol == "deploy"
+        wanted = {"weight_granularity": "per_channel", "weight_symmetric": deploy, "act_symmetric": deploy}
+        for key, value in wanted.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+            elif deploy and getattr(self, key) != value:
+                raise DFQError(f"the deploy protocol needs {key}={value} (what integer runtimes execute), "
+                               f"got {getattr(self, key)!r}")  # fmt: skip
+
+    def resolved(self, **method_defaults: str) -> QuantConfig:
+        """The settings left to the method (``None``) filled with its defaults, then with dfq's."""
+        values = {k: getattr(self, k) or method_defaults.get(k, d) for k, d in _METHOD_CHOICES.items()}
+        return replace(self, **values)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -196,6 +214,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, *, inplace: bool = Fal
         ('QuantConv2d', 'QuantReLU')
     """
     info = getattr(model, "dfq_info", None)
+    config = config.resolved()
     model = model if inplace else copy.deepcopy(model)
     model = _split_activation_sites(model)
     _check_supported(model)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["choose_qparams", "dequantize", "fake_quantize", "lsq_fake_quantize", "quantize", "round_ste"]
+__all__ = ["choose_qparams", "dequantize_affine", "fake_quantize", "lsq_fake_quantize", "quantize_affine", "round_ste"]
 
 _EPS = 1e-8  # the papers' floor on (hi - lo)
 
@@ -74,7 +74,7 @@ def choose_qparams(
     return scale, torch.zeros_like(scale), qmin, qmax
 
 
-def quantize(
+def quantize_affine(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, divide: bool = False
 ) -> torch.Tensor:
     """Integer codes of ``x`` (as floats), clamped to ``[qmin, qmax]``. No gradient.
@@ -86,7 +86,7 @@ def quantize(
     return torch.clamp(torch.round(scaled + zero_point), qmin, qmax)
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+def dequantize_affine(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
     """Real values of integer codes."""
     return (q - zero_point) * scale
 
@@ -94,7 +94,7 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -
 class _FakeQuantizeSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, divide):  # type: ignore[override]
-        # quantize() then dequantize(), in place on one buffer: the same operations, one allocation instead of six
+        # quantize_affine() then dequantize_affine(), in place on one buffer: the same operations, one allocation instead of six
         out = x / scale if divide else x * (1.0 / scale)
         return out.add_(zero_point).round_().clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
 
@@ -106,7 +106,7 @@ class _FakeQuantizeSTE(torch.autograd.Function):
 def fake_quantize(
     x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, divide: bool = False
 ) -> torch.Tensor:
-    """``dequantize(quantize(x))`` with the identity straight-through gradient for ``x``.
+    """``dequantize_affine(quantize_affine(x))`` with the identity straight-through gradient for ``x``.
 
     ``scale`` and ``zero_point`` broadcast against ``x`` (shape them ``(C, 1, 1, 1)``
     for per-output-channel conv weights). The gradient is not masked outside the

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +66,11 @@ class PluginConfig:
         self.beta = tuple(float(b) for b in self.beta)  # type: ignore[assignment]
         if len(self.beta) != 2 or not all(b > 0 for b in self.beta):
             raise DFQError(f"plugins.beta must be two positive values, got {self.beta}")
+
+    def check(self, quant: Any) -> None:
+        """Learned weight steps live in a stored grid: refuse a quantization config without one."""
+        if self.learns_quantizers and quant.weight_scales not in (None, "stored"):
+            raise DFQError("plugins.lsq and plugins.adaround learn the weight steps: set quant.weight_scales: stored")
 
     @property
     def learns_quantizers(self) -> bool:

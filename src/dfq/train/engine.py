@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import signal
 import threading
@@ -29,22 +30,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 import dfq
-from dfq.config import RunConfig, from_dict
-from dfq.distributed import (
-    DistContext,
-    bns_loss,
-    check_shards,
-    local_batchnorms,
-    shard_seed,
-    sync_batchnorms,
-    with_shards,
-)
+from dfq.distributed import DistContext, bns_loss, check_shards, local_batchnorms, shard_seed, sync_batchnorms
 from dfq.errors import DFQError
 from dfq.generators import create_generator, lowpass
-from dfq.methods import GameMethod, Outputs, create_method
-from dfq.methods.plugins import CamProbe, cam_loss, easy_mask, grad_cam, masked_ce
-from dfq.methods.zaq import feature_layers
-from dfq.quant import ActMode, act_quantizers, quantize_model, set_act_mode, weight_quantizers
+from dfq.quant import ActMode, QuantConfig, act_quantizers, quantize_model, set_act_mode, weight_quantizers
+from dfq.train.outputs import Outputs
+from dfq.train.plugins import CamProbe, cam_loss, easy_mask, grad_cam, masked_ce
 from dfq.utils.io import atomic_write, load_payload, save_torch
 from dfq.utils.seed import seed_everything
 from dfq.utils.state import state_dict_mismatch
@@ -71,8 +62,9 @@ class Engine:
     """Run a generator-based method on a float teacher.
 
     Args:
-        config: the resolved run configuration.
+        method: the game (its config holds ``train``, ``generator`` and ``plugins``; ``train.shards`` set).
         teacher: the float model P (not modified).
+        quant: how Q is quantized.
         num_classes: classes of P's output.
         input_size: (C, H, W) of one input.
         run_dir: where checkpoints and metrics go (``None``: keep nothing on disk).
@@ -83,37 +75,42 @@ class Engine:
 
     def __init__(
         self,
-        config: RunConfig,
+        method: Any,
         teacher: nn.Module,
+        quant: QuantConfig,
         *,
         num_classes: int,
         input_size: tuple[int, int, int],
+        seed: int = 0,
         run_dir: str | Path | None = None,
         evaluate: Evaluator | None = None,
         progress: bool = True,
         dist: DistContext | None = None,
+        model_name: str = "MODEL",
     ) -> None:
         self.dist = dist or DistContext.current()
         self.device = self.dist.device
-        config = with_shards(config, self.dist.world_size)
-        self.config, self.train = config, config.train
-        self.method: GameMethod = create_method(config.method, getattr(config, config.method))
+        self.method, self.config, self.quant, self.seed = method, method.config, quant, seed
+        self.train = self.config.train
+        if self.train.shards is None:
+            self.config = method.config = method.for_launch(self.dist.world_size)
+            self.train = self.config.train
         self.num_classes, self.input_size = num_classes, tuple(input_size)
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.evaluate, self.progress = evaluate, progress
+        self.evaluate, self.progress, self.model_name = evaluate, progress, model_name
 
-        seed_everything(config.seed)  # G's initial weights come from the global stream
+        seed_everything(seed)  # G's initial weights come from the global stream
         self.teacher = copy.deepcopy(teacher).eval()  # the caller's model keeps its flags and mode
         for p in self.teacher.parameters():
             p.requires_grad_(False)
-        self.student = quantize_model(teacher, config.quant)
+        self.student = quantize_model(teacher, quant)
         for p in self.student.parameters():
             p.requires_grad_(True)
         self.student.train(self.method.student_bn_train)
         self.generator = self._make_generator().train()
         for model in (self.teacher, self.student, self.generator):  # oneDNN's and cuDNN's convolutions: fastest on NHWC
             model.to(self.device, memory_format=torch.channels_last)
-        self.features = feature_layers(teacher, config.zaq.feature_layers) if self.method.uses_features else []
+        self.features = method.feature_layers(teacher)
         self._bns = bns_loss(self.teacher, self.dist) if self.method.uses_bns else None
 
         t = self.train
@@ -125,7 +122,7 @@ class Engine:
             nesterov=t.q_nesterov,
         )
         self.g_opt = torch.optim.Adam(self.generator.parameters(), lr=t.g_lr, betas=tuple(t.g_betas))
-        self.plugins = config.plugins
+        self.plugins = self.config.plugins
         self._check_plugins()
         self._parallelize()
         self._cams = (
@@ -133,11 +130,11 @@ class Engine:
         )
         self.qp_opt: torch.optim.Adam | None = None  # the learned steps/rounding (plugins.lsq, plugins.adaround)
         self.ema: list[torch.Tensor] | None = None  # the average of Q's parameters (train.ema_decay), from Q's 1st step
-        self.shards = config.train.shards
+        self.shards = self.train.shards
         check_shards(t.batch_size, self.shards, self.dist.world_size)
         own = self.shards // self.dist.world_size
         self.samplers = {  # this rank's shards, each with its own noise stream
-            k: torch.Generator().manual_seed(shard_seed(config.seed, k))
+            k: torch.Generator().manual_seed(shard_seed(seed, k))
             for k in range(self.dist.rank * own, (self.dist.rank + 1) * own)
         }
         self.state = _State()
@@ -151,8 +148,8 @@ class Engine:
         c, h, w = self.input_size
         if h != w:
             raise DFQError(f"the generators make square images; the model expects {h}x{w}")
-        name = gc.name or m.generator or ("cifar" if h <= 64 else "imagenet")
-        gen = create_generator(name, self.num_classes, h, gc.latent_dim or m.latent_dim, channels=c)
+        name = gc.pick(h)
+        gen = create_generator(name, self.num_classes, h, gc.latent_dim, channels=c)
         if getattr(gen, "conditional", True) != m.conditional:
             raise DFQError(
                 f"method '{m.name}' needs a {'conditional' if m.conditional else 'unconditional'} "
@@ -269,7 +266,8 @@ class Engine:
         return logits.float(), [f.float() for f in feats]
 
     # ------------------------------------------------------------------ steps
-    def _generator_step(self) -> tuple[Outputs, dict[str, torch.Tensor]]:
+    def generator_step(self) -> tuple[Outputs, dict[str, torch.Tensor]]:
+        """One step of G on a fresh batch; returns the batch (for Q's step) and G's losses."""
         m = self.method
         z, y = self._sample()
         x = self._g_train(z, y)
@@ -291,13 +289,15 @@ class Engine:
         return out, losses
 
     @torch.no_grad()
-    def _fresh_student_batch(self) -> Outputs:
+    def fresh_batch(self) -> Outputs:
+        """A new batch from G (no gradient to G) with P's outputs, for a Q step of its own."""
         z, y = self._sample()
         x = self.generator(z, y)
         p_logits, _, p_feats = self._teacher_forward(x, bns=False)
         return Outputs(x, y, p_logits, p_feats=p_feats)
 
-    def _student_step(self, batch: Outputs, train_q: bool) -> dict[str, torch.Tensor]:
+    def student_step(self, batch: Outputs, train_q: bool) -> dict[str, torch.Tensor]:
+        """Q's loss on ``batch`` (detached from G), and Q's update when ``train_q``."""
         x, p_cam = batch.x.detach(), None
         p_logits, p_feats = batch.p_logits.detach(), batch.p_feats
         if self.plugins.lowpass:
@@ -361,8 +361,6 @@ class Engine:
             and not self.dist.active  # its gradients are routed with autograd.grad, which DDP does not see
             and train_q
             and m.generator_uses_student
-            and not m.student_first
-            and m.student_steps == 1
             and not m.student_bn_train
             and not self.plugins.changes_student_input
             and not self._observing()
@@ -415,22 +413,25 @@ class Engine:
             return self._steps(train_q)
 
     def _steps(self, train_q: bool) -> dict[str, torch.Tensor]:
+        return self.method.iteration(self, train_q)
+
+    def generator_then_student(self, train_q: bool) -> dict[str, torch.Tensor]:
+        """The default iteration: G's step, then Q's step on the same batch."""
         if self._can_share_student_forward(train_q):
             return self._shared_iteration()
-        m, logs = self.method, {}
-        student_logs: list[dict[str, torch.Tensor]] = []
-        if m.student_first:
-            student_logs = [self._student_step(self._fresh_student_batch(), train_q) for _ in range(m.student_steps)]
-        batch, g_losses = self._generator_step()
+        batch, g_losses = self.generator_step()
         # In warm-up the official loops still compute Q's loss (no step): for a method whose G step already ran Q,
         # that forward only matters while it moves the ranges, so it is skipped once they are frozen.
-        if not m.student_first and (train_q or not m.generator_uses_student or self._observing()):
-            for k in range(m.student_steps):
-                b = self._fresh_student_batch() if (m.fresh_student_batches and k) else batch
-                student_logs.append(self._student_step(b, train_q))
-        logs.update({f"g_{k}": v.detach() for k, v in g_losses.items()})
-        if student_logs:
-            logs.update({f"q_{k}": v.detach() for k, v in student_logs[-1].items()})
+        q_losses = None
+        if train_q or not self.method.generator_uses_student or self._observing():
+            q_losses = self.student_step(batch, train_q)
+        return self.logs(g_losses, q_losses)
+
+    @staticmethod
+    def logs(g_losses: dict[str, torch.Tensor], q_losses: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """An iteration's logged values: G's losses as ``g_*``, the last Q step's as ``q_*``."""
+        logs = {f"g_{k}": v.detach() for k, v in g_losses.items()}
+        logs.update({f"q_{k}": v.detach() for k, v in (q_losses or {}).items()})
         return logs
 
     # ------------------------------------------------------ average of Q's weights (train.ema_decay)
@@ -590,11 +591,11 @@ class Engine:
                 self._save_checkpoint()
             if self._stop_requested(stop):
                 self._save_checkpoint()
-                raise RunInterrupted(stop[0], epoch, st.iteration, self.run_dir, self.config.model)
+                raise RunInterrupted(stop[0], epoch, st.iteration, self.run_dir, self.model_name)
         self._end_epoch(epoch, train_q, bar)
         if self._stop_requested(stop) and epoch < t.epochs - 1:
             self._save_checkpoint()
-            raise RunInterrupted(stop[0], epoch + 1, 0, self.run_dir, self.config.model)
+            raise RunInterrupted(stop[0], epoch + 1, 0, self.run_dir, self.model_name)
 
     def _mean_over_ranks(self, logs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Logged values averaged over ranks (one collective): the global batch's."""
@@ -656,10 +657,10 @@ class Engine:
     def summary(self) -> dict[str, Any]:
         st, c = self.state, self.config
         out: dict[str, Any] = {
-            "method": c.method,
-            "model": c.model,
-            "wbits": c.quant.wbits,
-            "abits": c.quant.abits,
+            "method": self.method.name,
+            "model": self.model_name,
+            "wbits": self.quant.wbits,
+            "abits": self.quant.abits,
             "epochs": c.train.epochs,
             "iters_per_epoch": c.train.iters_per_epoch,
             "batch_size": c.train.batch_size,
@@ -677,13 +678,18 @@ class Engine:
         return out
 
     # ------------------------------------------------------------ persistence
+    def _identity(self) -> dict[str, Any]:
+        """What a checkpoint must have been written with to be resumed by this run."""
+        method = {"name": self.method.name, **dataclasses.asdict(self.config)}
+        return {"seed": self.seed, "quant": self.quant.to_dict(), "method": method}
+
     def _snapshot(self) -> dict[str, Any]:
         """Everything needed to continue bit-identically (tensors copied, not aliased)."""
         return copy.deepcopy(
             {
                 "format": _FORMAT,
                 "dfq_version": dfq.__version__,
-                "config": self.config.to_dict(),
+                "config": self._identity(),
                 "epoch": self.state.epoch,
                 "iteration": self.state.iteration,
                 "sums": self.state.sums,
@@ -749,8 +755,7 @@ class Engine:
         if self.run_dir is None or not (self.run_dir / TRAIN_CHECKPOINT).is_file():
             raise DFQError(f"nothing to resume: no {TRAIN_CHECKPOINT} in {self.run_dir}")
         ckpt = read_train_checkpoint(self.run_dir)
-        saved = from_dict(RunConfig, ckpt["config"])
-        if saved != self.config:
+        if ckpt["config"] != self._identity():
             raise DFQError(
                 f"the checkpoint in {self.run_dir} was written with a different configuration; "
                 "resume with the run's own config.yaml"
