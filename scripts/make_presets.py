@@ -1,16 +1,21 @@
-"""Write the paper presets under configs/ from METHODS.md §2.1, §3.3, §4.3 and §5.5.
+"""Write the paper presets under configs/ from the official configurations of each method.
 
-The YAML files are committed; this script documents where every value comes from
-and regenerates them: ``python scripts/make_presets.py``.
+Sources: GDFQ's shipped configs (github.com/xushoukai/GDFQ), AdaSG's and AdaDFQ's hocon configs and their
+per-bit comments (github.com/hfutqian/AdaSG, github.com/hfutqian/AdaDFQ), ZAQ's argparse defaults
+(github.com/FLHonker/ZAQ-code). The YAML files are committed; this script documents where every value
+comes from and regenerates them: ``python scripts/make_presets.py``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import dataclasses
+
 import yaml
 
-from dfq.methods.zaq import ZAQ
+from dfq.methods.zaq import ZAQ, ZAQConfig
+from dfq.train import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1] / "configs"
 
@@ -25,7 +30,7 @@ STEPS = [100, 200, 300]
 
 
 def gdfq(stem: str, bits: int) -> dict:
-    """GDFQ ships CIFAR-100 R20 and ImageNet R18 configs; the others reuse them (METHODS.md §2.1)."""
+    """GDFQ ships CIFAR-100 R20 and ImageNet R18 configs; the others reuse them."""
     if MODELS[stem][1] == "cifar":
         train = {"batch_size": 200, "q_lr": 1e-4, "warmup_epochs": 4}
     else:
@@ -42,7 +47,7 @@ def _ada_imagenet(stem: str, bits: int) -> dict:
 
 
 def adasg(stem: str, bits: int) -> dict:
-    """AdaSG: every shipped config is 3-bit; other bit-widths use the same values (§3.3)."""
+    """AdaSG: every shipped config is 3-bit; other bit-widths use the same values."""
     if MODELS[stem][1] == "cifar":
         train = {"batch_size": 16, "q_lr": 1e-4, "warmup_epochs": 4, "q_milestones": STEPS, "g_milestones": STEPS}
         temperature = 20.0
@@ -64,7 +69,7 @@ def adasg(stem: str, bits: int) -> dict:
 
 
 def adadfq(stem: str, bits: int) -> dict:
-    """AdaDFQ: the 3-bit configs plus the per-bit notes of the hocon comments (§4.3)."""
+    """AdaDFQ: the 3-bit configs plus the per-bit notes of the hocon comments."""
     cfg = adasg(stem, bits)
     train = cfg["train"]
     coeffs = {**cfg.pop("adasg"), "alpha_ds": 0.2, "alpha_as": 0.1, "lambda_l": 0.1}
@@ -82,11 +87,11 @@ def adadfq(stem: str, bits: int) -> dict:
 
 
 def zaq(stem: str, bits: int) -> dict:
-    """ZAQ's argparse defaults (§5.5); the official code has no ImageNet path, these presets are dfq's."""
+    """ZAQ's argparse defaults; the official code has no ImageNet path, these presets are dfq's."""
     out: dict = {"zaq": {"alpha": 1.0, "beta": 0.1, "gamma_r": 0.1}}
-    for dotted, value in ZAQ.defaults.items():  # one source for ZAQ's paper defaults
-        section, key = dotted.split(".")
-        out.setdefault(section, {})[key] = list(value) if isinstance(value, list) else value
+    schedule, default = dataclasses.asdict(ZAQConfig().train), dataclasses.asdict(TrainConfig())
+    out["train"] = {k: v for k, v in schedule.items() if v != default[k]}  # one source: ZAQConfig's defaults
+    out["quant"] = ZAQ(ZAQConfig()).quant_defaults()
     if MODELS[stem][1] == "imagenet":
         out["train"]["batch_size"] = 32  # 256 images of 224x224 per step do not fit a single GPU comfortably
     if stem == "imagenet_mobilenetv2":
@@ -106,7 +111,8 @@ def preset(method: str, stem: str, bits: int) -> dict:
     body = METHODS[method](stem, bits)
     train = {"epochs": 400, "iters_per_epoch": 200, **body.pop("train")}
     quant = {"wbits": bits, "abits": bits, **body.pop("quant", {})}
-    return {"model": MODELS[stem][0], "method": method, "quant": quant, "train": train, **body}
+    own = body.pop(method)
+    return {"model": MODELS[stem][0], "quant": quant, "method": {"name": method, **own, "train": train}}
 
 
 def main() -> None:

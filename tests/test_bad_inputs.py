@@ -116,18 +116,22 @@ def test_missing_config_file(capsys: pytest.CaptureFixture[str], tmp_path: Path)
 
 
 @pytest.mark.parametrize(
-    ("flag", "value", "message"),
+    ("method", "setting", "message"),
     [
-        ("--epochs", "-1", "train.epochs must be >= 1, got -1"),
-        ("--batch-size", "0", "train.batch_size must be >= 1, got 0"),
-        ("--steps", "0", "zeroq.steps must be >= 1, got 0"),
-        ("--recon-iters", "0", "recon.iters must be >= 1, got 0"),
+        ("gdfq", "method.train.epochs=-1", "train.epochs must be >= 1, got -1"),
+        ("gdfq", "method.train.batch_size=0", "train.batch_size must be >= 1, got 0"),
+        ("zeroq", "method.steps=0", "zeroq.steps must be >= 1, got 0"),
+        ("recon", "method.iters=0", "recon.iters must be >= 1, got 0"),
+        ("recon", "method.itres=5", "unknown config key 'method.itres' (did you mean 'iters'?)"),
+        ("zeroq", "method.train.epochs=2", "unknown config key 'method.train'"),
+        ("gdfq", "quant.wbits=nine", "config key 'quant.wbits' has the wrong type: got 'nine', expected int"),
+        ("gdfq", "epochs", "--set must look like KEY=VALUE (e.g. method.train.epochs=10), got 'epochs'"),
     ],
 )
 def test_out_of_range_schedule(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path, flag: str, value: str, message: str
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, method: str, setting: str, message: str
 ) -> None:
-    line = user_error(capsys, "quantize", MODEL, "--method", "gdfq", flag, value, "--out", tmp_path / "run")
+    line = user_error(capsys, "quantize", MODEL, "--method", method, "--set", setting, "--out", tmp_path / "run")
     assert line == f"dfq: error: {message}"
     assert not (tmp_path / "run").exists()
 
@@ -142,7 +146,8 @@ def test_out_of_range_schedule(
         ("gdfq: {temperature: 0}\n", "gdfq.temperature must be > 0, got 0.0"),
         ("generator: {latent_dim: -5}\n", "generator.latent_dim must be >= 1, got -5"),
         ("gdfq: {kd_reduction: sum}\n", "gdfq.kd_reduction must be 'mean' or 'batchmean', got 'sum'"),
-        ("zeroq: {calib_batch_size: -1}\n", "zeroq.calib_batch_size must be >= 0 (0: all samples at once), got -1"),
+        ("method: {name: gdfq, train: {epochs: 0}}\n", "train.epochs must be >= 1, got 0"),
+        ("zeroq: {calib_batch_size: -1}\n", "config section 'zeroq' does not apply to method 'gdfq'"),
     ],
 )
 def test_settings_the_optimizers_or_models_would_reject_mid_run(
@@ -164,7 +169,7 @@ def test_seed_beyond_64_bits(capsys: pytest.CaptureFixture[str], tmp_path: Path,
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--observer", "max"], "argument --observer: invalid choice: 'max'"),
+        (["--protocol", "fast"], "argument --protocol: invalid choice: 'fast'"),
         ([], "the following arguments are required: --out"),
     ],
 )

@@ -20,7 +20,8 @@ from dfq.models import create_model
 from dfq.quant import QuantLinear, QuantReLU, act_quantizers
 
 MODEL = "resnet20a_cifar10"
-TINY = ["--steps", "2", "--num-samples", "4", "--recon-iters", "2", "--no-progress"]
+TINY = ["--set", "method.synth_steps=2", "--set", "method.num_samples=4", "--set", "method.iters=2", "--no-progress"]
+TINY_ZEROQ = ["--set", "method.steps=2", "--set", "method.num_samples=4", "--no-progress"]
 
 
 def _npz(path: Path, n: int = 8, size: int = 32, max_label: int = 9) -> Path:
@@ -131,7 +132,7 @@ def test_quantize_writes_run_dir_and_eval_reproduces_it(capsys: pytest.CaptureFi
         capsys,
         "quantize", MODEL, "--method", "zeroq", "--wbits", "8", "--abits", "8",
         "--weights", str(RESNET20_WEIGHTS), "--data", str(CIFAR10_4CLASS), "--limit", "200",
-        "--out", str(run_dir), "--json", *TINY,
+        "--out", str(run_dir), "--json", *TINY_ZEROQ,
     )  # fmt: skip
     assert rc == 0, err
     summary = _last_json(out)
@@ -143,7 +144,7 @@ def test_quantize_writes_run_dir_and_eval_reproduces_it(capsys: pytest.CaptureFi
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["model"] == MODEL
     assert config["quant"]["wbits"] == 8 and config["quant"]["abits"] == 8
-    assert config["zeroq"]["steps"] == 2 and config["zeroq"]["num_samples"] == 4
+    assert config["method"] == {"name": "zeroq", "steps": 2, "num_samples": 4, "lr": 0.5, "calib_batch_size": 0}
     assert (run_dir / "model.pt").is_file()
     saved = json.loads((run_dir / "summary.json").read_text())
     assert saved["top1"] == summary["top1"] and saved["fp_top1"] == summary["fp_top1"]
@@ -170,7 +171,8 @@ def test_default_method_is_recon_and_its_flags_reach_the_config(
     assert (summary["method"], summary["wbits"], summary["abits"]) == ("recon", 4, 4)
     assert {"synthesize_s", "reconstruct_s"} <= summary.keys()
     assert summary["seconds"] >= summary["synthesize_s"] + summary["reconstruct_s"] - 1e-3
-    recon = yaml.safe_load((run_dir / "config.yaml").read_text())["recon"]
+    recon = yaml.safe_load((run_dir / "config.yaml").read_text())["method"]
+    assert recon["name"] == "recon"
     assert (recon["synth_steps"], recon["iters"], recon["num_samples"]) == (2, 2, 4)
 
 
@@ -183,7 +185,7 @@ def test_config_preset_with_cli_precedence(
     preset = tmp_path / "preset.yaml"
     preset.write_text(
         yaml.safe_dump(
-            {"method": "zeroq", "quant": {"wbits": 6, "abits": 7}, "zeroq": {"steps": 3, "num_samples": 2}, "seed": 5}
+            {"method": {"name": "zeroq", "steps": 3, "num_samples": 2}, "quant": {"wbits": 6, "abits": 7}, "seed": 5}
         )
     )
     run_dir = tmp_path / "run"
@@ -196,8 +198,8 @@ def test_config_preset_with_cli_precedence(
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["quant"]["wbits"] == 5  # the command line wins
     assert config["quant"]["abits"] == 7  # the preset fills what the command line leaves out
-    assert config["zeroq"]["steps"] == 3
-    assert config["zeroq"]["num_samples"] == 2
+    assert config["method"]["steps"] == 3
+    assert config["method"]["num_samples"] == 2
     assert config["seed"] == 5
     summary = _last_json(out)
     assert (summary["wbits"], summary["abits"]) == (5, 7)

@@ -10,6 +10,7 @@ from torch import nn
 
 from dfq.checkpoint import load_quantized, save_quantized
 from dfq.config import RunConfig
+from dfq.methods import ZeroQConfig
 from dfq.models import create_model
 from dfq.quant import (
     ActQuantizer,
@@ -21,6 +22,7 @@ from dfq.quant import (
     QuantSpec,
     calibrate,
     choose_qparams,
+    quantize_affine,
     quantize_model,
 )
 from dfq.quant.modules import batchnorm_affine, bias_grid, folded_weight_scale
@@ -187,7 +189,7 @@ def test_deploy_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     q = quantize_model(create_model(MODEL), DEPLOY_W4A4)
     calibrate(q, [torch.randn(2, 3, 32, 32)])
-    config = RunConfig(model=MODEL, quant=QuantConfig(protocol="deploy", wbits=4, abits=4))
+    config = RunConfig(model=MODEL, quant=QuantConfig(protocol="deploy", wbits=4, abits=4), method=ZeroQConfig())
     save_quantized(tmp_path / "model.pt", q, config)
     loaded, loaded_config = load_quantized(tmp_path)
     assert loaded_config.quant.protocol == "deploy"

@@ -22,6 +22,7 @@ from dfq.export.api import export, load_target
 from dfq.export.onnx import build_onnx, write_onnx
 from dfq.export.runtime import OnnxClassifier, optimized_op_counts, read_metadata, session
 from dfq.export.verify import verify
+from dfq.methods import ZeroQConfig
 from dfq.models import CIFAR10_CLASSES, create_model
 from dfq.quant import QuantConfig, calibrate, quantize_affine, quantize_model
 from dfq.quant.modules import batchnorm_affine, folded_weight_scale
@@ -31,7 +32,7 @@ pytest.importorskip("onnxruntime")
 
 MODEL = "resnet20a_cifar10"
 SHAPE = (3, 8, 8)
-TINY = ["--steps", "2", "--num-samples", "4", "--recon-iters", "2", "--no-progress"]
+TINY = ["--set", "method.steps=2", "--set", "method.num_samples=4", "--no-progress"]
 META_KEYS = ("dfq_version", "model", "method", "wbits", "abits", "protocol", "mean", "std", "input_size",
              "num_classes", "class_names")  # fmt: skip
 
@@ -237,7 +238,7 @@ def deploy_run(tmp_path_factory: pytest.TempPathFactory, random_weights: Path) -
     root = tmp_path_factory.mktemp("deploy")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DFQ_HOME", str(root / "dfq_home"))
-        rc = main(["quantize_affine", MODEL, "--method", "zeroq", "--protocol", "deploy", "--wbits", "4", "--abits", "4",
+        rc = main(["quantize", MODEL, "--method", "zeroq", "--protocol", "deploy", "--wbits", "4", "--abits", "4",
                    "--weights", str(random_weights), "--out", str(root / "run"), *TINY])  # fmt: skip
     assert rc == 0
     return root / "run"
@@ -247,7 +248,8 @@ def deploy_run(tmp_path_factory: pytest.TempPathFactory, random_weights: Path) -
 def paper_run(tmp_path: Path) -> Path:
     """A papers'-protocol run directory (checkpoint only)."""
     q = quantize_model(create_model(MODEL), QuantConfig(wbits=4, abits=4))
-    save_quantized(tmp_path / "paper" / "model.pt", q, RunConfig(model=MODEL, quant=QuantConfig(wbits=4, abits=4)))
+    config = RunConfig(model=MODEL, quant=QuantConfig(wbits=4, abits=4), method=ZeroQConfig())
+    save_quantized(tmp_path / "paper" / "model.pt", q, config)
     return tmp_path / "paper"
 
 

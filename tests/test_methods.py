@@ -235,8 +235,8 @@ def test_adasg_and_adadfq_config_defaults():
     )  # fmt: skip
     assert sg.temperature == dfq_.temperature == 20.0  # CIFAR
     # The resolved run configs carry the same values, and each method gets its own section.
-    assert resolve_config(None, {"method": "adasg"}).adasg == sg
-    assert resolve_config(None, {"method": "adadfq"}).adadfq == dfq_
+    assert resolve_config(None, {"method": "adasg"}).method == sg
+    assert resolve_config(None, {"method": "adadfq"}).method == dfq_
     assert isinstance(create_method("adasg", sg), AdaSG) and isinstance(create_method("adadfq", dfq_), AdaDFQ)
     assert AdaSG.generator_uses_student and AdaDFQ.generator_uses_student
 
@@ -362,8 +362,50 @@ def _zaq_outputs():
 def test_zaq_config_defaults():
     c = ZAQConfig()
     assert (c.alpha, c.beta, c.gamma_r, c.feature_layers) == (1.0, 0.1, 0.1, [])
-    assert ZAQ.student_steps == 5 and ZAQ.student_first and ZAQ.student_bn_train and not ZAQ.conditional
-    assert not ZAQ.uses_bns and ZAQ.latent_dim == 256
+    assert ZAQ.student_steps == 5 and ZAQ.student_bn_train and not ZAQ.conditional and not ZAQ.uses_bns
+    assert (c.generator.name, c.generator.latent_dim) == ("unconditional", 256)
+    assert (c.train.batch_size, c.train.epochs, c.train.iters_per_epoch, c.train.q_lr) == (256, 300, 60, 0.1)
+    assert resolve_config(None, {"method": "zaq"}).quant.act_observer == "minmax"  # the official range observer
+
+
+class _RecordingGame:
+    """Stands in for the training loop: records the steps a method's iteration asks for."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def fresh_batch(self) -> str:
+        self.calls.append("fresh")
+        return "fresh-batch"
+
+    def generator_step(self) -> tuple[str, dict]:
+        self.calls.append("G")
+        return "g-batch", {"loss": torch.tensor(1.0)}
+
+    def student_step(self, batch: str, train_q: bool) -> dict:
+        self.calls.append(f"Q({batch})")
+        return {"loss": torch.tensor(2.0)}
+
+    def generator_then_student(self, train_q: bool) -> dict:
+        self.calls.append("G-then-Q")
+        return {}
+
+    def logs(self, g_losses: dict, q_losses: dict | None) -> dict:
+        return {"g": g_losses, "q": q_losses}
+
+
+def test_zaq_iteration_is_five_fresh_q_steps_then_g():
+    game = _RecordingGame()
+    logs = ZAQ(ZAQConfig()).iteration(game, True)
+    assert game.calls == ["fresh", "Q(fresh-batch)"] * 5 + ["G"]
+    assert float(logs["g"]["loss"]) == 1.0 and float(logs["q"]["loss"]) == 2.0
+
+
+@pytest.mark.parametrize("name", ["gdfq", "adasg", "adadfq"])
+def test_the_other_games_use_the_default_g_then_q_iteration(name):
+    game = _RecordingGame()
+    create_method(name).iteration(game, True)
+    assert game.calls == ["G-then-Q"]
 
 
 def test_zaq_student_and_generator_losses():

@@ -17,11 +17,11 @@ from torch import nn
 import dfq
 from dfq.checkpoint import load_quantized, save_quantized
 from dfq.cli import main
-from dfq.config import RunConfig, from_dict, resolve_config
+from dfq.config import resolve_config
 from dfq.errors import DFQError, UnsupportedLayerError
-from dfq.generators import lowpass
-from dfq.methods.recon import ReconConfig, _Swing, init_grids, reconstruct_unit, synthesize, units
-from dfq.methods.zeroq import ZeroQConfig
+from dfq.generators import lowpass, synthesize_pool
+from dfq.generators.synthesis import _Swing
+from dfq.methods.recon import ReconConfig, init_grids, reconstruct_unit, units
 from dfq.models import create_model
 from dfq.quant import (
     ActMode,
@@ -40,11 +40,7 @@ from dfq.quant.quantizer import WeightQuantizer
 MODEL = "resnet20a_cifar10"
 SHAPE = (3, 8, 8)
 TINY = ReconConfig(num_samples=16, synth_batch=16, synth_steps=3, iters=5, batch_size=8)
-TINY_OPTIONS = {"recon.num_samples": 16, "recon.synth_batch": 16, "recon.synth_steps": 3, "recon.iters": 5,
-                "recon.batch_size": 8}  # fmt: skip
-
-# src bug (see the report): RunConfig.to_dict() holds recon.beta as a tuple, and from_dict's _coerce
-# accepts no tuple[...] hint (neither a tuple nor the YAML list), so no saved run can be read back.
+EXAMPLE = torch.zeros(1, *SHAPE)
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -469,13 +465,13 @@ def test_stored_scales_round_trip_through_a_checkpoint(tmp_path: Path) -> None:
 def test_run_config_round_trips_through_its_dict(method: str) -> None:
     """model.pt and config.yaml store RunConfig.to_dict() (recon section included, whatever the method)."""
     config = resolve_config(None, {"method": method})
-    assert from_dict(RunConfig, config.to_dict()) == config
-    assert from_dict(RunConfig, yaml.safe_load(yaml.safe_dump(config.to_dict()))) == config
+    assert resolve_config(config.to_dict()) == config
+    assert resolve_config(yaml.safe_load(yaml.safe_dump(config.to_dict()))) == config
 
 
 def test_recon_beta_can_be_set_in_a_preset() -> None:
     """A YAML preset writes beta as a list; it becomes the (start, end) tuple of floats."""
-    assert resolve_config({"method": "recon", "recon": {"beta": [10, 1]}}).recon.beta == (10.0, 1.0)
+    assert resolve_config({"method": {"name": "recon", "beta": [10, 1]}}).method.beta == (10.0, 1.0)
 
 
 # --------------------------------------------------------------------------- 5. lowpass
@@ -551,8 +547,7 @@ def test_synthesize_returns_the_pool_and_leaves_the_teacher_alone() -> None:
     teacher = _tiny()
     teacher.fc.bias.requires_grad_(False)
     before = copy.deepcopy(teacher.state_dict())
-    config = ReconConfig(num_samples=10, synth_batch=4, synth_steps=2, lowpass=0.5)
-    pool = synthesize(teacher, SHAPE, config, generator=_gen(), progress=False)
+    pool = synthesize_pool(teacher, SHAPE, 10, batch=4, steps=2, lowpass=0.5, generator=_gen(), progress=False)
     assert pool.shape == (10, *SHAPE) and not pool.requires_grad and bool(torch.isfinite(pool).all())
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, before[k]), k
@@ -690,7 +685,8 @@ def test_recon_end_to_end_on_a_tiny_residual_net() -> None:
     """dfq.quantize(method="recon"): stored grids, weights on them, summary names the method, seeded."""
     model = _tiny()
     before = copy.deepcopy(model.state_dict())
-    q, summary = dfq.quantize(model, method="recon", wbits=4, abits=4, input_size=SHAPE, progress=False, **TINY_OPTIONS)
+    result = dfq.quantize(model, QuantConfig(wbits=4, abits=4), TINY, example_inputs=EXAMPLE, progress=False)
+    q, summary = result.model, result.summary
     assert summary["method"] == "recon" and (summary["wbits"], summary["abits"]) == (4, 4)
     _assert_on_stored_grid(q)
     assert all(aq.get_mode() is ActMode.FROZEN and aq.drop_prob == 0.0 for _, aq in act_quantizers(q))
@@ -704,15 +700,15 @@ def test_recon_end_to_end_on_a_tiny_residual_net() -> None:
     assert not torch.equal(out, ref)  # really quantized
     for k, v in model.state_dict().items():  # P is not modified
         assert torch.equal(v, before[k]), k
-    again, _ = dfq.quantize(model, method="recon", wbits=4, abits=4, input_size=SHAPE, progress=False, **TINY_OPTIONS)
+    again = dfq.quantize(model, QuantConfig(wbits=4, abits=4), TINY, example_inputs=EXAMPLE, progress=False).model
     for (k, v), (_, w) in zip(q.state_dict().items(), again.state_dict().items(), strict=True):
         assert torch.equal(v, w), k
 
 
 def test_recon_deploy_protocol_keeps_weights_on_the_signed_grid() -> None:
     """Under the deploy protocol recon's learned weights stay on symmetric signed stored grids."""
-    q, _ = dfq.quantize(_tiny(), method="recon", wbits=4, abits=4, input_size=SHAPE, progress=False,
-                        **TINY_OPTIONS, **{"quant.protocol": "deploy"})  # fmt: skip
+    q = dfq.quantize(_tiny(), QuantConfig(wbits=4, abits=4, protocol="deploy"), TINY, example_inputs=EXAMPLE,
+                     progress=False).model  # fmt: skip
     _assert_on_stored_grid(q)
     for layer in _weight_layers(q):
         wq = layer.weight_quantizer
@@ -739,14 +735,15 @@ def test_recon_config_rejects_bad_values(bad: dict) -> None:
     with pytest.raises(DFQError, match="recon"):
         ReconConfig(**bad)
     with pytest.raises(DFQError, match="recon"):
-        resolve_config(None, {"method": "recon", **{f"recon.{k}": v for k, v in bad.items()}})
+        resolve_config(None, {"method": "recon", **{f"method.{k}": v for k, v in bad.items()}})
 
 
 def test_recon_refuses_minmax_weight_scales() -> None:
     """recon learns weight grids, so forcing the min/max quantizer is an error that names the setting."""
     with pytest.raises(DFQError, match="weight_scales"):
-        dfq.quantize(_tiny(), method="recon", input_size=SHAPE, progress=False,
-                     **TINY_OPTIONS, **{"quant.weight_scales": "minmax"})  # fmt: skip
+        dfq.quantize(_tiny(), QuantConfig(weight_scales="minmax"), TINY, example_inputs=EXAMPLE, progress=False)
+    with pytest.raises(DFQError, match="weight_scales"):
+        resolve_config({"method": {"name": "recon"}, "quant": {"weight_scales": "minmax"}})
 
 
 # --------------------------------------------------------------------------- CLI
@@ -786,7 +783,8 @@ def recon_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         for protocol in ("paper", "deploy"):
             run_dir = root / protocol
             rc, summary = _cli(
-                "quantize", MODEL, "--method", "recon", "--wbits", "4", "--abits", "4", "--num-samples", "16",
+                "quantize", MODEL, "--method", "recon", "--wbits", "4", "--abits", "4",
+                "--set", "method.num_samples=16",
                 "--weights", str(weights), "--config", str(preset), "--protocol", protocol, "--data", str(data),
                 "--out", str(run_dir), "--json", "--no-progress",
             )  # fmt: skip
@@ -796,17 +794,17 @@ def recon_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 @pytest.mark.parametrize("protocol", ["paper", "deploy"])
 def test_cli_quantize_recon(recon_runs: dict, protocol: str) -> None:
-    """--method recon runs; --num-samples and the preset reach the recon section; stored scales are saved."""
+    """--method recon runs; --set and a preset in the earlier flat layout reach the method section; stored scales."""
     rc, summary, run_dir = recon_runs[protocol]
     assert rc == 0
     assert summary["method"] == "recon" and (summary["wbits"], summary["abits"]) == (4, 4)
     assert summary["n"] == 8 and 0 <= summary["top1"] <= 100
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    assert config["method"] == "recon" and config["quant"]["protocol"] == protocol
+    assert config["method"]["name"] == "recon" and config["quant"]["protocol"] == protocol
     assert config["quant"]["weight_scales"] == "stored"
-    assert config["recon"]["num_samples"] == 16
-    assert config["zeroq"]["num_samples"] == ZeroQConfig().num_samples  # --num-samples went to recon only
-    assert (config["recon"]["synth_steps"], config["recon"]["iters"], config["recon"]["batch_size"]) == (2, 2, 8)
+    assert config["method"]["num_samples"] == 16
+    method = config["method"]
+    assert (method["synth_steps"], method["iters"], method["batch_size"], method["synth_batch"]) == (2, 2, 8, 16)
     state = torch.load(run_dir / "model.pt", weights_only=True)["state_dict"]
     assert "layer2.0.conv1.weight_quantizer.scale" in state
     assert json.loads((run_dir / "summary.json").read_text())["top1"] == summary["top1"]
@@ -846,8 +844,8 @@ def test_label_weight_pushes_each_image_toward_its_assigned_class() -> None:
     teacher = nn.Sequential(*layers, nn.Linear(4, 3)).eval()
     assigned = {}
     for weight in (0.0, 5.0):
-        config = ReconConfig(num_samples=6, synth_batch=6, synth_steps=60, label_weight=weight, swing=False)
-        pool = synthesize(teacher, (3, 8, 8), config, generator=torch.Generator().manual_seed(0), progress=False)
+        pool = synthesize_pool(teacher, (3, 8, 8), 6, batch=6, steps=60, label_weight=weight, swing=False,
+                               generator=torch.Generator().manual_seed(0), progress=False)  # fmt: skip
         with torch.no_grad():
             assigned[weight] = float(teacher(pool).softmax(1)[torch.arange(6), torch.arange(6) % 3].mean())
     assert assigned[5.0] > assigned[0.0] + 0.05

@@ -14,7 +14,7 @@ from torch import nn
 
 import dfq.api
 from dfq.checkpoint import CHECKPOINT_NAME, load_quantized
-from dfq.config import RunConfig, from_dict, resolve_config
+from dfq.config import RunConfig, resolve_config
 from dfq.data import make_loader, open_dataset
 from dfq.errors import DFQError
 from dfq.evaluate import evaluate
@@ -135,7 +135,7 @@ def test_bns_loss_gradient_reaches_the_input() -> None:
 
 
 def test_bns_loss_needs_batchnorm() -> None:
-    with pytest.raises(ValueError, match="BatchNorm"):
+    with pytest.raises(DFQError, match="BatchNorm"):
         BNStatsLoss(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()))
 
 
@@ -148,11 +148,12 @@ def test_distill_inputs_lowers_the_bns_loss_and_leaves_the_teacher_alone() -> No
     frozen_by_user.requires_grad_(False)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     history: list[tuple[int, float]] = []
-    config = ZeroQConfig(num_samples=8, steps=30, lr=0.1)
     x = distill_inputs(
         teacher,
         (3, 8, 8),
-        config,
+        8,
+        steps=30,
+        lr=0.1,
         generator=torch.Generator().manual_seed(0),
         progress=False,
         on_step=lambda step, value: history.append((step, value)),
@@ -177,10 +178,9 @@ def test_distill_inputs_lowers_the_bns_loss_and_leaves_the_teacher_alone() -> No
 
 def test_distill_inputs_is_deterministic_for_a_seed() -> None:
     teacher = _three_bn()
-    config = ZeroQConfig(num_samples=4, steps=5)
-
     def distil(seed: int) -> torch.Tensor:
-        return distill_inputs(teacher, (3, 8, 8), config, generator=torch.Generator().manual_seed(seed), progress=False)
+        gen = torch.Generator().manual_seed(seed)
+        return distill_inputs(teacher, (3, 8, 8), 4, steps=5, generator=gen, progress=False)
 
     a, b, c = distil(0), distil(0), distil(1)
     assert torch.equal(a, b)
@@ -208,10 +208,11 @@ def test_quantize_a_user_model_outside_the_zoo() -> None:
     model = TinyNet().eval()
     _set_running_stats(model)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    options = {"zeroq.steps": 2, "zeroq.num_samples": 4}
-    q, summary = dfq.api.quantize(
-        model, "zeroq", wbits=8, abits=8, num_classes=3, input_size=(3, 8, 8), progress=False, **options
-    )
+    method = ZeroQConfig(steps=2, num_samples=4)
+    result = dfq.quantize(model, QuantConfig(wbits=8, abits=8), method, example_inputs=torch.randn(1, 3, 8, 8),
+                          progress=False)  # fmt: skip
+    q, summary = result.model, result.summary
+    assert result.input_size == (3, 8, 8) and result.method == method
     assert (summary["method"], summary["wbits"], summary["abits"]) == ("zeroq", 8, 8)
     quantizers = list(act_quantizers(q))
     assert [name for name, _ in quantizers] == ["relu.act_quantizer"]
@@ -225,10 +226,10 @@ def test_quantize_a_user_model_outside_the_zoo() -> None:
         assert torch.equal(v, before[k]), k
     assert not any(name.endswith("act_quantizer") for name, _ in model.named_modules())
 
-    with pytest.raises(DFQError, match="input_size"):
-        dfq.api.quantize(model, wbits=8, abits=8, num_classes=3, progress=False, **options)
-    with pytest.raises(DFQError, match="input_size"):
-        dfq.api.quantize(model, wbits=8, abits=8, progress=False, **options)
+    with pytest.raises(DFQError, match="example_inputs is required"):
+        dfq.quantize(model, QuantConfig(wbits=8, abits=8), method, progress=False)
+    with pytest.raises(DFQError, match="does not run on example inputs"):
+        dfq.quantize(model, QuantConfig(wbits=8, abits=8), method, example_inputs=torch.randn(1, 5, 8, 8))
 
 
 # --------------------------------------------------------------------------- config
@@ -245,19 +246,19 @@ def test_run_config_round_trip() -> None:
             act_observer="minmax",
             overrides={"conv1": LayerOverride(wbits=8), "linear": LayerOverride(wbits=8, abits=8)},
         ),
-        zeroq=ZeroQConfig(num_samples=3, steps=9, lr=0.25),
+        method=ZeroQConfig(num_samples=3, steps=9, lr=0.25),
     )
     data = config.to_dict()
-    assert from_dict(RunConfig, data) == config
-    assert from_dict(RunConfig, yaml.safe_load(yaml.safe_dump(data, sort_keys=False))) == config
+    assert data["method"] == {"name": "zeroq", "num_samples": 3, "steps": 9, "lr": 0.25, "calib_batch_size": 0}
+    assert resolve_config(yaml.safe_load(yaml.safe_dump(data, sort_keys=False))) == config
     assert resolve_config(data) == config
-    assert from_dict(RunConfig, RunConfig().to_dict()) == RunConfig()
+    assert resolve_config(RunConfig().to_dict()) == resolve_config()
 
 
 @pytest.mark.parametrize(
     ("data", "dotted", "hint"),
     [
-        ({"zeroq": {"stepz": 3}}, "zeroq.stepz", "steps"),
+        ({"method": {"name": "zeroq", "stepz": 3}}, "method.stepz", "steps"),
         ({"quant": {"wbitz": 4}}, "quant.wbitz", "wbits"),
         ({"quant": {"overrides": {"conv1": {"wbitz": 8}}}}, "quant.overrides.conv1.wbitz", "wbits"),
         ({"modle": "resnet20a_cifar10"}, "modle", "model"),
@@ -265,12 +266,12 @@ def test_run_config_round_trip() -> None:
 )
 def test_unknown_config_key_names_the_dotted_key(data: dict, dotted: str, hint: str) -> None:
     with pytest.raises(DFQError, match=rf"unknown config key '{dotted}' \(did you mean '{hint}'\?\)"):
-        from_dict(RunConfig, data)
+        resolve_config(data)
 
 
 def test_config_wrong_type_is_a_user_error() -> None:
-    with pytest.raises(DFQError, match=r"zeroq\.steps"):
-        resolve_config({"zeroq": {"steps": "many"}})
+    with pytest.raises(DFQError, match=r"method\.steps"):
+        resolve_config({"method": {"name": "zeroq", "steps": "many"}})
     with pytest.raises(DFQError, match="must be a mapping"):
         resolve_config({"quant": 4})
 
@@ -289,12 +290,12 @@ def test_run_checkpoint_round_trip(tmp_path: Path) -> None:
         None,
         {
             "weights": str(weights),
-            "method": "zeroq",
+            "method.name": "zeroq",
             "seed": 3,
             "quant.wbits": 4,
             "quant.abits": 4,
-            "zeroq.steps": 2,
-            "zeroq.num_samples": 4,
+            "method.steps": 2,
+            "method.num_samples": 4,
         },
     )
     out = tmp_path / "run"
@@ -321,17 +322,15 @@ def test_run_checkpoint_round_trip(tmp_path: Path) -> None:
         assert torch.equal(state[k], v), k
 
     # The same config quantized in process gives the same model as the one saved.
-    again, _ = dfq.api.quantize(
+    again = dfq.quantize(
         create_model("resnet20a_cifar10", weights=weights),
-        "zeroq",
-        wbits=4,
-        abits=4,
+        QuantConfig(wbits=4, abits=4),
+        ZeroQConfig(steps=2, num_samples=4),
         seed=3,
         progress=False,
-        **{"zeroq.steps": 2, "zeroq.num_samples": 4},
     )
     with torch.no_grad():
-        assert torch.equal(again(x), y1)
+        assert torch.equal(again.model(x), y1)
 
 
 # --------------------------------------------------------------------------- real data

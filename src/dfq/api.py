@@ -13,6 +13,7 @@ Both run data-parallel when the process group is initialised (under ``torchrun``
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -120,7 +121,7 @@ def describe(model: nn.Module, example_inputs: torch.Tensor | None = None) -> tu
     if example_inputs is None:
         info = getattr(model, "dfq_info", None)
         if info is None:
-            raise DFQError("example_inputs is required for a model outside the dfq zoo (e.g. torch.randn(1, 3, 224, 224))")
+            raise DFQError("example_inputs is required for a model outside the dfq zoo (torch.randn(1, 3, 224, 224))")
         example_inputs = torch.zeros(1, *info.input_size)
     if not isinstance(example_inputs, torch.Tensor) or example_inputs.dim() < 2:
         raise DFQError("example_inputs must be a batch tensor, e.g. torch.randn(1, 3, 224, 224)")
@@ -141,8 +142,10 @@ def describe(model: nn.Module, example_inputs: torch.Tensor | None = None) -> tu
 def _quantize(model: nn.Module, quant: QuantConfig, method: Method, ctx: MethodContext) -> QuantizationResult:
     seed_everything(ctx.seed)  # the one seeding of a run; the method's own stream is ctx.generator
     ctx.generator = torch.Generator().manual_seed(ctx.seed)
+    start = time.perf_counter()
     q, summary = method.quantize(model, quant, ctx)
     summary = {"method": method.name, "wbits": quant.wbits, "abits": quant.abits, **summary}
+    summary.setdefault("seconds", round(time.perf_counter() - start, 3))  # unless the method counts its own
     if ctx.evaluate and ctx.dist.main and "top1" not in summary:
         metrics = ctx.evaluate(q)
         summary.update(top1=metrics["top1"], top5=metrics["top5"])

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import yaml
 
 from dfq.errors import DFQError, did_you_mean
-from dfq.methods import METHODS, Method, ReconConfig, method_of_config
+from dfq.methods import METHODS, GameConfig, Method, ReconConfig, method_of_config
 from dfq.quant import LayerOverride, QuantConfig
 
 __all__ = ["DEFAULT_METHOD", "RunConfig", "from_dict", "load_yaml", "migrate", "parse_set", "resolve_config"]
@@ -58,7 +58,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not -(2**63) <= self.seed < 2**63:  # what torch.manual_seed accepts
             raise DFQError(f"seed must be a 64-bit signed integer, got {self.seed}")
-        method_of_config(self.method)
+        method = self.create_method()
+        self.quant = self.quant.resolved(**method.quant_defaults())  # what the method leaves open, filled
+        method.check(self.quant)
 
     @property
     def method_name(self) -> str:
@@ -79,9 +81,9 @@ def resolve_config(preset: dict[str, Any] | None = None, overrides: dict[str, An
 
     Naming another method than the preset's starts that method's section from its defaults.
     """
-    data = migrate(_deep_copy(preset or {}))
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     chosen = overrides.pop("method.name", None) or overrides.pop("method", None)
+    data = migrate(_deep_copy(preset or {}), chosen)
     if chosen is not None and chosen != _method_name(data):
         data["method"] = {"name": chosen}
     _set_dotted(data, overrides)
@@ -102,29 +104,52 @@ def _build(data: dict[str, Any]) -> RunConfig:
     section = dict(data.get("method") or {})
     method_cls = METHODS.get(str(section.pop("name", DEFAULT_METHOD)))
     method = method_cls(from_dict(method_cls.config_cls, section, "method"))
-    quant = from_dict(QuantConfig, data.get("quant") or {}, "quant").resolved(**method.quant_defaults())
-    method.check(quant)
+    quant = from_dict(QuantConfig, data.get("quant") or {}, "quant")
     top = {k: v for k, v in data.items() if k not in ("quant", "method")}
     hints = typing.get_type_hints(RunConfig)
     top = {k: _coerce(hints[k], v, k) for k, v in top.items()}
     return RunConfig(**top, quant=quant, method=method.config)
 
 
-def migrate(data: dict[str, Any]) -> dict[str, Any]:
+def migrate(data: dict[str, Any], method: str | None = None) -> dict[str, Any]:
     """A config in the earlier flat layout (``method: NAME`` with sections ``zeroq:``, ``recon:``, ``train:``,
-    ``plugins:``, ...) in today's layout; today's layout is returned as it is."""
+    ``plugins:``, ...) in today's layout; today's layout is returned as it is. ``method`` names the method
+    when the file does not (a preset used with ``--method``).
+
+    Earlier run directories saved every section; those of other methods are dropped where they hold only
+    defaults, and are an error where they set something (they would otherwise be silently ignored).
+    """
     if isinstance(data.get("method"), dict):
         return data
-    name = data.pop("method", None) or DEFAULT_METHOD
-    section = {"name": name, **(data.pop(name, None) or {})}
-    moved = {k: data.pop(k) for k in _GAME_SECTIONS if k in data}
-    for other in METHODS:
-        data.pop(other, None)
-    if name in METHODS and "train" in {f.name for f in dataclasses.fields(METHODS.get(name).config_cls)}:
-        generator = {k: v for k, v in (moved.get("generator") or {}).items() if v is not None}  # None: the method's
-        section.update({**moved, "generator": generator} if "generator" in moved else moved)
+    name = data.pop("method", None) or method or DEFAULT_METHOD
+    section: dict[str, Any] = {"name": name, **(data.pop(name, None) or {})}
+    fields = _fields_of(name)
+    for key in (*_GAME_SECTIONS, *METHODS):
+        if key not in data:
+            continue
+        value = data.pop(key)
+        if key in fields:
+            section[key] = {k: v for k, v in value.items() if v is not None} if isinstance(value, dict) else value
+        elif not _only_defaults(key, value):
+            raise DFQError(f"config section '{key}' does not apply to method '{name}'")
     data["method"] = section
     return data
+
+
+def _fields_of(name: str) -> set[str]:
+    return {f.name for f in dataclasses.fields(METHODS.get(name).config_cls)} if name in METHODS else set()
+
+
+def _only_defaults(key: str, value: Any) -> bool:
+    """Whether a flat-layout section holds nothing but defaults (as every earlier ``config.yaml`` did)."""
+    if not value:
+        return True
+    if key in METHODS:
+        default = dataclasses.asdict(METHODS.get(key).config_cls())
+    else:
+        default = dataclasses.asdict(getattr(GameConfig(), key))
+    flat = {k: v for k, v in _plain(default).items() if not isinstance(v, dict)}
+    return isinstance(value, dict) and all(v is None or flat.get(k) == _plain(v) for k, v in value.items() if k in flat)
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
@@ -205,7 +230,8 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
             return float(value)
         if isinstance(t, type) and isinstance(value, t) and not (t is int and isinstance(value, bool)):
             return value
-    raise DFQError(f"config key '{name}' has the wrong type: got {value!r}, expected {hint}")
+    expected = " or ".join("null" if t is type(None) else getattr(t, "__name__", str(t)) for t in allowed)
+    raise DFQError(f"config key '{name}' has the wrong type: got {value!r}, expected {expected}")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from dfq.errors import DFQError, did_you_mean
 
 __all__ = ["Registry"]
 
 T = TypeVar("T")
+_REQUIRED = object()
 
 
 class Registry(Generic[T]):
@@ -41,7 +42,10 @@ class Registry(Generic[T]):
         """Decorator form of :meth:`add`."""
         return lambda entry: self.add(name, entry)
 
-    def get(self, name: str) -> T:
+    def get(self, name: str, default: Any = _REQUIRED) -> T:
+        """The entry called ``name``; a clear error if there is none (unless a ``default`` is given)."""
+        if name not in self._entries and default is not _REQUIRED:
+            return default
         if name not in self._entries:
             listing = self.hint or f"available: {', '.join(self._entries)}"
             raise DFQError(f"unknown {self.kind} '{name}'{did_you_mean(name, self._entries)}; {listing}")
@@ -51,9 +55,15 @@ class Registry(Generic[T]):
         """Registered names matching a shell-style ``pattern``, sorted."""
         return sorted(n for n in self._entries if fnmatch.fnmatch(n, pattern))
 
-    def remove(self, name: str) -> None:
-        """Unregister ``name`` (for plug-in code and tests that register temporary entries)."""
-        self._entries.pop(name, None)
+    def __getitem__(self, name: str) -> T:
+        return self.get(name)
+
+    def __setitem__(self, name: str, entry: T) -> None:
+        """Add or replace ``name`` (for plug-in code and tests that swap an entry)."""
+        self._entries[name] = entry
+
+    def __delitem__(self, name: str) -> None:
+        del self._entries[name]
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries

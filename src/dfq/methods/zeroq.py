@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,11 +37,11 @@ class ZeroQConfig:
     def __post_init__(self) -> None:
         for key in ("num_samples", "steps"):
             if getattr(self, key) < 1:
-                raise DFQError(f"zeroq: {key} must be >= 1, got {getattr(self, key)}")
+                raise DFQError(f"zeroq.{key} must be >= 1, got {getattr(self, key)}")
         if self.lr <= 0:
-            raise DFQError(f"zeroq: lr must be > 0, got {self.lr}")
+            raise DFQError(f"zeroq.lr must be > 0, got {self.lr}")
         if self.calib_batch_size < 0:
-            raise DFQError(f"zeroq: calib_batch_size must be >= 0 (0: all at once), got {self.calib_batch_size}")
+            raise DFQError(f"zeroq.calib_batch_size must be >= 0 (0: all at once), got {self.calib_batch_size}")
 
 
 @register_method
@@ -53,11 +52,10 @@ class ZeroQ(Method):
 
     def quantize(self, teacher: nn.Module, quant: QuantConfig, ctx: MethodContext) -> tuple[nn.Module, dict[str, Any]]:
         c = self.config
-        start = time.perf_counter()
         images = distill_inputs(
             teacher, ctx.input_size, c.num_samples, steps=c.steps, lr=c.lr, generator=ctx.generator,
             progress=ctx.progress,
         )  # fmt: skip
         q = quantize_model(teacher, quant)
         calibrate(q, images.split(c.calib_batch_size or len(images)))
-        return q, {"seconds": round(time.perf_counter() - start, 3)}
+        return q, {}

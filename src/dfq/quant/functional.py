@@ -94,7 +94,7 @@ def dequantize_affine(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Te
 class _FakeQuantizeSTE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, zero_point, qmin, qmax, divide):  # type: ignore[override]
-        # quantize_affine() then dequantize_affine(), in place on one buffer: the same operations, one allocation instead of six
+        # quantize_affine then dequantize_affine in place on one buffer: the same operations, one allocation, not six
         out = x / scale if divide else x * (1.0 / scale)
         return out.add_(zero_point).round_().clamp_(qmin, qmax).sub_(zero_point).mul_(scale)
 
