@@ -23,10 +23,10 @@ from collections import Counter
 from _common import ROOT, write_result
 
 TINY = {
-    "recon": {"recon.num_samples": 32, "recon.synth_batch": 32, "recon.synth_steps": 5, "recon.iters": 10,
-              "recon.batch_size": 16},
-    "adadfq": {"train.epochs": 2, "train.iters_per_epoch": 5, "train.batch_size": 16, "train.warmup_epochs": 0,
-               "train.observe_epochs": 1},
+    "recon": {"method.num_samples": 32, "method.synth_batch": 32, "method.synth_steps": 5, "method.iters": 10,
+              "method.batch_size": 16},
+    "adadfq": {"method.train.epochs": 2, "method.train.iters_per_epoch": 5, "method.train.batch_size": 16,
+               "method.train.warmup_epochs": 0, "method.train.observe_epochs": 1},
 }  # fmt: skip
 
 
@@ -35,13 +35,15 @@ def probe() -> None:
     import torch
 
     import dfq
+    from dfq.config import resolve_config
     from dfq.models import create_model
 
     torch.set_num_threads(2)
     hashes = {}
     for method, options in TINY.items():
         torch.manual_seed(0)
-        q, _ = dfq.quantize(create_model("resnet20a_cifar10"), method=method, progress=False, **options)
+        config = resolve_config(None, {"method.name": method, **options})
+        q = dfq.quantize(create_model("resnet20a_cifar10"), config.quant, config.method, progress=False).model
         h = hashlib.sha256()
         for value in q.state_dict().values():
             h.update(value.detach().contiguous().numpy().tobytes())

@@ -8,7 +8,7 @@ training use the 4-class lossless set (they are not counted in the time); the fi
 on the test set, is then evaluated on both sets. Runs whose directory already holds a summary are reused, so
 an interrupted study continues where it stopped.
 
-With `--fast` the generator-based methods run in fast mode (`dfq quantize --fast`: bfloat16 autocast), their
+With `--fast` the generator-based methods run in fast mode (`--set method.train.fast=true`: bfloat16 autocast), their
 iteration timed in fast mode too, so the same budget buys more iterations; these rows carry `"fast": true` and
 sit beside the exact ones.
 
@@ -66,8 +66,8 @@ def run_one(
             plan.parent.mkdir(parents=True, exist_ok=True)
             plan.write_text(json.dumps(fit_schedule(method, bits, budget_s, fast)))
         schedule = json.loads(plan.read_text())
-        cmd += ["--config", str(preset(method)), "--iters-per-epoch", str(schedule["iters_per_epoch"])]
-        cmd += ["--fast"] if fast else []
+        cmd += ["--config", str(preset(method)), "--set", f"method.train.iters_per_epoch={schedule['iters_per_epoch']}"]
+        cmd += ["--set", "method.train.fast=true"] if fast else []
     if (out / "summary.json").is_file():
         summary = json.loads((out / "summary.json").read_text())
     else:

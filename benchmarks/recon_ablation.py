@@ -28,10 +28,12 @@ import time
 import torch
 from _common import RESULTS, ROOT, TEST_SETS, WEIGHTS, command, top1_on, write_result
 
-import dfq.methods.recon as recon_module
+import dfq
 from dfq.config import resolve_config
 from dfq.data import open_dataset
 from dfq.data.loader import make_loader
+from dfq.generators import synthesize_pool
+from dfq.methods.recon import reconstruct
 from dfq.models import create_model
 from dfq.utils.seed import seed_everything
 
@@ -71,11 +73,12 @@ def shared_pool(n: int) -> tuple[torch.Tensor, float]:
         cached = torch.load(path)
         return cached["pool"], cached["synthesize_s"]
     p = create_model("resnet20a_cifar10", pretrained=False, weights=WEIGHTS)
-    config = resolve_config(None, {"method": "recon", "recon.num_samples": n})
+    c = resolve_config(None, {"method.name": "recon", "method.num_samples": n}).method
     seed_everything(0)
     start = time.perf_counter()
-    pool = recon_module.synthesize(p, p.dfq_info.input_size, config.recon, generator=torch.Generator().manual_seed(0),
-                                   progress=False)  # fmt: skip
+    pool = synthesize_pool(p, p.dfq_info.input_size, n, batch=c.synth_batch, steps=c.synth_steps, lr=c.synth_lr,
+                           swing=c.swing, lowpass=c.lowpass, label_weight=c.label_weight,
+                           generator=torch.Generator().manual_seed(0), progress=False)  # fmt: skip
     seconds = round(time.perf_counter() - start, 1)
     path.parent.mkdir(exist_ok=True)
     torch.save({"pool": pool, "synthesize_s": seconds}, path)
@@ -87,24 +90,20 @@ def run_variant(name: str, bits: int, shared: torch.Tensor | None = None, seed: 
     real = overrides.pop("pool", None) == "real"
     p = create_model("resnet20a_cifar10", pretrained=False, weights=WEIGHTS)
     info = p.dfq_info
-    config = resolve_config(None, {"method": "recon", "quant.wbits": bits, "quant.abits": bits,
-                                   **{k if "." in k else f"recon.{k}": v for k, v in overrides.items()}})  # fmt: skip
-    synthesize = recon_module.synthesize
-    pool = shared[: config.recon.num_samples] if shared is not None else None
+    config = resolve_config(None, {"method.name": "recon", "quant.wbits": bits, "quant.abits": bits,
+                                   **{k if "." in k else f"method.{k}": v for k, v in overrides.items()}})  # fmt: skip
+    pool = shared[: config.method.num_samples] if shared is not None else None
     if real:
         images = open_dataset(TEST_SETS["jpeg75"])
-        pool = torch.cat([x for x, _ in make_loader(images, info.mean, info.std, limit=config.recon.num_samples)])
-    if pool is not None:
-        recon_module.synthesize = lambda *args, **kwargs: pool
-    seed_everything(seed)
+        pool = torch.cat([x for x, _ in make_loader(images, info.mean, info.std, limit=config.method.num_samples)])
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    try:
-        gen = torch.Generator().manual_seed(seed)
-        q, _ = recon_module.recon(p, config.quant, config.recon, info.input_size, generator=gen, progress=False,
-                                  timings=timings)  # fmt: skip
-    finally:
-        recon_module.synthesize = synthesize
+    if pool is None:  # the method end to end: its own pool, then reconstruction
+        result = dfq.quantize(p, config.quant, config.method, seed=seed, progress=False)
+        q, timings = result.model, {k: result.summary[k] for k in ("synthesize_s", "reconstruct_s")}
+    else:  # a given pool: reconstruction alone, with the stream the method would give it
+        seed_everything(seed)
+        q = reconstruct(p, config.quant, config.method, pool, generator=torch.Generator().manual_seed(seed))
     seconds = round(time.perf_counter() - start, 1)
     top1 = top1_on(q, TEST_SETS)
     return {"variant": name, "bits": bits, "seed": seed, "overrides": VARIANTS[name], "diagnostic_real_pool": real,

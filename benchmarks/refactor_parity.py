@@ -8,8 +8,9 @@ and the machine's thread count:
 - a short AdaDFQ run (the CPU preset cut to 6 epochs x 10 iterations, past warm-up and range observation):
   Q's hash (the final weights).
 
-Each label's rows go into ``benchmarks/results/refactor_parity.json``; with both labels present the file
-says whether every pair is identical.
+The AdaDFQ config is written in dfq 0.1's flat layout, which later versions migrate on read. Each label's
+rows go into ``benchmarks/results/refactor_parity.json``; with both labels present the file says whether
+every pair is identical.
 
     git worktree add /tmp/dfq-before dec0fef
     python benchmarks/refactor_parity.py --src /tmp/dfq-before/src --label before
@@ -30,7 +31,6 @@ from pathlib import Path
 
 import torch
 import yaml
-
 from _common import LOSSLESS, RESULTS, ROOT, WEIGHTS, command, provenance
 
 ADADFQ_SHORT = {
@@ -63,8 +63,8 @@ def run_job(src: Path, name: str, args: list[str], work: Path) -> dict:
     config = work / "adadfq_short.yaml"
     config.write_text(yaml.safe_dump(ADADFQ_SHORT))
     out = work / name
-    cmd = [sys.executable, "-m", "dfq", "quantize", "resnet20a_cifar10", *[a.format(config=config) for a in args],
-           "--weights", str(WEIGHTS), "--data", str(LOSSLESS), "--out", str(out), "--json", "--no-progress"]  # fmt: skip
+    cmd = [sys.executable, "-m", "dfq", "quantize", "resnet20a_cifar10", *[a.format(config=config) for a in args]]
+    cmd += ["--weights", str(WEIGHTS), "--data", str(LOSSLESS), "--out", str(out), "--json", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(src), "MKL_CBWR": "COMPATIBLE"}
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)

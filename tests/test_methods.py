@@ -1,7 +1,7 @@
-"""The methods' losses and generators against hand-computed references (METHODS.md §1.5-§5).
+"""The methods' losses and generators against hand-computed references (the papers and their official code, docs/methods.md).
 
 Every reference below is written independently of ``dfq.methods.losses``: plain Python
-``math`` on nested lists, with explicit loops, following the formulas of METHODS.md.
+``math`` on nested lists, with explicit loops, following the papers' formulas.
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def _t(rows: list[list[float]], dtype: torch.dtype = torch.float64) -> torch.Ten
 
 
 def _relations_reference(fmap: torch.Tensor, gamma: float) -> tuple[list, list]:
-    """METHODS.md §5.2 with explicit loops: returns X_sp[b][c][n] and X_ch[b][c][n]."""
+    """ZAQ's relation maps (CVPR 2021, Eq. 5-6) with explicit loops: returns X_sp[b][c][n] and X_ch[b][c][n]."""
     b_size, c_size, h, w = fmap.shape
     n_size = h * w
     all_sp, all_ch = [], []

@@ -13,14 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from dfq.engine import TRAIN_CHECKPOINT, Engine
 from PIL import Image
 
+import dfq
 from dfq.cli import main
 from dfq.config import resolve_config
 from dfq.errors import DFQError
-from dfq.models import create_model, get_model_info
+from dfq.models import create_model
 from dfq.report import generator_samples, load_run, write_report
+from dfq.train import TRAIN_CHECKPOINT
 from dfq.utils.io import save_json, save_yaml
 
 pytestmark = pytest.mark.filterwarnings("ignore:reduction. 'mean' divides")  # GDFQ's KLDivLoss, on purpose
@@ -31,34 +32,17 @@ FP_TOP1 = 91.73
 
 
 def _train(run_dir: Path, method: str, evaluate: bool = True, epochs: int = 2) -> dict:
-    config = resolve_config(
-        None,
-        {
-            "model": MODEL,
-            "method": method,
-            "train.epochs": epochs,
-            "train.iters_per_epoch": 2,
-            "train.batch_size": 4,
-            "train.warmup_epochs": 1,
-            "train.observe_epochs": 1,
-        },
-    )
+    train = {"epochs": epochs, "iters_per_epoch": 2, "batch_size": 4, "warmup_epochs": 1, "observe_epochs": 1}
+    config = resolve_config(None, {"model": MODEL, "method.name": method,
+                                   **{f"method.train.{k}": v for k, v in train.items()}})  # fmt: skip
     torch.manual_seed(0)
-    teacher = create_model(MODEL)
-    info = get_model_info(MODEL)
     scores = iter(SCORES[method])
-    engine = Engine(
-        config,
-        teacher,
-        num_classes=info.num_classes,
-        input_size=info.input_size,
-        run_dir=run_dir,
-        evaluate=(lambda _m: {"top1": next(scores), "top5": 100.0}) if evaluate else None,
-        progress=False,
-    )
+    run_dir.mkdir(parents=True)
     save_yaml(config.to_dict(), run_dir / "config.yaml")
-    _, summary = engine.run()
-    summary.update(model=MODEL, fp_top1=FP_TOP1)
+    scorer = (lambda _m: {"top1": next(scores), "top5": 100.0}) if evaluate else None
+    result = dfq.quantize(create_model(MODEL), config.quant, config.method, run_dir=run_dir, progress=False,
+                          evaluate=scorer)  # fmt: skip
+    summary = {**result.summary, "model": MODEL, "fp_top1": FP_TOP1}
     save_json(summary, run_dir / "summary.json")
     return summary
 
@@ -72,7 +56,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     _train(dirs["zaq"], "zaq", evaluate=False, epochs=1)
     # ZeroQ: no metrics, no generator.
     dirs["zeroq"].mkdir()
-    save_yaml(resolve_config(None, {"model": MODEL}).to_dict(), dirs["zeroq"] / "config.yaml")
+    save_yaml(resolve_config(None, {"model": MODEL, "method": "zeroq"}).to_dict(), dirs["zeroq"] / "config.yaml")
     save_json(
         {"method": "zeroq", "model": MODEL, "wbits": 4, "abits": 4, "seconds": 3.5, "top1": 55.5, "fp_top1": FP_TOP1},
         dirs["zeroq"] / "summary.json",

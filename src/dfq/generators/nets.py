@@ -1,4 +1,4 @@
-"""Generator architectures of the DFQ papers (METHODS.md §1.5, §5.3).
+"""Generator architectures of the DFQ papers (GDFQ, ECCV 2020: conditional; ZAQ, CVPR 2021: unconditional).
 
 All three are ACGAN-style: Linear -> (BN) -> [Up x2 -> Conv3x3 -> BN -> LeakyReLU] x2
 -> Conv3x3 -> Tanh -> BN(3, affine=False); each "Up x2 -> Conv3x3" runs as :func:`upsample_conv`.

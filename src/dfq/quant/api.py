@@ -1,6 +1,6 @@
 """Turn a float model into a fake-quantized copy, and drive its quantizers.
 
-The papers' protocol (METHODS.md §1.4): every Conv2d/Linear gets a weight
+The papers' protocol (GDFQ, ECCV 2020, and its successors): every Conv2d/Linear gets a weight
 quantizer (first and last layer included), every ReLU/ReLU6 is followed by an
 activation quantizer, the input image is not quantized, BatchNorm stays
 unfolded.
@@ -25,17 +25,16 @@ import contextlib
 import copy
 import fnmatch
 import operator
-import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
-from dfq.errors import DFQError, UnsupportedLayerError
+from dfq.errors import DFQError
 from dfq.quant.graph import ADD_FUNCTIONS, ADD_METHODS, following_batchnorm, producer_chain, trace
 from dfq.quant.modules import QuantBatchNorm2d, QuantConv2d, QuantLinear, QuantReLU
+from dfq.quant.prepare import ACTIVATIONS, check_supported, set_submodule, split_activation_sites
 from dfq.quant.quantizer import OBSERVERS, ActMode, ActQuantizer, WeightQuantizer
 from dfq.quant.spec import Granularity, QuantSpec, check_bits
 
@@ -48,33 +47,6 @@ __all__ = [
     "quantize_model",
     "set_act_mode",
 ]
-
-_ACTIVATIONS = (nn.ReLU, nn.ReLU6)
-# Parameter-free modules that need no quantizer of their own under the papers' protocol.
-_PASSTHROUGH = (
-    nn.Identity,
-    nn.Dropout,
-    nn.Flatten,
-    nn.MaxPool2d,
-    nn.AvgPool2d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveMaxPool2d,
-    nn.Sequential,
-    nn.ModuleList,
-    nn.ModuleDict,
-)
-_BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
-_SUPPORTED = (nn.Conv2d, nn.Linear, QuantReLU, WeightQuantizer, ActQuantizer, *_ACTIVATIONS, *_BATCHNORM, *_PASSTHROUGH)
-# Known nonlinearities the protocol cannot place a quantizer after.
-_UNSUPPORTED_ACTIVATIONS = (
-    nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.Mish,
-)  # fmt: skip
-_FX_RELU_FUNCS = {F.relu: nn.ReLU, torch.relu: nn.ReLU, torch.relu_: nn.ReLU, F.relu6: nn.ReLU6}
-_FX_RELU_METHODS = {"relu": nn.ReLU, "relu_": nn.ReLU}
-_FX_UNSUPPORTED_FUNCS = {
-    F.gelu, F.silu, F.hardswish, F.leaky_relu, F.elu, torch.sigmoid, torch.tanh, F.conv1d, F.conv2d, F.conv3d, F.linear,
-}  # fmt: skip
-
 
 @dataclass
 class LayerOverride:
@@ -216,15 +188,15 @@ def quantize_model(model: nn.Module, config: QuantConfig, *, inplace: bool = Fal
     info = getattr(model, "dfq_info", None)
     config = config.resolved()
     model = model if inplace else copy.deepcopy(model)
-    model = _split_activation_sites(model)
-    _check_supported(model)
+    model = split_activation_sites(model)
+    check_supported(model)
     if config.ends_bits is not None:
         ends = end_overrides(model, config.ends_bits)
         config = replace(config, ends_bits=None, overrides=_under(ends, config.overrides))
     for name, module in list(model.named_modules()):
         replacement = _quantized_version(name, module, config)
         if replacement is not None:
-            _set_submodule(model, name, replacement)
+            set_submodule(model, name, replacement)
     if config.protocol == "deploy":
         _add_deploy_sites(model, config)
     if info is not None:
@@ -240,7 +212,7 @@ def end_overrides(model: nn.Module, bits: int) -> dict[str, LayerOverride]:
     modules = dict(model.named_modules())
     calls = [n for n in graph.nodes if n.op == "call_module"]
     layers = [n for n in calls if isinstance(modules[str(n.target)], nn.Conv2d | nn.Linear)]
-    sites = [n for n in calls if isinstance(modules[str(n.target)], _ACTIVATIONS)]
+    sites = [n for n in calls if isinstance(modules[str(n.target)], ACTIVATIONS)]
     if not layers:
         return {}
     first, last = str(layers[0].target), str(layers[-1].target)
@@ -270,7 +242,7 @@ def _site_read_by(layer: fx.Node, modules: dict[str, nn.Module]) -> str | None:
     node = layer.args[0] if layer.args else next(iter(layer.kwargs.values()), None)
     while isinstance(node, fx.Node) and node.op in ("call_module", "call_function", "call_method"):
         m = modules.get(str(node.target)) if node.op == "call_module" else None
-        if isinstance(m, _ACTIVATIONS):
+        if isinstance(m, ACTIVATIONS):
             return str(node.target)
         inputs = [n for n in node.all_input_nodes if not _is_shape(n)]
         if isinstance(m, nn.Conv2d | nn.Linear) or len(inputs) != 1:
@@ -297,7 +269,7 @@ def _quantized_version(name: str, module: nn.Module, config: QuantConfig) -> nn.
         spec = QuantSpec(wbits, config.weight_symmetric, Granularity(config.weight_granularity), deploy=deploy)
         cls = QuantConv2d if isinstance(module, nn.Conv2d) else QuantLinear
         return cls.from_float(module, _weight_quantizer(spec, module.weight, config.weight_scales == "stored"))
-    if isinstance(module, _ACTIVATIONS):
+    if isinstance(module, ACTIVATIONS):
         spec = QuantSpec(abits, config.act_symmetric, Granularity.PER_TENSOR, deploy=deploy)
         return QuantReLU.from_float(module, ActQuantizer(spec, config.act_observer, config.act_momentum))
     return None
@@ -353,7 +325,7 @@ def _prepare_integer_layer(
         name, bn = str(follower[0].target), follower[1]
         if not isinstance(bn, QuantBatchNorm2d):
             bn = modules[name] = QuantBatchNorm2d.from_float(bn)
-            _set_submodule(model, name, bn)
+            set_submodule(model, name, bn)
         bn.set_conv(layer)
     layer.set_input_site(site, bn_follows=follower is not None)
 
@@ -370,7 +342,7 @@ def _quantize_residual_input(model: nn.Module, source: fx.Node, modules: dict, c
     bn = modules[name]
     if type(bn) is nn.BatchNorm2d:
         modules[name] = QuantBatchNorm2d.from_float(bn, _deploy_act_quantizer(config.bits_for(name)[1], config))
-        _set_submodule(model, name, modules[name])
+        set_submodule(model, name, modules[name])
 
 
 def _site(node: fx.Node, modules: dict) -> ActQuantizer | None:
@@ -381,118 +353,6 @@ def _site(node: fx.Node, modules: dict) -> ActQuantizer | None:
     if isinstance(m, QuantBatchNorm2d):
         return m.output_quantizer
     return m if isinstance(m, ActQuantizer) else None
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
-
-
-def _check_supported(model: nn.Module) -> None:
-    bad = []
-    for name, m in model.named_modules():
-        if isinstance(m, (_SUPPORTED, fx.GraphModule)):
-            continue
-        has_own_params = any(True for _ in m.parameters(recurse=False))
-        if has_own_params or isinstance(m, _UNSUPPORTED_ACTIVATIONS) or _is_unsupported_leaf(m):
-            bad.append(f"{name or '<root>'} ({type(m).__name__})")
-    if bad:
-        raise UnsupportedLayerError(
-            f"cannot quantize {len(bad)} layer(s): {', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}; "
-            "supported: Conv2d, Linear, BatchNorm, ReLU, ReLU6 and parameter-free pooling/reshaping"
-        )
-
-
-def _is_unsupported_leaf(m: nn.Module) -> bool:
-    """torch.nn layers outside the supported set (a user's own parameter-free modules are fine)."""
-    return type(m).__module__.startswith("torch.nn") and not any(True for _ in m.children())
-
-
-class _ShallowTracer(fx.Tracer):
-    """Traces one module's own ``forward``: every submodule is a leaf."""
-
-    def __init__(self, root: nn.Module) -> None:
-        super().__init__()
-        self._root = root
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return m is not self._root
-
-
-def _split_activation_sites(model: nn.Module) -> nn.Module:
-    """Give every ReLU/ReLU6 application its own module, rewriting with torch.fx where needed.
-
-    Each module's own ``forward`` is traced separately, children before parents,
-    and only modules that apply an activation functionally or call one ReLU
-    module twice are replaced (by a GraphModule with the same submodule names).
-    Every other module keeps its class, so names and forward hooks still work.
-    """
-    for name, module in reversed(list(model.named_modules())):  # descendants before ancestors
-        if type(module).__module__.startswith("torch.nn") and not any(True for _ in module.children()):
-            continue  # built-in leaf layers call no activation of their own
-        new = _split_local(module, name)
-        if new is module:
-            continue
-        if name:
-            _set_submodule(model, name, new)
-        else:
-            model = new
-    return model
-
-
-def _split_local(module: nn.Module, name: str) -> nn.Module:
-    where = name or type(module).__name__
-    try:
-        graph = _ShallowTracer(module).trace(module)
-    except Exception as e:  # tracing fails on data-dependent control flow
-        warnings.warn(
-            f"torch.fx could not trace {where} ({type(e).__name__}); only ReLU/ReLU6 *modules* in it get "
-            "activation quantizers, functional activations in its forward() stay in float",
-            stacklevel=4,
-        )
-        return module
-    gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
-    bad = [f"{n.name} ({getattr(n.target, '__name__', n.target)})" for n in graph.nodes if _fx_unsupported(n)]
-    if bad:
-        raise UnsupportedLayerError(f"cannot quantize functional call(s) in {where}.forward(): {', '.join(bad)}")
-    seen: set[str] = set()
-    rewrites = []
-    for node in graph.nodes:
-        act = _fx_activation(gm, node)
-        if act is None:
-            continue
-        if node.op == "call_module" and node.target not in seen:
-            seen.add(node.target)
-            continue
-        rewrites.append((node, act))
-    if not rewrites:
-        return module
-    for node, act in rewrites:
-        child = f"{node.name}_act"
-        gm.add_submodule(child, act())
-        with graph.inserting_after(node):
-            new = graph.call_module(child, args=(node.args[0],))
-        node.replace_all_uses_with(new)
-        graph.erase_node(node)
-    graph.lint()
-    gm.recompile()
-    return gm
-
-
-def _fx_activation(gm: fx.GraphModule, node: fx.Node) -> type[nn.Module] | None:
-    if node.op == "call_function" and node.target in _FX_RELU_FUNCS:
-        return _FX_RELU_FUNCS[node.target]
-    if node.op == "call_method" and node.target in _FX_RELU_METHODS:
-        return _FX_RELU_METHODS[node.target]
-    if node.op == "call_module" and isinstance(gm.get_submodule(str(node.target)), _ACTIVATIONS):
-        return type(gm.get_submodule(str(node.target)))
-    return None
-
-
-def _fx_unsupported(node: fx.Node) -> bool:
-    if node.op == "call_function":
-        return node.target in _FX_UNSUPPORTED_FUNCS or node.target in (operator.matmul, torch.matmul)
-    return False
 
 
 def weight_quantizers(model: nn.Module) -> Iterator[tuple[nn.Module, WeightQuantizer]]:

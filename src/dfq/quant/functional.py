@@ -7,7 +7,7 @@ as in the papers' formula: at exact ties (``x / scale`` ending in .5) with an od
 zero point this picks the neighbour that the papers pick, where PyTorch and ONNX
 (which round first) pick the other one. Everywhere else the results are equal.
 
-The DFQ papers' asymmetric quantizer (METHODS.md §1.4) writes the same grid
+The DFQ papers' asymmetric quantizer (GDFQ's official code and its successors) writes the same grid
 with an inverse step ``s = (2^k - 1) / (hi - lo)`` and a signed integer range;
 :func:`choose_qparams` returns the equivalent (scale, zero_point) on the unsigned
 grid ``[0, 2^k - 1]``, and the gradient is the papers' plain straight-through

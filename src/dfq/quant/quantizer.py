@@ -166,7 +166,7 @@ class ActMode(IntEnum):
 # - "ema": exponential moving average of batch min/max with Adam-style bias
 #   correction (the corrected value is derived, the raw average is stored).
 # - "paper": the DFQ papers' update, which stores the bias-corrected value and
-#   corrects it again at every step (inflates ranges ~4000x early on; METHODS.md §1.4).
+#   corrects it again at every step (inflates ranges ~4000x early on; docs/methods.md, the shared protocol).
 # - "minmax": all-time running min/max (ZAQ).
 OBSERVERS = ("ema", "paper", "minmax")
 

@@ -14,7 +14,7 @@ from typing import Any
 from dfq.errors import DFQError
 from dfq.report.runs import Run, h_band
 
-# What the logged components are (METHODS.md); unknown keys are shown by name only.
+# What the logged components are (docs/methods.md); unknown keys are shown by name only.
 _COMPONENTS = {
     "g_loss": "G: total",
     "g_bg": "G: balance gap L_BG",

@@ -1,8 +1,7 @@
-"""Command-line interface: a thin layer over :mod:`dfq.api`.
+"""The commands of ``dfq``: each reads its parsed arguments, calls the Python API and reports.
 
-Every command that reports numbers accepts ``--json`` and then prints one JSON
-object as the last line of standard output. Errors a user can cause print one
-line on stderr and exit with code 2 (``--debug`` shows the traceback).
+Every command that reports numbers accepts ``--json`` and then prints one JSON object as the last
+line of standard output.
 """
 
 from __future__ import annotations
@@ -14,8 +13,6 @@ import re
 import subprocess
 import sys
 import time
-import traceback
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,164 +21,6 @@ from torch import nn
 
 import dfq
 from dfq.errors import DFQError
-from dfq.train import RunInterrupted
-
-EXIT_USER_ERROR = 2
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = _build_parser()
-    args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc re-runs under torchrun
-    try:
-        return int(args.func(args) or 0)
-    except RunInterrupted as e:
-        print(f"dfq: {e}", file=sys.stderr)
-        return e.exit_code
-    except DFQError as e:
-        if args.debug:
-            traceback.print_exc()
-        print(f"dfq: error: {e}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt:
-        print("dfq: interrupted", file=sys.stderr)
-        return 130
-    except (MemoryError, torch.OutOfMemoryError) as e:
-        if args.debug:
-            traceback.print_exc()
-        print(
-            f"dfq: error: out of memory ({type(e).__name__}); lower --batch-size or --eval-batch-size", file=sys.stderr
-        )
-        return EXIT_USER_ERROR
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse exits with 2 on usage errors already; keep its message to one line."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(EXIT_USER_ERROR, f"dfq: error: {message} (see `{self.prog} --help`)\n")
-
-
-def _build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
-    common.add_argument("--debug", action="store_true", help="show tracebacks of errors")
-    common.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-    parser = _Parser(prog="dfq", description="Data-free quantization of neural networks.")
-    parser.add_argument("--version", action="version", version=f"dfq {dfq.__version__}")
-    parser.set_defaults(debug=False)
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    p = sub.add_parser("methods", parents=[common], help="list the data-free methods")
-    p.set_defaults(func=_cmd_methods)
-
-    p = sub.add_parser("models", parents=[common], help="list the model zoo")
-    p.add_argument("pattern", nargs="?", default="*", help="shell-style filter, e.g. 'resnet*'")
-    p.set_defaults(func=_cmd_models)
-
-    p = sub.add_parser("eval", parents=[common], help="evaluate a float model or a quantized run on real data")
-    p.add_argument(
-        "target", help="a model name from `dfq models`, a run directory from `dfq quantize`, or an exported .onnx"
-    )
-    p.add_argument("--data", required=True, help="test set: .npz, CIFAR archive/folder or ImageNet class folder")
-    p.add_argument("--weights", help="float checkpoint for a model name (default: the published weights)")
-    _add_data_args(p)
-    p.set_defaults(func=_cmd_eval)
-
-    p = sub.add_parser("quantize", parents=[common], help="quantize a model without training data")
-    p.add_argument("model", help="model name from `dfq models`")
-    p.add_argument("--method", help="data-free method (default: recon; `dfq methods` lists them)")
-    p.add_argument("--wbits", type=int, help="weight bit-width, 2-8 (default 4)")
-    p.add_argument("--abits", type=int, help="activation bit-width, 2-8 (default 4)")
-    p.add_argument("--weights", help="float checkpoint (default: the published weights)")
-    p.add_argument("--config", help="YAML preset; command-line values override it")
-    p.add_argument("--out", required=True, help="run directory to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    p.add_argument("--seed", type=int, help="seed of every random stream (default 0)")
-    p.add_argument("--data", help="real test set, used only to report accuracy")
-    p.add_argument(
-        "--protocol",
-        choices=["paper", "deploy"],
-        help="paper: the DFQ papers' fake quantization (default); deploy: what integer runtimes run (exportable)",
-    )
-    p.add_argument(
-        "--set",
-        dest="settings",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any config key, e.g. method.train.epochs=10, method.iters=200, quant.act_observer=minmax "
-        "(repeatable; docs/configuration.md lists them)",
-    )
-    p.add_argument("--device", default="auto", help="generator-based methods: cpu, cuda or auto (CUDA when available)")
-    p.add_argument(
-        "--nproc",
-        type=int,
-        help="generator-based methods: run data-parallel on N local processes (torchrun --standalone "
-        "--nproc_per_node N): one per GPU, or gloo processes on the CPU",
-    )
-    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
-    p.add_argument(
-        "--override",
-        action="append",
-        default=[],
-        metavar="PATTERN=WxAy",
-        help="per-layer bits by name pattern, e.g. conv1=W8 or 'linear=W8A8' (repeatable)",
-    )
-    p.add_argument(
-        "--ends-bits",
-        type=int,
-        metavar="B",
-        help="keep the first and last layers (weights and the activations next to them) at B bits, as "
-        "BRECQ/QDrop/Genie do; not the DFQ papers' protocol (quant.ends_bits)",
-    )
-    _add_data_args(p, batch_flag="--eval-batch-size")
-    p.set_defaults(func=_cmd_quantize)
-
-    p = sub.add_parser("synthesize", parents=[common], help="synthetic calibration images for other toolchains")
-    p.add_argument("model", help="model name from `dfq models`")
-    p.add_argument("--weights", help="float checkpoint (default: the published weights)")
-    p.add_argument("--num", type=int, default=256, help="number of images (default 256)")
-    p.add_argument("--out", required=True, help=".npz (images, mean, std) or .npy file to write")
-    p.add_argument("--synthesizer", choices=["recon", "zeroq"], default="recon", help="how images are made")
-    p.add_argument("--steps", type=int, help="optimisation steps (default: 150 per batch for recon, 500 for zeroq)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthesis")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
-    p.set_defaults(func=_cmd_synthesize)
-
-    p = sub.add_parser("export", parents=[common], help="export a deploy-protocol run (or a float model) to ONNX")
-    p.add_argument("target", help="a run directory from `dfq quantize --protocol deploy`, or a model name (float)")
-    p.add_argument("--format", choices=["onnx"], default="onnx", help="export format")
-    p.add_argument("--out", required=True, help="file to write, e.g. model.onnx")
-    p.add_argument("--weights", help="float checkpoint for a model name (default: the published weights)")
-    p.add_argument("--verify", action="store_true", help="compare PyTorch and ONNX Runtime layer by layer")
-    p.add_argument("--data", help="--verify on these real images (default: 256 random inputs)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing file")
-    _add_data_args(p, batch_flag="--eval-batch-size")
-    p.set_defaults(func=_cmd_export)
-
-    p = sub.add_parser("report", parents=[common], help="plots and a comparison table of run directories")
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories from `dfq quantize`")
-    p.add_argument("--out", required=True, help="directory for report.md, report.html and the PNG plots")
-    p.set_defaults(func=_cmd_report)
-
-    p = sub.add_parser("bench", parents=[common], help="time the training iteration against its lower bound")
-    p.add_argument("model", help="model name from `dfq models` (random weights: timings do not depend on them)")
-    p.add_argument("--method", required=True, help="generator-based method")
-    p.add_argument("--batch-size", type=int, required=True, help="generated images per iteration")
-    p.add_argument("--iters", type=int, default=30, help="timed iterations after the warm-up")
-    p.add_argument("--warmup", type=int, default=5, help="untimed iterations first")
-    p.add_argument("--bits", type=int, default=4, help="weight and activation bit-width")
-    p.add_argument("--fast", action="store_true", help="time the fast mode (bfloat16 autocast, channels-last)")
-    p.set_defaults(func=_cmd_bench)
-    return parser
-
-
-def _add_data_args(p: argparse.ArgumentParser, batch_flag: str = "--batch-size") -> None:
-    p.add_argument(batch_flag, dest="eval_batch_size", type=int, default=500, help="evaluation batch size")
-    p.add_argument("--workers", type=int, default=0, help="data loader worker processes (image folders)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N images")
 
 
 def _emit(args: argparse.Namespace, human: str, payload: dict[str, Any]) -> None:
@@ -190,7 +29,7 @@ def _emit(args: argparse.Namespace, human: str, payload: dict[str, Any]) -> None
         print(json.dumps(payload, sort_keys=True))
 
 
-def _cmd_models(args: argparse.Namespace) -> int:
+def cmd_models(args: argparse.Namespace) -> int:
     from dfq.models import get_model_info, list_models
 
     names = list_models(args.pattern)
@@ -211,7 +50,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_methods(args: argparse.Namespace) -> int:
+def cmd_methods(args: argparse.Namespace) -> int:
     from dfq.methods import method_class
 
     rows = [{"name": n, "description": method_class(n).description} for n in dfq.list_methods()]
@@ -247,7 +86,7 @@ def _make_evaluator(args: argparse.Namespace, info: Any):
     return run_eval, dataset
 
 
-def _cmd_eval(args: argparse.Namespace) -> int:
+def cmd_eval(args: argparse.Namespace) -> int:
     from dfq.checkpoint import load_quantized
     from dfq.models import create_model
 
@@ -305,7 +144,7 @@ def _load_onnx(path: Path) -> tuple[nn.Module, str, dict[str, Any]]:
     return model, f"{meta['model']} (ONNX Runtime)", {**bits, "runtime": "onnxruntime"}
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
+def cmd_export(args: argparse.Namespace) -> int:
     from dfq.export.api import export, load_target
 
     out = Path(args.out)
@@ -360,7 +199,7 @@ def _parse_overrides(items: list[str]) -> dict[str, dict[str, int]]:
     return out
 
 
-def _cmd_quantize(args: argparse.Namespace) -> int:
+def cmd_quantize(args: argparse.Namespace) -> int:
     from dfq.api import load_run_config
     from dfq.config import load_yaml, parse_set, resolve_config
     from dfq.models import get_model_info
@@ -435,7 +274,7 @@ def _finish_quantize(args: argparse.Namespace, config: Any, get_model_info: Any)
     return 0
 
 
-def _cmd_synthesize(args: argparse.Namespace) -> int:
+def cmd_synthesize(args: argparse.Namespace) -> int:
     from dfq.deploy import save_pool
     from dfq.models import create_model
 
@@ -458,7 +297,7 @@ def _cmd_synthesize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_report(args: argparse.Namespace) -> int:
+def cmd_report(args: argparse.Namespace) -> int:
     from dfq.report import write_report
 
     result = write_report(args.runs, args.out)
@@ -468,7 +307,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_bench(args: argparse.Namespace) -> int:
+def cmd_bench(args: argparse.Namespace) -> int:
     from dfq.bench import bench
 
     for flag in ("batch_size", "iters"):
@@ -495,7 +334,3 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     )
     _emit(args, human, r)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
