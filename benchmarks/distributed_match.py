@@ -4,7 +4,7 @@ Three whole runs of the same configuration (the CPU preset with a shorter schedu
 all drawing the same global batch (2 noise shards):
 
 - ``torchrun``: ``torchrun --standalone --nproc_per_node 2 -m dfq quantize ...`` (1 thread per process);
-- ``single``: ``dfq quantize ... --shards 2`` in one process (1 thread);
+- ``single``: ``dfq quantize ... --set method.train.shards=2`` in one process (1 thread);
 - ``single_2_threads``: the same with 2 threads, which changes nothing but the order of some float sums.
 
 It records final top-1 on both test sets, each epoch's logged losses and the largest parameter difference of
@@ -42,7 +42,7 @@ NOISE = ("conv1.bias", "conv2.bias", "bn1.running_mean", "bn2.running_mean")  # 
 def _config(epochs: int, iters: int, warmup: int, observe: int) -> dict:
     """The CPU preset with this schedule (learning-rate milestones at the same fractions of the run)."""
     config = yaml.safe_load(PRESET.read_text())
-    t = config["train"]
+    t = config["method"]["train"]
     milestones = [round(m * epochs / t["epochs"]) for m in t["q_milestones"]]
     t.update(epochs=epochs, iters_per_epoch=iters, warmup_epochs=warmup, observe_epochs=observe, eval_every=1)
     t.update(q_milestones=milestones, g_milestones=milestones, shards=2)
@@ -100,27 +100,32 @@ def _compare_runs(run: Path, reference: Path) -> dict:
 
 
 # -------------------------------------------------------------------------------------------- replay
-def _engine(config: dict, dist=None):
+def _trainer(config: dict, dist=None):
     from dfq.config import resolve_config
-    from dfq.engine import Engine
     from dfq.models import create_model
+    from dfq.train import Trainer
 
     p = create_model("resnet20a_cifar10", weights=str(WEIGHTS))
-    torch.manual_seed(0)
-    return Engine(resolve_config(config), p, num_classes=10, input_size=(3, 32, 32), progress=False, dist=dist)
+    run = resolve_config(config)
+    torch.manual_seed(0)  # G's and Q's initial weights, alike on every rank
+    return Trainer(run.create_method(), p, run.quant, num_classes=10, input_size=(3, 32, 32), seed=run.seed,
+                   progress=False, dist=dist)  # fmt: skip
 
 
-def _result(engine, logs: dict) -> dict:
+def _result(trainer, logs: dict) -> dict:
+    game = trainer.game
+    if trainer.dist.active:  # the global batch's logged values
+        logs = dict(zip(logs, trainer.dist.mean(torch.stack([v.float() for v in logs.values()])), strict=True))
     return {
         "logs": {k: float(v) for k, v in logs.items()},
         "grads": {
             f"{n}.{k}": p.grad.clone()
-            for n, m in (("G", engine.generator), ("Q", engine.student))
+            for n, m in (("G", game.generator), ("Q", game.student))
             for k, p in m.named_parameters()
             if p.grad is not None
         },
-        "Q": {k: v.clone() for k, v in engine.student.state_dict().items()},
-        "G": {k: v.clone() for k, v in engine.generator.state_dict().items()},
+        "Q": {k: v.clone() for k, v in game.student.state_dict().items()},
+        "G": {k: v.clone() for k, v in game.generator.state_dict().items()},
     }
 
 
@@ -132,17 +137,18 @@ def _replay_rank(rank: int, port: int, config: dict, out: Path) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        engine, steps = _engine(config, DistContext.current()), []
-        iteration = engine._iteration
+        trainer, steps = _trainer(config, DistContext.current()), []
+        method = trainer.game.method
+        iteration = method.iteration
 
-        def recording(train_q: bool):
-            before = engine._snapshot()
-            logs = iteration(train_q)
-            steps.append({"before": before, "train_q": train_q, **_result(engine, engine._mean_over_ranks(logs))})
+        def recording(game, train_q: bool):  # the method's iteration, wrapped
+            before = trainer.snapshot()
+            logs = iteration(game, train_q)
+            steps.append({"before": before, "train_q": train_q, **_result(trainer, logs)})
             return logs
 
-        engine._iteration = recording
-        engine.run()
+        method.iteration = recording
+        trainer.run()
         if rank == 0:
             torch.save(steps, out / "replay_steps.pt")
     finally:
@@ -168,9 +174,9 @@ def replay(config: dict, out: Path) -> list[dict]:
     torch.set_num_threads(1)
     rows = []
     for i, step in enumerate(torch.load(out / "replay_steps.pt", weights_only=False)):
-        engine = _engine(config)
-        engine._restore(step["before"])
-        ref = _result(engine, engine._iteration(step["train_q"]))
+        trainer = _trainer(config)
+        trainer.restore(step["before"])
+        ref = _result(trainer, trainer.game.iteration(step["train_q"]))
         logs = max(abs(step["logs"][k] - v) / max(abs(v), 1e-3) for k, v in ref["logs"].items())
         # Without the biases just before a training-mode BatchNorm (and that BatchNorm's running mean): their
         # gradient is 0 in exact arithmetic, so what is computed is rounding, which Adam turns into steps of up

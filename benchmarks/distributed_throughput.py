@@ -36,22 +36,22 @@ MODELS = ("resnet18", "resnet50", "mobilenetv2")
 
 
 # ------------------------------------------------------------------------------------- in one process
-def _engine(model: str, method: str, batch: int | None, device: str, fast: bool, input_size: int | None = None):
+def _game(model: str, method: str, batch: int | None, device: str, fast: bool, input_size: int | None = None):
     from dfq.config import load_yaml, resolve_config
     from dfq.distributed import DistContext
-    from dfq.engine import Engine
     from dfq.models import create_model
+    from dfq.train import Game
 
     preset = ROOT / "configs" / method / f"imagenet_{model}_w4a4.yaml"
-    overrides = {"method": method, "model": model, "train.batch_size": batch, "train.fast": fast or None}
+    overrides = {"method.name": method, "model": model, "method.train.batch_size": batch,
+                 "method.train.fast": fast or None}  # fmt: skip
     config = resolve_config(load_yaml(preset) if preset.is_file() else {}, overrides)
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # P's random weights, then G's and Q's initial ones
     p = create_model(model)
     info = p.dfq_info
     size = (3, input_size, input_size) if input_size else info.input_size
-    return Engine(
-        config, p, num_classes=info.num_classes, input_size=size, progress=False, dist=DistContext.current(device)
-    )
+    return Game(config.create_method(), p, config.quant, num_classes=info.num_classes, input_size=size,
+                seed=config.seed, dist=DistContext.current(device))  # fmt: skip
 
 
 def _timed(fn, iters: int, warmup: int, device: torch.device) -> list[float]:
@@ -79,11 +79,11 @@ def worker_model(args: argparse.Namespace) -> dict:
     """One model x method: a warm-up iteration and a Q-training iteration, timed."""
     from dfq.quant import ActMode, set_act_mode
 
-    e = _engine(args.model, args.method, args.batch, args.device, args.fast, args.input_size)
-    e._iteration(False)  # observes the ranges once, as the first iteration of a run does
+    e = _game(args.model, args.method, args.batch, args.device, args.fast, args.input_size)
+    e.iteration(False)  # observes the ranges once, as the first iteration of a run does
     set_act_mode(e.student, ActMode.FROZEN)
-    warm = _timed(lambda: e._iteration(False), args.iters, args.warmup, e.device)
-    train = _timed(lambda: e._iteration(True), args.iters, args.warmup, e.device)
+    warm = _timed(lambda: e.iteration(False), args.iters, args.warmup, e.device)
+    train = _timed(lambda: e.iteration(True), args.iters, args.warmup, e.device)
     t = e.train
     warm_ms, train_ms = statistics.median(warm), statistics.median(train)
     warm_iters, total_iters = t.warmup_epochs * t.iters_per_epoch, t.epochs * t.iters_per_epoch
@@ -114,10 +114,10 @@ def worker_scaling(args: argparse.Namespace) -> dict | None:
     from dfq.quant import ActMode, set_act_mode
 
     with process_group(args.device) as ctx:
-        e = _engine("resnet20a_cifar10", args.method, args.batch, str(ctx.device), args.fast)
-        e._iteration(False)
+        e = _game("resnet20a_cifar10", args.method, args.batch, str(ctx.device), args.fast)
+        e.iteration(False)
         set_act_mode(e.student, ActMode.FROZEN)
-        times = _timed(lambda: e._iteration(True), args.iters, args.warmup, e.device)
+        times = _timed(lambda: e.iteration(True), args.iters, args.warmup, e.device)
         peaks = ctx.gather_objects(_peak_mib(e.device))
     if not ctx.main:
         return None

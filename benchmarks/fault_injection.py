@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 
 PRESET = """\
-method: adadfq
 seed: 11
-train: {epochs: 6, iters_per_epoch: 5, batch_size: 4, warmup_epochs: 1, observe_epochs: 1,
-        checkpoint_every_iters: 1}
+method:
+  name: adadfq
+  train: {epochs: 6, iters_per_epoch: 5, batch_size: 4, warmup_epochs: 1, observe_epochs: 1,
+          checkpoint_every_iters: 1}
 """
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TOTAL_ITERS = 6 * 5
@@ -84,9 +85,8 @@ def kill_and_resume(weights: Path, config: Path, out: Path, kills: int, seed: in
 
 def sigterm_latency(weights: Path, config: Path, out: Path) -> dict:
     cmd = _cmd(weights, config, out, False)
-    proc = subprocess.Popen(
-        [*cmd, "--epochs", "200"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
+    cmd += ["--set", "method.train.epochs=200"]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     while not (out / "checkpoint.pt").exists():
         time.sleep(0.1)
     time.sleep(1.0)
@@ -103,30 +103,19 @@ def sigterm_latency(weights: Path, config: Path, out: Path) -> dict:
 
 def nan_rollbacks() -> dict:
     from dfq.config import resolve_config
-    from dfq.engine import Engine
     from dfq.errors import DFQError
     from dfq.models import create_model
+    from dfq.train import Trainer
 
-    def engine(calls_with_nan: set[int]) -> Engine:
+    def trainer(calls_with_nan: set[int]) -> Trainer:
+        schedule = {"epochs": 3, "iters_per_epoch": 4, "batch_size": 4, "warmup_epochs": 1, "observe_epochs": 1}
+        overrides = {"method.name": "adadfq", **{f"method.train.{k}": v for k, v in schedule.items()}}
+        config = resolve_config(None, overrides)
         torch.manual_seed(0)
-        config = resolve_config(
-            None,
-            {
-                **{
-                    f"train.{k}": v
-                    for k, v in {
-                        "epochs": 3,
-                        "iters_per_epoch": 4,
-                        "batch_size": 4,
-                        "warmup_epochs": 1,
-                        "observe_epochs": 1,
-                    }.items()
-                },
-                "method": "adadfq",
-            },
-        )
-        e = Engine(config, create_model("resnet20a_cifar10"), num_classes=10, input_size=(3, 32, 32), progress=False)
-        original, count = e.method.generator_loss, {"n": 0}
+        t = Trainer(config.create_method(), create_model("resnet20a_cifar10"), config.quant, num_classes=10,
+                    input_size=(3, 32, 32), seed=config.seed, progress=False)  # fmt: skip
+        method, count = t.game.method, {"n": 0}
+        original = method.generator_loss
 
         def loss(out):
             count["n"] += 1
@@ -135,18 +124,19 @@ def nan_rollbacks() -> dict:
                 losses["loss"] = losses["loss"] * float("nan")
             return losses
 
-        e.method.generator_loss = loss
-        return e
+        method.generator_loss = loss
+        return t
 
-    transient = engine({7})
+    transient = trainer({7})
     _, summary = transient.run()
-    persistent = engine(set(range(6, 10_000)))
+    persistent = trainer(set(range(6, 10_000)))
     try:
         persistent.run()
         stopped = False
     except DFQError:
         stopped = True
-    finite = all(torch.isfinite(t).all() for t in transient.student.state_dict().values() if t.is_floating_point())
+    q = transient.game.student
+    finite = all(torch.isfinite(t).all() for t in q.state_dict().values() if t.is_floating_point())
     return {
         "transient_nan_rollbacks": summary["rollbacks"],
         "transient_run_finished_finite": bool(finite),

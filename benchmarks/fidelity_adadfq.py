@@ -37,7 +37,7 @@ import yaml
 from _common import RESULTS, TEST_SETS, cli_top1, top1_on, write_result
 
 from dfq.checkpoint import load_quantized
-from dfq.engine import read_train_checkpoint
+from dfq.train import read_train_checkpoint
 
 OFFICIAL = {  # final top-1 after 30 minutes of the official code; and after the 4 range-calibration epochs
     4: {"lossless": 94.18, "jpeg75": 79.08, "after_calibration": {"lossless": 92.53, "jpeg75": 75.59}},

@@ -28,23 +28,23 @@ def measure(method: str, batch: int, iters: int, warmup: int, threads: int, wbit
     import torch
 
     from dfq.config import resolve_config
-    from dfq.engine import Engine
     from dfq.models import create_model
     from dfq.quant import calibrate
+    from dfq.train import Game
+    from dfq.utils.seed import seed_everything
 
     torch.set_num_threads(threads)
-    teacher = create_model("resnet20a_cifar10")
     # Random weights: a tiny Q learning rate keeps Q finite; a step costs the same at any learning rate.
-    config = resolve_config(
-        None,
-        {"method": method, "train.batch_size": batch, "train.q_lr": 1e-9, "quant.wbits": wbits, "quant.abits": wbits},
-    )
-    engine = Engine(config, teacher, num_classes=10, input_size=(3, 32, 32), progress=False)
-    calibrate(engine.student, [torch.randn(batch, 3, 32, 32)])  # steady state: frozen ranges
+    config = resolve_config(None, {"method.name": method, "method.train.batch_size": batch, "method.train.q_lr": 1e-9,
+                                   "quant.wbits": wbits, "quant.abits": wbits})  # fmt: skip
+    seed_everything(config.seed)
+    game = Game(config.create_method(), create_model("resnet20a_cifar10"), config.quant, num_classes=10,
+                input_size=(3, 32, 32), seed=config.seed)  # fmt: skip
+    calibrate(game.student, [torch.randn(batch, 3, 32, 32)])  # steady state: frozen ranges
     times = []
     for i in range(warmup + iters):
         start = time.perf_counter()
-        engine._iteration(train_q=True)
+        game.iteration(train_q=True)
         if i >= warmup:
             times.append((time.perf_counter() - start) * 1e3)
     return {

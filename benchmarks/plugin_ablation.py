@@ -35,13 +35,13 @@ VARIANTS = {
 def run_variant(name: str, method: str, bits: int, root: Path, schedule: dict) -> dict:
     out = root / f"{method}-w{bits}a{bits}-{name}"
     config = yaml.safe_load((ROOT / preset(method)).read_text())
-    config["plugins"] = VARIANTS[name]
+    config["method"]["plugins"] = VARIANTS[name]
     config_path = root / f"{out.name}.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     cmd = ["quantize", "resnet20a_cifar10", "--method", method, "--wbits", str(bits), "--abits", str(bits),
-           "--weights", str(WEIGHTS), "--config", str(config_path), "--iters-per-epoch",
-           str(schedule["iters_per_epoch"]), "--eval-every", "1000", "--data", str(LOSSLESS),
-           "--out", str(out)]  # fmt: skip
+           "--weights", str(WEIGHTS), "--config", str(config_path), "--set",
+           f"method.train.iters_per_epoch={schedule['iters_per_epoch']}", "--set", "method.train.eval_every=1000",
+           "--data", str(LOSSLESS), "--out", str(out)]  # fmt: skip
     if (out / "summary.json").is_file():
         summary = json.loads((out / "summary.json").read_text())
     else:

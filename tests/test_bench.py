@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from dfq import cli
-from dfq.bench import _PlainBNS, _WeightFQ
+from dfq.bench import PlainBNS, WeightFQ
 from dfq.generators import BNStatsLoss
 from dfq.quant import Granularity, QuantSpec, WeightQuantizer
 
@@ -51,7 +51,7 @@ def test_lower_bound_does_the_same_quantization_and_bns_math():
     """The plain bound's built-in fake quantization and var_mean BNS compute what dfq's modules compute."""
     w = torch.randn(8, 3, 3, 3, generator=torch.Generator().manual_seed(0))
     dfq_w = WeightQuantizer(QuantSpec(4, False, Granularity.PER_CHANNEL))(w)
-    torch.testing.assert_close(_WeightFQ(4)(w), dfq_w, rtol=0, atol=1e-6)
+    torch.testing.assert_close(WeightFQ(4)(w), dfq_w, rtol=0, atol=1e-6)
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
     model.eval()
@@ -62,6 +62,6 @@ def test_lower_bound_does_the_same_quantization_and_bns_math():
     with BNStatsLoss(model) as bns:
         model(x)
         expected = bns.loss()
-    plain = _PlainBNS(model)
+    plain = PlainBNS(model)
     model(x)
     torch.testing.assert_close(plain.loss(), expected)

@@ -1,8 +1,8 @@
-"""Data-parallel runs: 2 gloo processes × B/2 give what 1 process × B gives (METHODS.md §1.7 on the global batch).
+"""Data-parallel runs: 2 gloo processes × B/2 give what 1 process × B gives (docs/methods.md on the global batch).
 
-One module-scoped fixture starts two processes once; each runs every case below on the tiny
-teacher of ``test_engine`` and saves what it saw. The tests compare those records with the same
-runs done in this process with the same global batch (``train.shards = 2``).
+One module-scoped fixture starts two processes once; each runs every case below on the tiny classifier of
+:mod:`dfq.testing` and saves what it saw. The tests compare those records with the same runs done in this
+process with the same global batch (``train.shards = 2``).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -23,14 +24,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
 from conftest import CIFAR10_4CLASS, RESNET20_WEIGHTS, require_shared
-from dfq.engine import Engine, RunInterrupted, read_train_checkpoint
-from test_engine import INPUT, make_config, make_teacher
 from torch import nn
-from tqdm.auto import tqdm
 
-from dfq.api import _quantize
 from dfq.cli import main as cli_main
-from dfq.config import resolve_config
 from dfq.distributed import (
     DistContext,
     GlobalBNStatsLoss,
@@ -41,9 +37,10 @@ from dfq.distributed import (
 )
 from dfq.errors import DFQError
 from dfq.generators import BNStatsLoss, CifarGenerator
+from dfq.methods import create_method
 from dfq.quant import QuantBatchNorm2d, act_quantizers
-
-pytestmark = pytest.mark.filterwarnings("ignore:reduction. 'mean' divides")
+from dfq.testing import tiny_classifier, tiny_config, tiny_trainer
+from dfq.train import RunInterrupted, Trainer, read_train_checkpoint
 
 METHODS = ["gdfq", "adasg", "adadfq", "zaq"]  # ZAQ last: the run whose Q is checked afterwards
 WORLD = 2
@@ -62,28 +59,27 @@ NOISE_DRIVEN = {"conv1.bias", "conv2.bias", "bn1.running_mean", "bn2.running_mea
 
 
 def _config(method: str, **overrides):
-    return make_config(method, **{**SCHEDULE, **overrides})
+    return tiny_config(method, **{**SCHEDULE, "train__batch_size": 8, **overrides})
 
 
 def _teacher() -> nn.Module:
-    """The tiny teacher with logits 30x larger. With its small logits P ≈ Q, AdaSG/AdaDFQ's normaliser
+    """The tiny classifier with logits 30x larger. With its small logits P ≈ Q, AdaSG/AdaDFQ's normaliser
     log C − min H of H′ is ~6e-5 and float32 rounding of the entropies alone moves H′ by ~0.2%."""
-    net = make_teacher()
+    net = tiny_classifier()
     with torch.no_grad():
         net.fc.weight.mul_(30)
         net.fc.bias.mul_(30)
     return net
 
 
-def _engine(config, dist_ctx: DistContext | None = None, run_dir: Path | None = None) -> Engine:
-    torch.manual_seed(0)
-    return Engine(config, _teacher(), num_classes=10, input_size=INPUT, run_dir=run_dir, progress=False, dist=dist_ctx)
+def _trainer(config, dist_ctx: DistContext | None = None, run_dir: Path | None = None) -> Trainer:
+    return tiny_trainer(config, teacher=_teacher(), run_dir=run_dir, dist=dist_ctx)
 
 
-def _grads(engine: Engine) -> dict[str, torch.Tensor]:
+def _grads(trainer: Trainer) -> dict[str, torch.Tensor]:
     return {
         f"{name}.{k}": p.grad.clone()
-        for name, module in (("G", engine.generator), ("Q", engine.student))
+        for name, module in (("G", trainer.game.generator), ("Q", trainer.game.student))
         for k, p in module.named_parameters()
         if p.grad is not None
     }
@@ -93,40 +89,46 @@ def _state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
-def _after(engine: Engine, logs: dict[str, torch.Tensor]) -> dict:
+def _mean_over_ranks(trainer: Trainer, logs: dict[str, torch.Tensor]) -> dict[str, float]:
+    """The logged values of the global batch (what metrics.jsonl sums)."""
+    values = trainer.dist.mean(torch.stack([v.float() for v in logs.values()]))
+    return {k: float(v) for k, v in zip(logs, values, strict=True)}
+
+
+def _after(trainer: Trainer, logs: dict[str, torch.Tensor]) -> dict:
     """What an iteration produced: its logged values, the gradients of its last steps, the new state."""
+    game = trainer.game
     return {
-        "logs": {k: float(v) for k, v in logs.items()},
-        "grads": _grads(engine),
-        "G": _state(engine.generator),
-        "Q": _state(engine.student),
-        "q_opt": copy.deepcopy(engine.q_opt.state_dict()["state"]),
-        "g_opt": copy.deepcopy(engine.g_opt.state_dict()["state"]),
+        "logs": _mean_over_ranks(trainer, logs),
+        "grads": _grads(trainer),
+        "G": _state(game.generator),
+        "Q": _state(game.student),
+        "q_opt": copy.deepcopy(game.q_opt.state_dict()["state"]),
+        "g_opt": copy.deepcopy(game.g_opt.state_dict()["state"]),
     }
 
 
-def _record(engine: Engine, resume: bool = False) -> list[dict]:
-    """Run ``engine`` to the end; per iteration the state it started from and what it produced."""
+def _record(trainer: Trainer, resume: bool = False) -> list[dict]:
+    """Run ``trainer`` to the end; per iteration the state it started from and what it produced."""
     steps: list[dict] = []
-    iteration = engine._iteration
+    method = trainer.game.method
+    iteration = method.iteration
 
-    def recording(train_q: bool) -> dict[str, torch.Tensor]:
-        before = engine._snapshot()
-        out = iteration(train_q)
-        steps.append({"before": before, "train_q": train_q, **_after(engine, engine._mean_over_ranks(out))})
-        return out
+    def recording(game, train_q: bool) -> dict[str, torch.Tensor]:
+        before = trainer.snapshot()
+        logs = iteration(game, train_q)
+        steps.append({"before": before, "train_q": train_q, **_after(trainer, logs)})
+        return logs
 
-    engine._iteration = recording
-    engine.run(resume=resume)
+    method.iteration = recording
+    trainer.run(resume=resume)
     return steps
 
 
-def _partial(engine: Engine, epochs: int) -> None:
+def _partial(trainer: Trainer, epochs: int) -> None:
     """Train ``epochs`` epochs and leave the checkpoint a killed run would leave."""
-    engine._last_good = engine._snapshot()
-    bar = tqdm(disable=True)
-    for epoch in range(epochs):
-        engine._run_epoch(epoch, bar)
+    for _ in range(epochs):
+        trainer.train_epoch()
 
 
 # --------------------------------------------------------------------------------------- the two ranks
@@ -144,15 +146,16 @@ def _rank_main(rank: int, port: int, out: Path) -> None:
     try:
         ctx = DistContext.current()
         for method in METHODS:
-            engine = _engine(_config(method), ctx)
-            torch.save(_record(engine), out / f"{method}.{rank}.pt")
-        bns = {type(m).__name__ for m in engine.student.modules() if isinstance(m, nn.BatchNorm2d)}
-        reducers = {q.reduce_range for _, q in act_quantizers(engine.student)}
+            trainer = _trainer(_config(method), ctx)
+            torch.save(_record(trainer), out / f"{method}.{rank}.pt")
+        q = trainer.game.student
+        bns = {type(m).__name__ for m in q.modules() if isinstance(m, nn.BatchNorm2d)}
+        reducers = {qa.reduce_range for _, qa in act_quantizers(q)}
         torch.save({"batchnorms": bns, "reducers": reducers}, out / f"ordinary.{rank}.pt")
         torch.save(_primitives(ctx), out / f"primitives.{rank}.pt")
         # Resume across world sizes: finish a checkpoint written by one process; write one for one process.
-        torch.save(_record(_engine(_config("gdfq"), ctx, out / "from1"), resume=True), out / f"from1.{rank}.pt")
-        _partial(_engine(_config("gdfq"), ctx, out / "from2"), epochs=2)
+        torch.save(_record(_trainer(_config("gdfq"), ctx, out / "from1"), resume=True), out / f"from1.{rank}.pt")
+        _partial(_trainer(_config("gdfq"), ctx, out / "from2"), epochs=2)
         _check_refusals(ctx, out, rank)
         torch.save(_faults(ctx, out, rank), out / f"faults.{rank}.pt")
     finally:
@@ -192,8 +195,9 @@ def _primitives(ctx: DistContext) -> dict:
 
 def _faults(ctx: DistContext, out: Path, rank: int) -> dict:
     """A NaN and a stop request seen by rank 1 only: every rank must take the same branch."""
-    engine = _engine(_config("adadfq"), ctx)
-    loss, calls = engine.method.generator_loss, []
+    trainer = _trainer(_config("adadfq"), ctx)
+    method = trainer.game.method
+    loss, calls = method.generator_loss, []
 
     def nan_on_rank_1(batch):
         calls.append(1)
@@ -202,33 +206,32 @@ def _faults(ctx: DistContext, out: Path, rank: int) -> dict:
             losses["loss"] = losses["loss"] * float("nan")
         return losses
 
-    engine.method.generator_loss = nan_on_rank_1
-    engine.run()
-    stopped = _engine(_config("gdfq"), ctx, out / "stopped")
-    requested, checks = stopped._stop_requested, []
+    method.generator_loss = nan_on_rank_1
+    trainer.run()
+    stopped = _trainer(_config("gdfq"), ctx, out / "stopped")
+    iteration, iterations = stopped.game.method.iteration, []
 
-    def signal_on_rank_1(stop):
-        checks.append(1)
-        if rank == 1 and len(checks) == 3 and stop is not None:
-            stop.append(15)  # what SIGTERM does to the stop list
-        return requested(stop)
+    def sigterm_on_rank_1(game, train_q):
+        iterations.append(1)
+        if rank == 1 and len(iterations) == 3:  # epoch 1, iteration 0
+            os.kill(os.getpid(), signal.SIGTERM)
+        return iteration(game, train_q)
 
-    stopped._stop_requested = signal_on_rank_1
+    stopped.game.method.iteration = sigterm_on_rank_1
     try:
         stopped.run()
         interrupted = None
     except RunInterrupted as e:
         interrupted = (e.exit_code, stopped.state.epoch, stopped.state.iteration)
-    return {"rollbacks": engine.rollbacks, "G": _state(engine.generator), "interrupted": interrupted}
+    return {"rollbacks": trainer.rollbacks, "G": _state(trainer.game.generator), "interrupted": interrupted}
 
 
 def _check_refusals(ctx: DistContext, out: Path, rank: int) -> None:
     """What a data-parallel run refuses, with the reason."""
     messages = []
-    for overrides in ({"plugins.lsq": True, "quant.weight_scales": "stored"}, {"train__shards": 1}):
-        config = _config("gdfq", **{k.replace(".", "__"): v for k, v in overrides.items()})
+    for overrides in ({"plugins__lsq": True, "quant__weight_scales": "stored"}, {"train__shards": 1}):
         try:
-            _engine(config, ctx)
+            _trainer(_config("gdfq", **overrides), ctx)
         except DFQError as e:
             messages.append(str(e))
     torch.save(messages, out / f"refusals.{rank}.pt")
@@ -238,7 +241,7 @@ def _check_refusals(ctx: DistContext, out: Path, rank: int) -> None:
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Start two gloo processes once; they run every case. Returns the folder of their records."""
     out = tmp_path_factory.mktemp("ranks")
-    one = _engine(_config("gdfq"), run_dir=out / "from1")  # a one-process checkpoint for the ranks to resume
+    one = _trainer(_config("gdfq"), run_dir=out / "from1")  # a one-process checkpoint for the ranks to resume
     _partial(one, epochs=2)
     mp.start_processes(_rank_main, args=(_free_port(), out), nprocs=WORLD, start_method="spawn")
     return out
@@ -290,9 +293,9 @@ def _assert_same_step(got: dict, want: dict, what: str, steps: int = 1) -> None:
 
 def _replay(method: str, step: dict) -> dict:
     """One iteration of a one-process run from the state a rank started that iteration from."""
-    engine = _engine(_config(method))
-    engine._restore(step["before"])
-    return _after(engine, engine._iteration(step["train_q"]))
+    trainer = _trainer(_config(method))
+    trainer.restore(step["before"])
+    return _after(trainer, trainer.game.iteration(step["train_q"]))
 
 
 # ------------------------------------------------------------------------------------------------ tests
@@ -313,7 +316,7 @@ def test_every_iteration_of_two_ranks_equals_one_process_with_the_global_batch(r
 def test_a_whole_gdfq_run_of_two_ranks_equals_one_process(ranks):
     """GDFQ's game is tame enough here for the whole 6-iteration runs to agree as well (ZAQ's SGD at lr 0.1 and
     AdaSG/AdaDFQ's H′ amplify rounding differences to ~0.2% of a loss within 5 iterations)."""
-    want = _record(_engine(_config("gdfq")))
+    want = _record(_trainer(_config("gdfq")))
     for steps in _load(ranks, "gdfq"):
         for i, (got, ref) in enumerate(zip(steps, want, strict=True)):
             _assert_same_step(got, ref, f"iteration {i}", steps=i + 1)
@@ -352,10 +355,10 @@ def test_the_batch_statistics_are_the_global_batch(ranks):
 
 def test_a_run_resumes_on_another_number_of_processes(ranks):
     """Checkpoints hold every shard's noise stream, so a run continues on 2 processes from 1 and on 1 from 2."""
-    want = _record(_engine(_config("gdfq")))
+    want = _record(_trainer(_config("gdfq")))
     resumed = {
         "1 then 2": _load(ranks, "from1"),
-        "2 then 1": [_record(_engine(_config("gdfq"), run_dir=ranks / "from2"), resume=True)],
+        "2 then 1": [_record(_trainer(_config("gdfq"), run_dir=ranks / "from2"), resume=True)],
     }
     for what, runs in resumed.items():
         for steps in runs:
@@ -380,28 +383,28 @@ def test_refusals_name_the_reason(ranks):
 
 
 def test_one_process_is_unchanged_by_the_distributed_hooks():
-    """Without a process group the engine's models and losses are the plain ones."""
-    engine = _engine(_config("adadfq", train__shards=None))
-    assert engine.shards == 1 and list(engine.samplers) == [0]
-    assert type(engine._bns) is BNStatsLoss and engine._g_train is engine.generator
-    assert all(type(m) is nn.BatchNorm2d for m in engine.generator.modules() if isinstance(m, nn.BatchNorm2d))
-    assert all(q.reduce_range is None for _, q in act_quantizers(engine.student))
-    assert isinstance(GlobalBNStatsLoss(make_teacher(), DistContext()), BNStatsLoss)
+    """Without a process group the game's models and losses are the plain ones."""
+    game = _trainer(_config("adadfq", train__shards=None)).game
+    assert game.streams.shards == 1 and list(game.streams.generators) == [0]
+    assert type(game.bns) is BNStatsLoss
+    assert all(type(m) is nn.BatchNorm2d for m in game.generator.modules() if isinstance(m, nn.BatchNorm2d))
+    assert all(q.reduce_range is None for _, q in act_quantizers(game.student))
+    assert isinstance(GlobalBNStatsLoss(tiny_classifier(), DistContext()), BNStatsLoss)
     assert isinstance(CifarGenerator(10, img_size=8).bn1, nn.BatchNorm2d)
 
 
 def test_one_process_draws_the_global_batch_of_its_shards():
     """Shard k of S has its own stream; one stream (the default) is the single-process stream of before."""
-    plain = _engine(_config("gdfq", train__shards=1))
-    z1, y1 = plain._sample()
-    ref = torch.Generator().manual_seed(plain.config.seed)
+    config = _config("gdfq", train__shards=1)
+    plain = _trainer(config).game
+    z1, y1 = plain.sample()
+    ref = torch.Generator().manual_seed(config.seed)
     assert torch.equal(z1, torch.randn(8, plain.generator.latent_dim, generator=ref))
     assert torch.equal(y1, torch.randint(10, (8,), generator=ref))
-    two = _engine(_config("gdfq", train__shards=2))
-    z2, _ = two._sample()
+    z2, _ = _trainer(_config("gdfq", train__shards=2)).game.sample()
     assert torch.equal(z2[:4], z1[:4]) and not torch.equal(z2[4:], z1[4:])
     with pytest.raises(DFQError, match=r"train.batch_size \(8\) must be a multiple of train.shards \(3\)"):
-        _engine(_config("gdfq", train__shards=3, train__batch_size=8))
+        _trainer(_config("gdfq", train__shards=3, train__batch_size=8))
 
 
 def test_shards_must_be_positive():
@@ -423,7 +426,9 @@ def test_dfq_quantize_nproc_2_matches_one_process_with_two_shards(tmp_path):
     flip some 4-bit codes of Q, which moves AdaDFQ's losses by ~3e-4 already in the first iteration."""
     require_shared(RESNET20_WEIGHTS, CIFAR10_4CLASS)
     common = ["quantize", "resnet20a_cifar10", "--method", "adadfq", "--weights", str(RESNET20_WEIGHTS), "--data"]
-    common += [str(CIFAR10_4CLASS), "--limit", "8", "--epochs", "1", "--iters-per-epoch", "1", "--batch-size", "4"]
+    common += [str(CIFAR10_4CLASS), "--limit", "8"]
+    for setting in ("method.train.epochs=1", "method.train.iters_per_epoch=1", "method.train.batch_size=4"):
+        common += ["--set", setting]
     common += ["--no-progress", "--json"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     two = subprocess.run(
@@ -438,9 +443,9 @@ def test_dfq_quantize_nproc_2_matches_one_process_with_two_shards(tmp_path):
     assert len(reports) == 1  # one JSON line: rank 0's
     summary = json.loads(reports[0])
     assert (summary["processes"], summary["shards"], summary["n"]) == (2, 2, 8)
-    assert yaml.safe_load((tmp_path / "two" / "config.yaml").read_text())["train"]["shards"] == 2
+    assert yaml.safe_load((tmp_path / "two" / "config.yaml").read_text())["method"]["train"]["shards"] == 2
 
-    assert cli_main([*common, "--shards", "2", "--out", str(tmp_path / "one")]) == 0
+    assert cli_main([*common, "--set", "method.train.shards=2", "--out", str(tmp_path / "one")]) == 0
     (want,) = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     (got,) = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     for key, value in want.items():
@@ -462,28 +467,24 @@ def test_nproc_and_device_mistakes_are_one_line_errors(tmp_path, capsys, monkeyp
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def test_amp_is_the_fast_mode():
-    from dfq.cli import _build_parser
-
-    args = _build_parser().parse_args(["quantize", "resnet20a_cifar10", "--amp", "--out", "x"])
-    assert args.fast is True
-
-
 def test_post_training_methods_refuse_several_processes():
     with pytest.raises(DFQError, match="'zeroq' runs on one process"):
-        _quantize(make_teacher(), resolve_config(None, {"method": "zeroq"}), 10, INPUT, dist=DistContext(0, 2))
+        create_method("zeroq").check_launch(DistContext(0, 2))
+    create_method("gdfq").check_launch(DistContext(0, 2))  # the games run on any number of processes
 
 
-def test_the_readme_launch_commands_parse():
-    """Every command of the README's distributed section is valid for torchrun and for dfq."""
+def test_the_launch_commands_parse():
+    """Every launch command of the README and docs/distributed.md is valid for torchrun and for dfq."""
     from torch.distributed.run import get_args_parser
 
     from dfq.cli import _build_parser
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    block = re.search(r"### Distributed runs.*?```bash\n(.*?)```", readme, re.S).group(1)
-    lines = [ln for ln in block.replace("\\\n", " ").splitlines() if ln.strip() and not ln.startswith("#")]
-    assert len(lines) == 7
+    root = Path(__file__).resolve().parents[1]
+    blocks = re.findall(r"## Distributed runs.*?```bash\n(.*?)```", (root / "README.md").read_text(), re.S)
+    blocks += re.findall(r"```bash\n(.*?)```", (root / "docs" / "distributed.md").read_text(), re.S)
+    lines = [ln for block in blocks for ln in block.replace("\\\n", " ").splitlines()]
+    lines = [ln.split("  #")[0] for ln in lines if ln.strip() and not ln.startswith("#")]
+    assert sum("torchrun" in ln for ln in lines) >= 3 and any("--nproc" in ln for ln in lines)
     for line in lines:
         words = shlex.split(line.replace("NODE", "0"))
         at = words.index("quantize")

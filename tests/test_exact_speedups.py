@@ -4,49 +4,61 @@ from __future__ import annotations
 
 import pytest
 import torch
-from dfq.engine import Engine
 
-from dfq.config import resolve_config
 from dfq.generators import create_generator, nets
 from dfq.generators.bns import channel_mean_var
 from dfq.generators.nets import upsample_conv
-from dfq.models import create_model
-from dfq.quant import calibrate, quant_disabled
+from dfq.quant import calibrate, quant_disabled, set_act_mode
 from dfq.quant.functional import choose_qparams, dequantize_affine, fake_quantize, quantize_affine
+from dfq.testing import INPUT_SIZE, tiny_config, tiny_game
 
 
-def _engine(method: str, shared: bool) -> Engine:
-    torch.manual_seed(0)
-    config = resolve_config(None, {"method": method, "seed": 3, "train.batch_size": 6})
-    e = Engine(config, create_model("resnet20a_cifar10"), num_classes=10, input_size=(3, 32, 32), progress=False)
-    calibrate(e.student, [torch.randn(6, 3, 32, 32, generator=torch.Generator().manual_seed(1))])
-    e.share_student_forward = shared
-    return e
+def _game(method: str, batch_size: int = 6):
+    """A game in its steady state (ranges frozen), built the same way each time."""
+    game = tiny_game(tiny_config(method, train__batch_size=batch_size))
+    calibrate(game.student, [torch.randn(batch_size, *INPUT_SIZE, generator=torch.Generator().manual_seed(1))])
+    return game
 
 
 @pytest.mark.parametrize("method", ["adadfq", "adasg"])
 def test_shared_student_forward_equals_two_forwards(method):
-    fast, slow = _engine(method, True), _engine(method, False)
-    assert fast._can_share_student_forward(True) and not slow._can_share_student_forward(True)
+    """AdaSG/AdaDFQ's iteration shares one Q forward between the G step and the Q step: exactly the G step then
+    the Q step on its batch (logs, both models' states, the optimizers' states)."""
+    shared, two = _game(method), _game(method)
+    assert shared.shares_forward(True) and two.shares_forward(True)
     for _ in range(3):
-        logs_fast, logs_slow = fast._iteration(True), slow._iteration(True)
-        assert logs_fast.keys() == logs_slow.keys()
-        for k in logs_fast:
-            assert torch.equal(logs_fast[k], logs_slow[k]), k
-    for name, a, b in (("Q", fast.student, slow.student), ("G", fast.generator, slow.generator)):
-        for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
-            assert torch.equal(va, vb), f"{name} {k}"
-    for k, v in slow.q_opt.state_dict()["state"].items():
-        assert torch.equal(fast.q_opt.state_dict()["state"][k]["momentum_buffer"], v["momentum_buffer"])
+        logs_shared = shared.shared_step()
+        batch, g_losses = two.generator_step()
+        logs_two = two.logs(g_losses, two.student_step(batch, True))
+        assert logs_shared.keys() == logs_two.keys()
+        for k in logs_shared:
+            assert torch.equal(logs_shared[k], logs_two[k]), k
+    for name in ("student", "generator"):
+        a, b = getattr(shared, name).state_dict(), getattr(two, name).state_dict()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"{name} {k}"
+    for opt in ("q_opt", "g_opt"):
+        a, b = getattr(shared, opt).state_dict()["state"], getattr(two, opt).state_dict()["state"]
+        assert a.keys() == b.keys()
+        for k in a:
+            for key, value in a[k].items():
+                assert torch.equal(torch.as_tensor(value), torch.as_tensor(b[k][key])), (opt, k, key)
 
 
-def test_not_shared_while_observing_ranges():
-    e = _engine("adadfq", True)
-    from dfq.quant import set_act_mode
-
-    set_act_mode(e.student, "observe")
-    assert not e._can_share_student_forward(True)
-    assert not e._can_share_student_forward(False)  # warm-up: no Q step at all
+def test_the_iteration_takes_the_shared_step_exactly_when_allowed(monkeypatch):
+    game = _game("adadfq")
+    taken = []
+    shared_step = game.shared_step
+    monkeypatch.setattr(game, "shared_step", lambda: taken.append(1) or shared_step())
+    game.iteration(True)
+    assert taken == [1]
+    game.iteration(False)  # warm-up: no Q step to share
+    assert taken == [1] and not game.shares_forward(False)
+    set_act_mode(game.student, "observe")  # every forward moves the ranges: no forward may be skipped
+    assert not game.shares_forward(True)
+    game.iteration(True)
+    assert taken == [1]
+    assert not _game("gdfq").shares_forward(True)  # GDFQ's G step does not run Q
 
 
 # ---------------------------------------------------------------- the generators' upsample + conv
@@ -119,23 +131,22 @@ def test_in_place_fake_quantize_equals_quantize_then_dequantize(divide):
 
 
 # ---------------------------------------------------------------- channels-last training
-def test_channels_last_engine_equals_contiguous_engine():
-    """The engine trains G, P and Q in channels-last; a contiguous-format copy follows it to float rounding.
+def test_channels_last_game_equals_contiguous_game():
+    """The game trains G, P and Q in channels-last; a contiguous-format copy follows it to float rounding.
 
     Fake quantization is off here: reordered float sums move values by an ulp, which a quantizer turns into a
     whole code where a value sits on a code boundary (as a change of thread count does). The quantizers' own
     speed-up is exact (test_in_place_fake_quantize_equals_quantize_then_dequantize). GDFQ, because with Q = P
     AdaDFQ's disagreement is 0/0 and amplifies any ulp.
     """
-    optimised = _engine("gdfq", True)
-    plain = _engine("gdfq", True)
+    optimised, plain = _game("gdfq"), _game("gdfq")
     for model in (plain.teacher, plain.student, plain.generator):
         model.to(memory_format=torch.contiguous_format)
     conv = next(m for m in optimised.student.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     with quant_disabled(optimised.student), quant_disabled(plain.student):
         for i in range(3):
-            a, b = optimised._iteration(True), plain._iteration(True)
+            a, b = optimised.iteration(True), plain.iteration(True)
             for k in a:
                 torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
             if i == 0:  # G's first gradients (later, Adam's normalisation magnifies ulps on near-zero gradients)

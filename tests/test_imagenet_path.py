@@ -1,7 +1,7 @@
 """The ImageNet path end to end on the CPU: a zoo ImageNet model, the class-conditional ImageNet generator,
 P's BNS loss, the game with a paper preset, and evaluation on an ImageNet-style class-folder validation set
-built here. Random weights (nothing is downloaded) and 64-pixel inputs keep each model to seconds; the slow
-tests run the 224-pixel command line, on one process and on two.
+built here. Random weights (nothing is downloaded), 32-pixel inputs and batches of 2 keep each model to seconds;
+the slow tests run the 224-pixel command line, on one process and on two.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from dfq.engine import Engine
 from PIL import Image
 
 from dfq.config import load_yaml, resolve_config
@@ -24,10 +23,13 @@ from dfq.data import make_loader, open_dataset
 from dfq.evaluate import evaluate as evaluate_batches
 from dfq.generators import ImageNetGenerator
 from dfq.models import create_model
+from dfq.train import Trainer
+from dfq.utils.seed import seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
-SIZE = 64
-SCHEDULE = {"train.epochs": 2, "train.iters_per_epoch": 1, "train.batch_size": 4, "train.warmup_epochs": 1}
+SIZE = 32
+SCHEDULE = {"method.train.epochs": 2, "method.train.iters_per_epoch": 1, "method.train.batch_size": 2,
+            "method.train.warmup_epochs": 1, "method.train.observe_epochs": 1}  # fmt: skip
 
 
 def class_folders(root: Path, classes: int = 3, per_class: int = 2) -> Path:
@@ -55,13 +57,12 @@ def test_imagenet_model_end_to_end_on_a_class_folder(name, tmp_path):
         return evaluate_batches(q, make_loader(val, info.mean, info.std, batch_size=4), total=len(val), progress=False)
 
     preset = load_yaml(ROOT / "configs" / "adadfq" / f"imagenet_{name}_w4a4.yaml")  # the paper's ImageNet settings
-    config = resolve_config(preset, {**SCHEDULE, "train.observe_epochs": 1, "generator.name": "imagenet"})
-    engine = Engine(
-        config, model, num_classes=1000, input_size=(3, SIZE, SIZE), run_dir=tmp_path / "run", evaluate=evaluate,
-        progress=False,
-    )  # fmt: skip
-    assert isinstance(engine.generator, ImageNetGenerator) and engine.method.config.temperature == 5.0
-    q, summary = engine.run()
+    config = resolve_config(preset, {**SCHEDULE, "method.generator.name": "imagenet"})
+    seed_everything(config.seed)  # as the entry point does: G's initial weights from the run's seed
+    trainer = Trainer(config.create_method(), model, config.quant, num_classes=1000, input_size=(3, SIZE, SIZE),
+                      seed=config.seed, run_dir=tmp_path / "run", evaluate=evaluate, progress=False)  # fmt: skip
+    assert isinstance(trainer.game.generator, ImageNetGenerator) and trainer.game.method.config.temperature == 5.0
+    q, summary = trainer.run()
 
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["train_q"] for r in records] == [False, True] and len(seen) == 2
@@ -81,8 +82,9 @@ def test_imagenet_command_line_at_224_pixels(nproc, tmp_path):
     torch.save(create_model("resnet18").state_dict(), weights)
     val = class_folders(tmp_path / "val")
     argv = ["quantize", "resnet18", "--config", str(ROOT / "configs/adadfq/imagenet_resnet18_w4a4.yaml")]
-    argv += ["--weights", str(weights), "--data", str(val), "--epochs", "1", "--iters-per-epoch", "1"]
-    argv += ["--batch-size", "2", "--nproc", str(nproc), "--out", str(tmp_path / "run"), "--no-progress", "--json"]
+    argv += ["--weights", str(weights), "--data", str(val), "--set", "method.train.epochs=1"]
+    argv += ["--set", "method.train.iters_per_epoch=1", "--set", "method.train.batch_size=2", "--nproc", str(nproc)]
+    argv += ["--out", str(tmp_path / "run"), "--no-progress", "--json"]
     proc = subprocess.run(
         [sys.executable, "-m", "dfq", *argv], capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
     )

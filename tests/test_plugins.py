@@ -1,8 +1,8 @@
-"""The plug-ins of the generator-based engine (``plugins:``): SynQ's low-pass filter, hard-sample labels
-and Grad-CAM alignment; learned activation/weight steps (LSQ) and learned rounding (AdaRound).
+"""The plug-ins of the games (``plugins:``): SynQ's low-pass filter, hard-sample labels and Grad-CAM alignment;
+learned activation/weight steps (LSQ) and learned rounding (AdaRound).
 
-The math is checked against hand computations on tiny tensors; the engine wiring on the tiny
-teacher of ``test_engine.py`` (every run here takes a fraction of a second).
+The math is checked against hand computations on tiny tensors; the wiring through the public game, trainer
+and hook objects on the tiny classifier of :mod:`dfq.testing` (every run here takes a fraction of a second).
 """
 
 from __future__ import annotations
@@ -13,9 +13,6 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from dfq.engine import read_train_checkpoint
-from dfq.methods.plugins import CamProbe, PluginConfig, cam_loss, easy_mask, grad_cam, masked_ce
-from test_engine import INPUT, clone_state, make_config, make_engine, make_teacher, quiet_bar
 from torch import nn
 from torch.testing import assert_close
 
@@ -24,12 +21,13 @@ from dfq.errors import DFQError
 from dfq.generators import lowpass
 from dfq.methods import Outputs
 from dfq.methods.losses import kd_loss
-from dfq.quant import ActMode, act_quantizers, set_act_mode
+from dfq.quant import ActMode, act_quantizers, set_act_mode, weight_quantizers
 from dfq.quant.functional import lsq_fake_quantize
-
-pytestmark = pytest.mark.filterwarnings("ignore:reduction. 'mean' divides")  # GDFQ's KLDivLoss, on purpose
-
-LEARNED_SUFFIXES = (".step", ".alpha")
+from dfq.quant.learning import LEARNED_SUFFIXES
+from dfq.testing import INPUT_SIZE, tiny_classifier, tiny_config, tiny_game, tiny_trainer
+from dfq.train import read_train_checkpoint
+from dfq.train.gradcam import CamProbe, cam_loss, grad_cam
+from dfq.train.plugins import CamAlignment, HardLabels, LearnedQuantizers, PluginConfig, easy_mask, masked_ce
 
 
 def act_ranges(model: nn.Module) -> dict[str, tuple[float, float]]:
@@ -44,10 +42,19 @@ def learned_keys(model: nn.Module) -> list[str]:
     return [k for k in model.state_dict() if k.endswith(LEARNED_SUFFIXES)]
 
 
-def states(engine) -> dict[str, torch.Tensor]:
+def plugin(game, cls):
+    """The game's plug-in of type ``cls``."""
+    return next(p for p in game.plugins.items if isinstance(p, cls))
+
+
+def clone_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def states(trainer) -> dict[str, torch.Tensor]:
     return {
-        **{f"q.{k}": v for k, v in engine.student.state_dict().items()},
-        **{f"g.{k}": v for k, v in engine.generator.state_dict().items()},
+        **{f"q.{k}": v for k, v in trainer.game.student.state_dict().items()},
+        **{f"g.{k}": v for k, v in trainer.game.generator.state_dict().items()},
     }
 
 
@@ -58,7 +65,7 @@ def assert_same_states(a, b) -> None:
         assert torch.equal(sa[k], sb[k]), f"{k} differs"
 
 
-def hand_outputs(engine, easy: list[bool], seed: int = 0) -> tuple[Outputs, torch.Tensor]:
+def hand_outputs(easy: list[bool], seed: int = 0) -> tuple[Outputs, torch.Tensor]:
     """A batch whose P logits make exactly the samples marked ``easy`` easy (p_P(y) ~ 1); the others have
     p_P(y) ~ 0. Returns the outputs and the expected mask."""
     g = torch.Generator().manual_seed(seed)
@@ -68,7 +75,7 @@ def hand_outputs(engine, easy: list[bool], seed: int = 0) -> tuple[Outputs, torc
     for i, e in enumerate(easy):
         p_logits[i, y[i]] = 20.0 if e else -20.0
     q_logits = torch.randn(b, 10, generator=g).requires_grad_()
-    x = torch.randn(b, *INPUT, generator=g)
+    x = torch.randn(b, *INPUT_SIZE, generator=g)
     mask = torch.tensor([1.0 if e else 0.0 for e in easy])
     return Outputs(x, y, p_logits, q_logits), mask
 
@@ -247,12 +254,11 @@ def test_cam_probe_needs_average_pooling():
         CamProbe(no_pool_net(), leaf=True)
 
 
-def test_engine_with_cam_rejects_a_model_without_pooling():
-    teacher = no_pool_net().eval()
+def test_game_with_cam_rejects_a_model_without_pooling():
     with pytest.raises(DFQError, match="average-pooling"):
-        make_engine(make_config("gdfq", plugins__cam_weight=0.5), teacher=teacher)
-    engine = make_engine(make_config("gdfq", plugins__cam_weight=0.0), teacher=teacher)  # off: no pooling needed
-    assert engine._cams == ()
+        tiny_game(tiny_config("gdfq", plugins__cam_weight=0.5), teacher=no_pool_net().eval())
+    game = tiny_game(tiny_config("gdfq", plugins__cam_weight=0.0), teacher=no_pool_net().eval())  # off: not needed
+    assert game.plugins.items == []
 
 
 # ============================================================== configuration
@@ -300,77 +306,69 @@ def test_plugin_config_rejects_nan_beta():
 
 def test_resolve_config_validates_plugins():
     with pytest.raises(DFQError, match=r"plugins\.lowpass"):
-        resolve_config(None, {"method": "gdfq", "plugins.lowpass": 2.0})
+        resolve_config(None, {"method.name": "gdfq", "method.plugins.lowpass": 2.0})
     with pytest.raises(DFQError, match=r"plugins\.hard_tau"):
-        resolve_config(None, {"method": "gdfq", "plugins.hard_tau": 1.5})
+        resolve_config(None, {"method.name": "gdfq", "method.plugins.hard_tau": 1.5})
     with pytest.raises(DFQError, match=r"plugins\.beta"):
-        resolve_config(None, {"method": "gdfq", "plugins.beta": [1.0]})
+        resolve_config(None, {"method.name": "gdfq", "method.plugins.beta": [1.0]})
     with pytest.raises(DFQError, match="plugins"):
-        resolve_config(None, {"method": "gdfq", "plugins.bogus": 1})
-    c = resolve_config(None, {"method": "gdfq", "plugins.lowpass": 0.4, "plugins.beta": [10, 1]})
-    assert c.plugins == PluginConfig(lowpass=0.4, beta=(10.0, 1.0))
+        resolve_config(None, {"method.name": "gdfq", "method.plugins.bogus": 1})
+    c = resolve_config(None, {"method.name": "gdfq", "method.plugins.lowpass": 0.4, "method.plugins.beta": [10, 1]})
+    assert c.method.plugins == PluginConfig(lowpass=0.4, beta=(10.0, 1.0))
 
 
 def test_resolve_config_rejects_a_non_mapping_plugins_section():
     with pytest.raises(DFQError, match="plugins"):
-        resolve_config(None, {"method": "gdfq", "plugins": "lsq"})
+        resolve_config(None, {"method.name": "gdfq", "method.plugins": "lsq"})
 
 
 def test_resolve_config_stores_weight_scales_for_learned_steps():
-    assert resolve_config(None, {"method": "gdfq"}).quant.weight_scales == "minmax"
-    for key in ("plugins.lsq", "plugins.adaround"):
-        assert resolve_config(None, {"method": "gdfq", key: True}).quant.weight_scales == "stored"
-        assert resolve_config({"plugins": {key.split(".")[1]: True}}, {"method": "gdfq"}).quant.weight_scales == (
-            "stored"
-        )
+    assert resolve_config(None, {"method.name": "gdfq"}).quant.weight_scales == "minmax"
+    for name in ("lsq", "adaround"):
+        key = f"method.plugins.{name}"
+        assert resolve_config(None, {"method.name": "gdfq", key: True}).quant.weight_scales == "stored"
+        preset = {"method": {"name": "gdfq", "plugins": {name: True}}}
+        assert resolve_config(preset).quant.weight_scales == "stored"
         with pytest.raises(DFQError, match="weight_scales: stored"):  # an explicit minmax grid is refused
-            resolve_config(None, {"method": "gdfq", key: True, "quant.weight_scales": "minmax"})
+            resolve_config(None, {"method.name": "gdfq", key: True, "quant.weight_scales": "minmax"})
         with pytest.raises(DFQError, match="weight_scales: stored"):
-            resolve_config({"quant": {"weight_scales": "minmax"}}, {"method": "gdfq", key: True})
-    assert resolve_config(None, {"method": "gdfq", "plugins.lowpass": 0.5}).quant.weight_scales == "minmax"
+            resolve_config({"quant": {"weight_scales": "minmax"}}, {"method.name": "gdfq", key: True})
+    assert resolve_config(None, {"method.name": "gdfq", "method.plugins.lowpass": 0.5}).quant.weight_scales == "minmax"
 
 
-@pytest.mark.parametrize("plugin", ["plugins__hard_tau", "plugins__cam_weight"])
-def test_label_plugins_need_a_conditional_generator(plugin):
-    config = make_config("zaq", **{plugin: 0.5})
+@pytest.mark.parametrize("name", ["plugins__hard_tau", "plugins__cam_weight"])
+def test_label_plugins_need_a_conditional_generator(name):
     with pytest.raises(DFQError, match="sampled labels"):
-        make_engine(config)
-    make_engine(make_config("zaq", plugins__lowpass=0.5))  # the filter needs no labels
+        tiny_game(tiny_config("zaq", **{name: 0.5}))
+    game = tiny_game(tiny_config("zaq", plugins__lowpass=0.5))  # the filter needs no labels
+    assert [type(p).__name__ for p in game.plugins.items] == ["LowPass"]
 
 
 # ============================================================== low-pass filter
+def _frozen_game(method: str, **overrides):
+    """A game whose ranges were observed once, then frozen (Q's steady state)."""
+    game = tiny_game(tiny_config(method, train__warmup_epochs=0, **overrides))
+    game.iteration(False)
+    set_act_mode(game.student, ActMode.FROZEN)
+    return game
+
+
 def test_lowpass_disables_the_shared_forward():
-    plain = make_engine(make_config("adadfq", train__warmup_epochs=0))
-    filtered = make_engine(make_config("adadfq", train__warmup_epochs=0, plugins__lowpass=0.5))
-    for engine in (plain, filtered):
-        engine._iteration(False)  # one observation: the ranges are calibrated
-        set_act_mode(engine.student, ActMode.FROZEN)
-    assert plain._can_share_student_forward(True)
-    assert not filtered._can_share_student_forward(True)
+    assert _frozen_game("adadfq").shares_forward(True)
+    assert not _frozen_game("adadfq", plugins__lowpass=0.5).shares_forward(True)
 
 
 @pytest.mark.parametrize("method", ["gdfq", "adadfq"])
 def test_q_and_p_see_the_low_passed_images(method, monkeypatch):
     cutoff = 0.3
-    engine = make_engine(make_config(method, train__warmup_epochs=0, plugins__lowpass=cutoff))
-    engine._iteration(False)
-    set_act_mode(engine.student, ActMode.FROZEN)
+    game = _frozen_game(method, plugins__lowpass=cutoff)
     q_inputs, seen = [], {}
-    student_forward, student_loss = engine._student_forward, engine.method.student_loss
-
-    def recording_forward(x):
-        q_inputs.append(x.detach().clone())
-        return student_forward(x)
-
-    def recording_loss(out):
-        seen["out"] = out
-        return student_loss(out)
-
-    monkeypatch.setattr(engine, "_student_forward", recording_forward)
-    monkeypatch.setattr(engine.method, "student_loss", recording_loss)
-    batch, _ = engine._generator_step()
+    student_forward, student_loss = game.student_forward, game.method.student_loss
+    monkeypatch.setattr(game, "student_forward", lambda x: q_inputs.append(x.detach().clone()) or student_forward(x))
+    monkeypatch.setattr(game.method, "student_loss", lambda out: seen.setdefault("out", out) and student_loss(out))
+    batch, _ = game.generator_step()
     q_inputs.clear()  # AdaDFQ's G step runs Q on the raw images
-    engine._student_step(batch, True)
+    game.student_step(batch, True)
     expected = lowpass(batch.x.detach(), cutoff)
     assert len(q_inputs) == 1
     assert torch.equal(q_inputs[0], expected)
@@ -378,30 +376,30 @@ def test_q_and_p_see_the_low_passed_images(method, monkeypatch):
     out = seen["out"]
     assert torch.equal(out.x, expected)
     with torch.no_grad():
-        assert_close(out.p_logits, engine.teacher(expected), rtol=0, atol=0)  # P's targets on filtered images
+        assert_close(out.p_logits, game.teacher(expected), rtol=0, atol=0)  # P's targets on filtered images
 
 
 def test_lowpass_iteration_runs_the_g_step_on_raw_and_the_q_step_on_filtered_images(monkeypatch):
     cutoff = 0.5
-    engine = make_engine(make_config("adadfq", train__warmup_epochs=0, plugins__lowpass=cutoff))
-    engine._iteration(False)
-    set_act_mode(engine.student, ActMode.FROZEN)
+    game = _frozen_game("adadfq", plugins__lowpass=cutoff)
     q_inputs = []
-    student_forward = engine._student_forward
-    monkeypatch.setattr(engine, "_student_forward", lambda x: q_inputs.append(x.detach()) or student_forward(x))
-    engine._iteration(True)
+    student_forward = game.student_forward
+    monkeypatch.setattr(game, "student_forward", lambda x: q_inputs.append(x.detach()) or student_forward(x))
+    game.iteration(True)
     assert len(q_inputs) == 2  # no shared forward
     assert torch.equal(q_inputs[1], lowpass(q_inputs[0], cutoff))
 
 
 # ============================================================== hard-sample labels
+EASY = [True, False, True, True, False, False, True, False]
+
+
 def test_gdfq_hard_tau_masks_the_label_cross_entropy():
-    engine = make_engine(make_config("gdfq", plugins__hard_tau=0.4))
-    easy = [True, False, True, True, False, False, True, False]
-    out, mask = hand_outputs(engine, easy)
+    game = tiny_game(tiny_config("gdfq", plugins__hard_tau=0.4))
+    out, mask = hand_outputs(EASY)
     assert torch.equal(easy_mask(out.p_logits, out.y, 0.4), mask)
-    losses = engine._student_losses(out)
-    c = engine.config.gdfq
+    losses = game.student_losses(out)
+    c = game.method.config
     kd = kd_loss(out.q_logits, out.p_logits, c.temperature, c.kd_reduction)
     ce = (F.cross_entropy(out.q_logits, out.y, reduction="none") * mask).mean()
     assert_close(losses["ce"], ce)
@@ -410,116 +408,129 @@ def test_gdfq_hard_tau_masks_the_label_cross_entropy():
     assert losses["easy_frac"].item() == 0.5
     assert "easy_ce" not in losses  # GDFQ's own cross-entropy is the masked one
     # Without the plug-in: the plain cross-entropy to every label.
-    plain = make_engine(make_config("gdfq"))
-    out2, _ = hand_outputs(plain, easy)
-    losses2 = plain._student_losses(out2)
+    out2, _ = hand_outputs(EASY)
+    losses2 = tiny_game("gdfq").student_losses(out2)
     assert_close(losses2["ce"], F.cross_entropy(out2.q_logits, out2.y))
     assert "easy_frac" not in losses2
 
 
 def test_gdfq_hard_tau_in_a_student_step_from_a_generator_batch():
-    engine = make_engine(make_config("gdfq", train__warmup_epochs=0, plugins__hard_tau=0.5))
-    engine._run_epoch(0, quiet_bar())
-    set_act_mode(engine.student, ActMode.FROZEN)
-    batch, _ = engine._generator_step()
+    trainer = tiny_trainer(tiny_config("gdfq", train__warmup_epochs=0, train__batch_size=8, plugins__hard_tau=0.5))
+    trainer.train_epoch()
+    game = trainer.game
+    set_act_mode(game.student, ActMode.FROZEN)
+    batch, _ = game.generator_step()
     difficulty = 1 - F.softmax(batch.p_logits.detach(), dim=1).gather(1, batch.y[:, None]).squeeze(1)
     tau = float(difficulty.sort().values[3])  # exactly four samples (ties aside) are easy
-    engine.plugins.hard_tau = tau
+    plugin(game, HardLabels).tau = tau
     mask = (difficulty <= tau).float()
     assert 0 < mask.sum() < len(mask)
     with torch.no_grad():
-        q_logits = engine.student(batch.x.detach())
-    logs = engine._student_step(batch, train_q=False)
+        q_logits = game.student(batch.x.detach())
+    logs = game.student_step(batch, train_q=False)
     assert_close(logs["ce"], (F.cross_entropy(q_logits, batch.y, reduction="none") * mask).mean())
     assert_close(logs["easy_frac"], mask.mean())
-    logs = engine._iteration(True)
+    logs = game.iteration(True)
     assert {"q_ce", "q_easy_frac", "q_kd", "q_loss"} <= set(logs)
 
 
 @pytest.mark.parametrize("method", ["adadfq", "adasg"])
 def test_adadfq_hard_tau_adds_a_masked_cross_entropy(method):
-    engine = make_engine(make_config(method, plugins__hard_tau=0.3, plugins__hard_ce_weight=0.7))
-    easy = [False, True, True, False, True, False]
-    out, mask = hand_outputs(engine, easy, seed=7)
-    method_loss = engine.method.student_loss(Outputs(out.x, out.y, out.p_logits, out.q_logits))["loss"]
-    losses = engine._student_losses(out)
+    game = tiny_game(tiny_config(method, plugins__hard_tau=0.3, plugins__hard_ce_weight=0.7))
+    out, mask = hand_outputs([False, True, True, False, True, False], seed=7)
+    method_loss = game.method.student_loss(Outputs(out.x, out.y, out.p_logits, out.q_logits))["loss"]
+    losses = game.student_losses(out)
     easy_ce = 0.7 * (F.cross_entropy(out.q_logits, out.y, reduction="none") * mask).mean()
     assert_close(losses["easy_ce"], easy_ce)
     assert_close(losses["easy_frac"], torch.tensor(0.5))
     assert_close(losses["loss"], method_loss + easy_ce)
     # hard_ce_weight 0: the mask is reported, no extra term
-    engine.plugins.hard_ce_weight = 0.0
-    losses = engine._student_losses(Outputs(out.x, out.y, out.p_logits, out.q_logits))
+    plugin(game, HardLabels).ce_weight = 0.0
+    losses = game.student_losses(Outputs(out.x, out.y, out.p_logits, out.q_logits))
     assert "easy_ce" not in losses and "easy_frac" in losses
     assert_close(losses["loss"], method_loss)
 
 
 # ============================================================== Grad-CAM alignment
-def _teacher_cam(engine, x, y):
+def _teacher_cam(game, x, y):
     seen = {}
 
     def leaf(_module, args):
         seen["f"] = args[0].detach().requires_grad_()
         return (seen["f"],)
 
-    handle = engine.teacher.pool.register_forward_pre_hook(leaf)
+    handle = game.teacher.pool.register_forward_pre_hook(leaf)
     try:
         with torch.enable_grad():
-            logits = engine.teacher(x)
+            logits = game.teacher(x)
     finally:
         handle.remove()
     return logits.detach(), grad_cam(logits, seen["f"], y, create_graph=False)
 
 
-def test_teacher_targets_with_cam():
-    engine = make_engine(make_config("gdfq", train__warmup_epochs=0, plugins__cam_weight=0.5))
-    batch = engine._fresh_student_batch()
-    logits, p_cam, feats = engine._teacher_targets(batch.x, batch.y, cam=True)
-    hand_logits, hand_cam = _teacher_cam(engine, batch.x, batch.y)
-    assert torch.equal(logits, hand_logits) and not logits.requires_grad
-    assert_close(p_cam, hand_cam)
-    assert p_cam.shape == (8, 16)  # 16 = the 4x4 maps of layer2
-    assert feats == []
-    assert all(p.grad is None for p in engine.teacher.parameters())
-    # cam=False (the Q step of a warm-up epoch): no maps
-    logits2, p_cam2, _ = engine._teacher_targets(batch.x, batch.y, cam=False)
-    assert p_cam2 is None and torch.equal(logits2, hand_logits)
+def _recording_cam(game, monkeypatch) -> list:
+    """P's maps as each Q step's loss receives them (``None``: no maps), recorded in a list."""
+    cam, seen = plugin(game, CamAlignment), []
+    terms = cam.terms
+    monkeypatch.setattr(cam, "terms", lambda out: seen.append((cam.p_cam, out)) or terms(out))
+    return seen
+
+
+def test_q_step_targets_with_cam(monkeypatch):
+    game = tiny_game(tiny_config("gdfq", train__warmup_epochs=0, plugins__cam_weight=0.5))
+    seen = _recording_cam(game, monkeypatch)
+    batch = game.fresh_batch()
+    game.student_step(batch, True)
+    (p_cam, out), hand = seen[0], _teacher_cam(game, batch.x, batch.y)
+    assert torch.equal(out.p_logits, hand[0]) and not out.p_logits.requires_grad
+    assert_close(p_cam, hand[1])
+    assert p_cam.shape == (4, 16)  # 16 = the 4x4 maps of layer2
+    assert out.p_feats == []
+    assert all(p.grad is None for p in game.teacher.parameters())
+    # train_q=False (the Q step of a warm-up epoch): no maps
+    game.student_step(batch, False)
+    assert seen[1][0] is None and torch.equal(seen[1][1].p_logits, hand[0])
 
 
 def test_cam_term_in_the_student_losses_trains_q():
+    """The hooks in the order of a Q step: P's maps, Q's forward inside the probe, then Q's loss."""
     weight = 0.5
-    engine = make_engine(make_config("gdfq", train__warmup_epochs=0, plugins__cam_weight=weight))
-    engine._iteration(False)
-    set_act_mode(engine.student, ActMode.FROZEN)
-    batch = engine._fresh_student_batch()
-    p_logits, p_cam, _ = engine._teacher_targets(batch.x, batch.y, cam=True)
-    with engine._cams[1].capture() as probe:
-        q_logits, q_feats = engine._student_forward(batch.x)
-    losses = engine._student_losses(Outputs(batch.x, batch.y, p_logits, q_logits, None, [], q_feats), p_cam)
-    q_cam = grad_cam(q_logits, probe.feats, batch.y, create_graph=True)
+    game = _frozen_game("gdfq", plugins__cam_weight=weight)
+    cam = plugin(game, CamAlignment)
+    batch = game.fresh_batch()
+    with torch.no_grad(), cam.teacher_scope(True):
+        p_logits, _, _ = game.teacher_forward(batch.x, bns=False)
+    cam.after_teacher(p_logits, batch.y)
+    p_cam = cam.p_cam
+    with cam.student_scope():
+        q_logits, q_feats = game.student_forward(batch.x)
+    losses = game.student_losses(Outputs(batch.x, batch.y, p_logits.detach(), q_logits, None, [], q_feats))
+    q_cam = grad_cam(q_logits, cam.q_probe.feats, batch.y, create_graph=True)
     assert_close(losses["cam"], weight * F.mse_loss(q_cam, p_cam))
     assert_close(losses["loss"], losses["kd"] + losses["ce"] + losses["cam"])
     assert losses["cam"] > 0
-    engine.student.zero_grad(set_to_none=True)
+    game.student.zero_grad(set_to_none=True)
     losses["cam"].backward()
-    grads = {n: p.grad for n, p in engine.student.named_parameters()}
+    grads = {n: p.grad for n, p in game.student.named_parameters()}
     assert grads["fc.weight"] is not None and grads["fc.weight"].abs().sum() > 0  # the head, through the CAM weights
     assert grads["layer2.0.weight"] is not None and grads["layer2.0.weight"].abs().sum() > 0  # and the maps
-    assert all(p.grad is None for p in engine.teacher.parameters())
-    # Without gradients (evaluation-like Q step) there is no CAM term.
-    with torch.no_grad(), engine._cams[1].capture():
-        q_logits, q_feats = engine._student_forward(batch.x)
-        losses = engine._student_losses(Outputs(batch.x, batch.y, p_logits, q_logits, None, [], q_feats), p_cam)
-    assert "cam" not in losses
+    assert all(p.grad is None for p in game.teacher.parameters())
+    # Without gradients (an evaluation-like Q step) there is no CAM term.
+    cam.p_cam = p_cam
+    with torch.no_grad(), cam.student_scope():
+        q_logits, q_feats = game.student_forward(batch.x)
+        losses = game.student_losses(Outputs(batch.x, batch.y, p_logits, q_logits, None, [], q_feats))
+    assert "cam" not in losses and cam.p_cam is None  # the maps served their step
 
 
 def test_cam_student_step_logs_the_cam_term():
-    engine = make_engine(make_config("gdfq", train__warmup_epochs=1, plugins__cam_weight=0.5))
-    engine._run_epoch(0, quiet_bar())  # warm-up: no CAM (Q does not train)
-    set_act_mode(engine.student, ActMode.FROZEN)
-    batch, _ = engine._generator_step()
-    assert "cam" not in engine._student_step(batch, train_q=False)
-    logs = engine._student_step(batch, train_q=True)
+    trainer = tiny_trainer(tiny_config("gdfq", plugins__cam_weight=0.5))
+    trainer.train_epoch()  # warm-up: no CAM (Q does not train)
+    game = trainer.game
+    set_act_mode(game.student, ActMode.FROZEN)
+    batch, _ = game.generator_step()
+    assert "cam" not in game.student_step(batch, train_q=False)
+    logs = game.student_step(batch, train_q=True)
     assert "cam" in logs and math.isfinite(logs["cam"].item())
 
 
@@ -548,195 +559,192 @@ def test_lsq_fake_quantize_by_hand():
     assert_close(step.grad, expected_ds.sum())
 
 
-def _lsq_engine(**overrides):
-    return make_engine(make_config("gdfq", train__epochs=3, plugins__lsq=True, **overrides))
+def _lsq_trainer(**overrides):
+    return tiny_trainer(tiny_config("gdfq", train__epochs=3, plugins__lsq=True, **overrides))
 
 
 def test_lsq_plugin_learns_steps_then_freezes_them():
-    engine = _lsq_engine()
-    bar = quiet_bar()
-    assert engine.config.quant.weight_scales == "stored"
-    engine._run_epoch(0, bar)
-    assert engine.qp_opt is None and act_modes(engine.student) == {ActMode.OBSERVE}
-    ranges_before = act_ranges(engine.student)
-    wqs = engine._weight_quantizers()
+    trainer = _lsq_trainer()
+    game = trainer.game
+    learned, config = plugin(game, LearnedQuantizers), game.config.plugins
+    trainer.train_epoch()
+    assert learned.opt is None and act_modes(game.student) == {ActMode.OBSERVE}
+    ranges_before = act_ranges(game.student)
+    wqs = list(weight_quantizers(game.student))
     assert len(wqs) == 4 and all(wq.stored for _, wq in wqs)
     minmax_scales = [wq.minmax_qparams(layer.weight)[0].clone() for layer, wq in wqs]
     for (_, wq), s in zip(wqs, minmax_scales, strict=True):
         assert torch.equal(wq.scale, s)  # the stored grid starts as the min/max grid
     weights_before = [layer.weight.detach().clone() for layer, _ in wqs]
-    observed_steps = [q.qparams()[0].clone() for _, q in act_quantizers(engine.student)]
+    observed_steps = [q.qparams()[0].clone() for _, q in act_quantizers(game.student)]
 
-    engine._run_epoch(1, bar)
-    aqs = [q for _, q in act_quantizers(engine.student)]
-    assert act_modes(engine.student) == {ActMode.LEARNED}
-    assert engine.qp_opt is not None
-    groups = engine.qp_opt.param_groups
-    assert [g["lr"] for g in groups] == [engine.plugins.lr_astep, engine.plugins.lr_wstep]
+    trainer.train_epoch()
+    aqs = [q for _, q in act_quantizers(game.student)]
+    assert act_modes(game.student) == {ActMode.LEARNED}
+    assert learned.opt is not None and game.student_optimizers() == [game.q_opt, learned.opt]
+    groups = learned.opt.param_groups
+    assert [g["lr"] for g in groups] == [config.lr_astep, config.lr_wstep]
     assert [id(p) for p in groups[0]["params"]] == [id(q.step) for q in aqs]
     assert [id(p) for p in groups[1]["params"]] == [id(wq.step) for _, wq in wqs]
     assert all(wq.learns_step for _, wq in wqs)
-    assert len(learned_keys(engine.student)) == len(aqs) + len(wqs)
-    assert act_ranges(engine.student) == ranges_before  # the ranges wait for the end
+    assert len(learned_keys(game.student)) == len(aqs) + len(wqs)
+    assert act_ranges(game.student) == ranges_before  # the ranges wait for the end
     # The weights keep training through the rounding's straight-through gradient.
     assert any(not torch.equal(layer.weight, w) for (layer, _), w in zip(wqs, weights_before, strict=True))
     # The act steps moved away from the observed grid, and qparams (the deploy bias grid's source) follows them.
     assert all(torch.equal(q.step.detach().abs(), q.qparams()[0]) for q in aqs)
     assert any(not torch.equal(q.step.detach(), s) for q, s in zip(aqs, observed_steps, strict=True))
 
-    engine._run_epoch(2, bar)
-    engine._end_quantizer_learning()
-    assert engine.qp_opt is None
-    assert act_modes(engine.student) == {ActMode.FROZEN}
+    trainer.train_epoch()
+    game.finish()
+    assert learned.opt is None and game.student_optimizers() == [game.q_opt]
+    assert act_modes(game.student) == {ActMode.FROZEN}
     assert all(not hasattr(q, "step") for q in aqs)
-    assert learned_keys(engine.student) == []
-    ranges_after = act_ranges(engine.student)
+    assert learned_keys(game.student) == []
+    ranges_after = act_ranges(game.student)
     assert ranges_after.keys() == ranges_before.keys()
     assert all(ranges_after[n] != ranges_before[n] for n in ranges_before)
     for (_, wq), s in zip(wqs, minmax_scales, strict=True):
         assert wq.stored and not wq.learns_step and not hasattr(wq, "step")
         assert not torch.equal(wq.scale, s)
         assert (wq.scale > 0).all()
-    engine._end_quantizer_learning()  # idempotent
+    game.finish()  # idempotent
+    assert learned_keys(game.student) == []
 
 
 def test_lsq_end_learning_keeps_the_learned_grid():
     """The frozen act range reproduces the learned step exactly (qparams gives the step back)."""
-    engine = _lsq_engine()
-    bar = quiet_bar()
-    engine._run_epoch(0, bar)
-    engine._run_epoch(1, bar)
-    aqs = [q for _, q in act_quantizers(engine.student)]
-    learned = [(q.step.detach().abs().clone(), q._grid[0].clone()) for q in aqs]
-    wsteps = [wq.step.detach().abs().clone() for _, wq in engine._weight_quantizers()]
-    engine._end_quantizer_learning()
+    trainer = _lsq_trainer()
+    trainer.train_epoch()
+    trainer.train_epoch()
+    game = trainer.game
+    aqs = [q for _, q in act_quantizers(game.student)]
+    learned = [tuple(t.clone() for t in q.qparams()[:2]) for q in aqs]  # the learned step, its zero point
+    wqs = list(weight_quantizers(game.student))
+    wsteps = [wq.step.detach().abs().clone() for _, wq in wqs]
+    game.finish()
     for q, (step, zp) in zip(aqs, learned, strict=True):
         scale, zero_point, _, _ = q.qparams()
         assert_close(scale, step)
         assert torch.equal(zero_point, zp)
-    for (_, wq), step in zip(engine._weight_quantizers(), wsteps, strict=True):
+    for (_, wq), step in zip(wqs, wsteps, strict=True):
         assert torch.equal(wq.scale, step)
 
 
 @pytest.mark.parametrize(("warmup", "observe"), [(2, 1), (1, 2)])
 def test_learning_starts_after_warmup_and_observation(warmup, observe, monkeypatch):
-    engine = _lsq_engine(train__warmup_epochs=warmup, train__observe_epochs=observe, train__iters_per_epoch=1)
-    begun = []
-    begin = engine._begin_quantizer_learning
+    trainer = _lsq_trainer(train__warmup_epochs=warmup, train__observe_epochs=observe, train__iters_per_epoch=1)
+    game = trainer.game
+    learned, learning = plugin(game, LearnedQuantizers), []
+    iteration = game.method.iteration
 
-    def recording_begin():
-        begun.append((engine.state.epoch, engine.state.iteration))
-        begin()
+    def recording(g, train_q):
+        learning.append((trainer.state.epoch, learned.opt is not None, act_modes(g.student) == {ActMode.LEARNED}))
+        return iteration(g, train_q)
 
-    monkeypatch.setattr(engine, "_begin_quantizer_learning", recording_begin)
-    bar = quiet_bar()
-    for epoch in range(2):
-        engine._run_epoch(epoch, bar)
-        assert engine.qp_opt is None and ActMode.LEARNED not in act_modes(engine.student)
-    engine._run_epoch(2, bar)
-    assert begun == [(2, 0)]
-    assert engine.qp_opt is not None and act_modes(engine.student) == {ActMode.LEARNED}
+    monkeypatch.setattr(game.method, "iteration", recording)
+    trainer.run()
+    assert learning == [(0, False, False), (1, False, False), (2, True, True)]
 
 
 def test_lsq_run_end_to_end_leaves_an_ordinary_model(tmp_path):
-    engine = _lsq_engine()
-    q, _ = engine.run()
+    trainer = _lsq_trainer()
+    q, _ = trainer.run()
     assert act_modes(q) == {ActMode.FROZEN}
     assert learned_keys(q) == []
-    assert engine.qp_opt is None
+    assert plugin(trainer.game, LearnedQuantizers).opt is None
     # The last checkpoint was written while learning: it holds the learned parameters and their optimizer.
-    engine2 = _lsq_engine()
-    engine2.run_dir = tmp_path
-    engine2.run()
+    saved = tiny_trainer(tiny_config("gdfq", train__epochs=3, plugins__lsq=True), run_dir=tmp_path)
+    saved.run()
     ckpt = read_train_checkpoint(tmp_path)
     assert ckpt["qp_opt"] is not None
     assert any(k.endswith(".step") for k in ckpt["student"])
-    assert_same_states(engine, engine2)
+    assert_same_states(trainer, saved)
 
 
 # ============================================================== AdaRound
-def _ada_engine(method="gdfq", **overrides):
-    return make_engine(make_config(method, train__epochs=3, plugins__adaround=True, **overrides))
+def _ada_trainer(method="gdfq", **overrides):
+    return tiny_trainer(tiny_config(method, train__epochs=3, plugins__adaround=True, **overrides))
 
 
-def _quantized_weights(engine):
-    return [layer.weight for layer, _ in engine._weight_quantizers()]
+def _learning_trainer(**overrides):
+    """An AdaRound trainer after epoch 0, its ranges frozen and the rounding just begun (what epoch 1 starts with)."""
+    trainer = _ada_trainer(**overrides)
+    trainer.train_epoch()
+    set_act_mode(trainer.game.student, ActMode.FROZEN)
+    plugin(trainer.game, LearnedQuantizers).begin_epoch(1, lr_scale=1.0)
+    return trainer
 
 
 def test_adaround_learns_rounding_not_weights():
-    engine = _ada_engine()
-    bar = quiet_bar()
-    engine._run_epoch(0, bar)
-    set_act_mode(engine.student, ActMode.FROZEN)
-    engine._begin_quantizer_learning()  # what epoch 1 does first
-    wqs = engine._weight_quantizers()
-    groups = engine.qp_opt.param_groups
-    assert [g["lr"] for g in groups] == [engine.plugins.lr_wstep, engine.plugins.lr_round]
+    trainer = _learning_trainer()
+    game = trainer.game
+    learned, config = plugin(game, LearnedQuantizers), game.config.plugins
+    wqs = list(weight_quantizers(game.student))
+    groups = learned.opt.param_groups
+    assert [g["lr"] for g in groups] == [config.lr_wstep, config.lr_round]
     assert [id(p) for p in groups[0]["params"]] == [id(wq.step) for _, wq in wqs]
     assert [id(p) for p in groups[1]["params"]] == [id(wq.alpha) for _, wq in wqs]
-    assert act_modes(engine.student) == {ActMode.FROZEN}  # adaround alone: act steps stay observed
-    weights = [w.detach().clone() for w in _quantized_weights(engine)]
+    assert act_modes(game.student) == {ActMode.FROZEN}  # adaround alone: act steps stay observed
+    weights = [layer.weight.detach().clone() for layer, _ in wqs]
     alphas = [wq.alpha.detach().clone() for _, wq in wqs]
     steps = [wq.step.detach().clone() for _, wq in wqs]
-    logs = engine._iteration(True)
-    assert "q_round" in logs
-    engine._run_epoch(1, bar)
-    for w, before in zip(_quantized_weights(engine), weights, strict=True):
-        assert w.grad is None
-        assert torch.equal(w, before)
+    assert "q_round" in game.iteration(True)
+    trainer.train_epoch()
+    for (layer, _), before in zip(wqs, weights, strict=True):
+        assert layer.weight.grad is None
+        assert torch.equal(layer.weight, before)
     assert all(not torch.equal(wq.alpha, a) for (_, wq), a in zip(wqs, alphas, strict=True))
     assert any(not torch.equal(wq.step, s) for (_, wq), s in zip(wqs, steps, strict=True))
 
 
 def test_adaround_rounding_loss_by_hand():
-    engine = _ada_engine(plugins__beta=[20.0, 2.0], plugins__round_weight=0.3)
-    engine._run_epoch(0, quiet_bar())
-    set_act_mode(engine.student, ActMode.FROZEN)
-    engine._begin_quantizer_learning()
+    trainer = _learning_trainer(train__iters_per_epoch=3, plugins__beta=[20.0, 2.0], plugins__round_weight=0.3)
+    game = trainer.game
+    learned = plugin(game, LearnedQuantizers)
     with torch.no_grad():  # rounding variables away from their start, so the regulariser is not trivial
-        for _, wq in engine._weight_quantizers():
+        for _, wq in weight_quantizers(game.student):
             wq.alpha.add_(torch.randn_like(wq.alpha))
-    t = engine.train  # learning from epoch 1 to 3: iterations 3 to 9
 
     def hand(beta):
         total, count = torch.tensor(0.0), 0
-        for _, wq in engine._weight_quantizers():
+        for _, wq in weight_quantizers(game.student):
             h = torch.clamp(torch.sigmoid(wq.alpha.detach()) * 1.2 - 0.1, 0, 1)
             total = total + (1 - (2 * h - 1).abs() ** beta).sum()
             count += wq.alpha.numel()
         return total / count
 
+    out, _ = hand_outputs([True] * 8)
+    # Learning from epoch 1 to 3 of 3 iterations: global iterations 3 to 9, beta linear from 20 to 2.
     for epoch, iteration, beta in [(1, 0, 20.0), (2, 1, 8.0), (1, 2, 20.0 - 18.0 * 2 / 6), (3, 0, 2.0)]:
-        engine.state.epoch, engine.state.iteration = epoch, iteration
-        done = (epoch * t.iters_per_epoch + iteration - 3) / 6
+        trainer.state.epoch, trainer.state.iteration = epoch, iteration
+        done = (epoch * 3 + iteration - 3) / 6
         assert beta == pytest.approx(20.0 + (2.0 - 20.0) * done)
-        assert_close(engine._rounding_loss(), hand(beta))
-    engine.state.epoch, engine.state.iteration = 2, 1
-    out, _ = hand_outputs(engine, [True] * 8)
-    losses = engine._student_losses(out)
+        assert_close(learned.terms(out)["round"], 0.3 * hand(beta))
+    trainer.state.epoch, trainer.state.iteration = 2, 1
+    losses = game.student_losses(out)
     assert_close(losses["round"], 0.3 * hand(8.0))
-    method_loss = engine.method.student_loss(Outputs(out.x, out.y, out.p_logits, out.q_logits))["loss"]
+    method_loss = game.method.student_loss(Outputs(out.x, out.y, out.p_logits, out.q_logits))["loss"]
     assert_close(losses["loss"], method_loss + losses["round"])
     # Before learning begins there is no rounding term.
-    fresh = _ada_engine()
-    out, _ = hand_outputs(fresh, [True] * 8)
-    assert "round" not in fresh._student_losses(out)
+    assert "round" not in _ada_trainer().game.student_losses(hand_outputs([True] * 8)[0])
 
 
 def test_adaround_ends_on_the_stored_grid():
-    engine = _ada_engine()
-    bar = quiet_bar()
-    for epoch in range(3):
-        engine._run_epoch(epoch, bar)
-    x = engine._fresh_student_batch().x
-    for _, wq in engine._weight_quantizers():
+    trainer = _ada_trainer()
+    for _ in range(3):
+        trainer.train_epoch()
+    game = trainer.game
+    x = game.fresh_batch().x
+    wqs = list(weight_quantizers(game.student))
+    for _, wq in wqs:
         assert wq.soft_rounding  # learning uses the soft rounding ...
         wq.soft_rounding = False  # ... and Q ends with the hard one
     with torch.no_grad():
-        before = engine.student(x)
-    engine._end_quantizer_learning()
-    assert learned_keys(engine.student) == []
-    for layer, wq in engine._weight_quantizers():
+        before = game.student(x)
+    game.finish()
+    assert learned_keys(game.student) == []
+    for layer, wq in wqs:
         assert wq.alpha is None and not hasattr(wq, "step") and not hasattr(wq, "_base")
         codes = layer.weight.detach() / wq.scale
         assert_close(codes, codes.round(), rtol=0, atol=1e-4)
@@ -746,28 +754,25 @@ def test_adaround_ends_on_the_stored_grid():
         # the fake-quantized weight is the weight itself
         assert_close(wq(layer.weight.detach()), layer.weight.detach(), rtol=0, atol=1e-6)
     with torch.no_grad():
-        after = engine.student(x)
+        after = game.student(x)
     assert_close(after, before, rtol=1e-4, atol=1e-4)  # the rounding fixed is the rounding Q used
 
 
 def test_adaround_rounding_learns_from_the_task_loss():
-    engine = _ada_engine(plugins__round_weight=0.0)
-    engine._run_epoch(0, quiet_bar())
-    set_act_mode(engine.student, ActMode.FROZEN)
-    engine._begin_quantizer_learning()
-    batch, _ = engine._generator_step()
-    engine._student_step(batch, True)
-    grads = [wq.alpha.grad for _, wq in engine._weight_quantizers()]
+    game = _learning_trainer(plugins__round_weight=0.0).game
+    batch, _ = game.generator_step()
+    game.student_step(batch, True)
+    grads = [wq.alpha.grad for _, wq in weight_quantizers(game.student)]
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
 def test_learned_quantizers_need_something_to_learn():
-    """Refused with a clear error when the engine is built, not with an optimizer's ValueError mid-run."""
+    """Refused with a clear error when the game is built, not with an optimizer's ValueError mid-run."""
     with pytest.raises(DFQError, match="no quantized weights"):
-        make_engine(make_config("gdfq", plugins__adaround=True, quant__wbits=32))
+        tiny_game(tiny_config("gdfq", train__epochs=3, plugins__adaround=True, quant__wbits=32))
     with pytest.raises(DFQError, match="no quantized weights or activations"):
-        make_engine(make_config("gdfq", plugins__lsq=True, quant__wbits=32, quant__abits=32))
-    make_engine(make_config("gdfq", plugins__lsq=True, quant__wbits=32))  # activation steps alone are fine
+        tiny_game(tiny_config("gdfq", train__epochs=3, plugins__lsq=True, quant__wbits=32, quant__abits=32))
+    tiny_game(tiny_config("gdfq", train__epochs=3, plugins__lsq=True, quant__wbits=32))  # act steps alone are fine
 
 
 # ============================================================== resume and rollback
@@ -787,152 +792,148 @@ PLUGIN_SETS = {
 @pytest.mark.parametrize("method", ["gdfq", "adadfq"])
 @pytest.mark.parametrize("plugins", list(PLUGIN_SETS))
 def test_resume_after_an_epoch_of_learning_is_bit_identical(method, plugins, tmp_path):
-    config = make_config(method, train__epochs=3, **PLUGIN_SETS[plugins])
-    ref = make_engine(config, run_dir=tmp_path / "ref")
+    config = tiny_config(method, train__epochs=3, **PLUGIN_SETS[plugins])
+    ref = tiny_trainer(config, run_dir=tmp_path / "ref")
     ref.run()
 
-    stopped = make_engine(config, run_dir=tmp_path / "run")
-    stopped._run_epoch(0, quiet_bar())
-    stopped._run_epoch(1, quiet_bar())  # the first learning epoch
+    stopped = tiny_trainer(config, run_dir=tmp_path / "run")
+    stopped.train_epoch()
+    stopped.train_epoch()  # the first learning epoch
     ckpt = read_train_checkpoint(tmp_path / "run")
     assert (ckpt["epoch"], ckpt["iteration"]) == (2, 0) and ckpt["qp_opt"] is not None
 
-    resumed = make_engine(config, run_dir=tmp_path / "run", torch_seed=999)
+    resumed = tiny_trainer(config, run_dir=tmp_path / "run", global_seed=999)
     resumed.run(resume=True)
     assert_same_states(resumed, ref)
-    assert learned_keys(resumed.student) == []
-    assert torch.equal(resumed.samplers[0].get_state(), ref.samplers[0].get_state())
+    assert learned_keys(resumed.game.student) == []
+    assert torch.equal(resumed.game.streams.state(), ref.game.streams.state())
 
 
 @pytest.mark.parametrize("method", ["gdfq", "adadfq"])
 @pytest.mark.parametrize("plugins", ["adaround", "all"])
-def test_resume_mid_epoch_while_learning_is_bit_identical(method, plugins, tmp_path):
-    config = make_config(method, train__epochs=3, train__checkpoint_every_iters=4, **PLUGIN_SETS[plugins])
-    ref = make_engine(config, run_dir=tmp_path / "ref")
+def test_resume_mid_epoch_while_learning_is_bit_identical(method, plugins, tmp_path, monkeypatch):
+    config = tiny_config(method, train__epochs=3, train__iters_per_epoch=3, train__checkpoint_every_iters=4,
+                         **PLUGIN_SETS[plugins])  # fmt: skip
+    ref = tiny_trainer(config, run_dir=tmp_path / "ref")
     ref.run()
 
-    stopped = make_engine(config, run_dir=tmp_path / "run")
-    calls = {"n": 0}
-    iteration = stopped._iteration
+    stopped = tiny_trainer(config, run_dir=tmp_path / "run")
+    iteration, calls = stopped.game.method.iteration, []
 
-    def crashing(train_q):
-        calls["n"] += 1
-        if calls["n"] == 6:  # epoch 1, iteration 2: after the checkpoint at global iteration 4
+    def crashing(game, train_q):
+        calls.append(1)
+        if len(calls) == 6:  # epoch 1, iteration 2: after the checkpoint at global iteration 4
             raise KeyboardInterrupt
-        return iteration(train_q)
+        return iteration(game, train_q)
 
-    stopped._iteration = crashing
+    monkeypatch.setattr(stopped.game.method, "iteration", crashing)
     with pytest.raises(KeyboardInterrupt):
         stopped.run()
     ckpt = read_train_checkpoint(tmp_path / "run")
     assert (ckpt["epoch"], ckpt["iteration"]) == (1, 1) and ckpt["qp_opt"] is not None
     assert any(k.endswith(".alpha") for k in ckpt["student"])
 
-    resumed = make_engine(config, run_dir=tmp_path / "run", torch_seed=999)
+    resumed = tiny_trainer(config, run_dir=tmp_path / "run", global_seed=999)
     resumed.run(resume=True)
     assert_same_states(resumed, ref)
 
 
 def test_resume_rejects_a_checkpoint_of_another_plugin_config(tmp_path):
-    make_engine(make_config("gdfq", plugins__lsq=True), run_dir=tmp_path).run()
-    other = make_engine(make_config("gdfq", plugins__adaround=True), run_dir=tmp_path)
+    tiny_trainer(tiny_config("gdfq", train__epochs=3, plugins__lsq=True), run_dir=tmp_path).run()
+    other = tiny_trainer(tiny_config("gdfq", train__epochs=3, plugins__adaround=True), run_dir=tmp_path)
     with pytest.raises(DFQError, match="different configuration"):
         other.run(resume=True)
 
 
 @pytest.mark.parametrize("plugins", ["lsq", "adaround", "all"])
 def test_rollback_to_before_learning(plugins):
-    config = make_config("gdfq", train__epochs=3, **PLUGIN_SETS[plugins])
-    engine = make_engine(config)
-    bar = quiet_bar()
-    engine._run_epoch(0, bar)
-    snapshot = engine._last_good
+    config = tiny_config("gdfq", train__epochs=3, **PLUGIN_SETS[plugins])
+    trainer = tiny_trainer(config)
+    game = trainer.game
+    trainer.train_epoch()
+    snapshot = trainer.snapshot()
     assert snapshot["qp_opt"] is None and snapshot["epoch"] == 1
-    engine._run_epoch(1, bar)
-    assert engine.qp_opt is not None and learned_keys(engine.student)
-    engine._restore(snapshot)
-    assert engine.qp_opt is None
-    assert learned_keys(engine.student) == []
-    assert not any(hasattr(q, "step") for _, q in act_quantizers(engine.student))
-    state = engine.student.state_dict()
+    trainer.train_epoch()
+    assert plugin(game, LearnedQuantizers).opt is not None and learned_keys(game.student)
+    trainer.restore(snapshot)
+    assert plugin(game, LearnedQuantizers).opt is None
+    assert learned_keys(game.student) == []
+    assert not any(hasattr(q, "step") for _, q in act_quantizers(game.student))
+    state = game.student.state_dict()
     assert state.keys() == snapshot["student"].keys()
     for k, v in snapshot["student"].items():
         assert torch.equal(state[k], v), k
     # Redoing the epoch from the snapshot gives what a run without the detour gives.
-    engine._run_epoch(1, bar)
-    engine._run_epoch(2, bar)
-    engine._end_quantizer_learning()
-    straight = make_engine(config)
-    for epoch in range(3):
-        straight._run_epoch(epoch, bar)
-    straight._end_quantizer_learning()
-    assert_same_states(engine, straight)
+    trainer.train_epoch()
+    trainer.train_epoch()
+    game.finish()
+    straight = tiny_trainer(config)
+    for _ in range(3):
+        straight.train_epoch()
+    straight.game.finish()
+    assert_same_states(trainer, straight)
 
 
 def test_rollback_to_a_checkpoint_taken_while_learning():
-    engine = make_engine(make_config("gdfq", train__epochs=3, **PLUGIN_SETS["all"]))
-    bar = quiet_bar()
-    engine._run_epoch(0, bar)
-    engine._run_epoch(1, bar)
-    snapshot = engine._last_good
+    trainer = tiny_trainer(tiny_config("gdfq", train__epochs=3, **PLUGIN_SETS["all"]))
+    trainer.train_epoch()
+    trainer.train_epoch()
+    snapshot = trainer.snapshot()
     assert snapshot["qp_opt"] is not None
-    student = clone_state(engine.student)
-    engine._run_epoch(2, bar)
-    engine._restore(snapshot)
-    assert engine.qp_opt is not None
-    state = engine.student.state_dict()
+    student = clone_state(trainer.game.student)
+    trainer.train_epoch()
+    trainer.restore(snapshot)
+    assert plugin(trainer.game, LearnedQuantizers).opt is not None
+    state = trainer.game.student.state_dict()
     assert state.keys() == student.keys()
     for k, v in student.items():
         assert torch.equal(state[k], v), k
 
 
 def test_teacher_is_untouched_by_the_plugins():
-    teacher = make_teacher()
+    teacher = tiny_classifier()
     before = clone_state(teacher)
-    make_engine(make_config("gdfq", **PLUGIN_SETS["all"]), teacher=teacher).run()
+    tiny_trainer(tiny_config("gdfq", train__epochs=3, **PLUGIN_SETS["all"]), teacher=teacher).run()
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, before[k]), k
 
 
 # ============================================================== review fixes
-@pytest.mark.parametrize("plugin", ["plugins__lsq", "plugins__adaround"])
-def test_deploy_evaluation_while_learning_is_the_final_model(plugin):
+@pytest.mark.parametrize("name", ["plugins__lsq", "plugins__adaround"])
+def test_deploy_evaluation_while_learning_is_the_final_model(name):
     """Under the deploy protocol the bias grids follow the learned steps, so what is evaluated during learning
     is exactly the model the run ends with."""
-    engine = make_engine(make_config("gdfq", train__epochs=3, quant__protocol="deploy", **{plugin: True}))
-    bar = quiet_bar()
-    for epoch in range(3):
-        engine._run_epoch(epoch, bar)
-    x = engine._fresh_student_batch().x
-    seen = {}
-    engine.evaluate = lambda model: seen.setdefault("logits", model(x).detach()) is not None and {"top1": 0.0}
-    engine._evaluate()
-    engine._end_quantizer_learning()
-    engine.student.eval()
+    trainer = tiny_trainer(tiny_config("gdfq", train__epochs=3, quant__protocol="deploy", **{name: True}))
+    for _ in range(3):
+        trainer.train_epoch()
+    game = trainer.game
+    x = game.fresh_batch().x
+    with torch.no_grad(), game.evaluated() as q:
+        evaluated = q(x)
+    game.finish().eval()
     with torch.no_grad():
-        assert_close(engine.student(x), seen["logits"], rtol=0, atol=1e-5)
+        assert_close(game.student(x), evaluated, rtol=0, atol=1e-5)
 
 
 def test_rollback_lowers_the_learned_quantizer_learning_rates():
-    engine = _lsq_engine()
-    bar = quiet_bar()
-    engine._run_epoch(0, bar)
-    engine._run_epoch(1, bar)
-    base = [g["base_lr"] for g in engine.qp_opt.param_groups]
-    engine.state.lr_scale = 0.25
-    engine._run_epoch(2, bar)
-    assert [g["lr"] for g in engine.qp_opt.param_groups] == [0.25 * b for b in base]
+    trainer = _lsq_trainer()
+    trainer.train_epoch()
+    trainer.train_epoch()
+    learned = plugin(trainer.game, LearnedQuantizers)
+    base = [g["base_lr"] for g in learned.opt.param_groups]
+    trainer.state.lr_scale = 0.25
+    trainer.train_epoch()
+    assert [g["lr"] for g in learned.opt.param_groups] == [0.25 * b for b in base]
 
 
 def test_restore_does_not_alias_the_snapshot_optimizer_state():
-    engine = _lsq_engine()
-    bar = quiet_bar()
-    engine._run_epoch(0, bar)
-    engine._run_epoch(1, bar)
-    snapshot = engine._snapshot()
+    trainer = _lsq_trainer()
+    trainer.train_epoch()
+    trainer.train_epoch()
+    snapshot = trainer.snapshot()
     frozen = {k: copy.deepcopy(snapshot[k]) for k in ("q_opt", "g_opt", "qp_opt")}
-    engine._restore(snapshot)
-    engine._iteration(True)
+    trainer.restore(snapshot)
+    trainer.game.iteration(True)
     for key, state in frozen.items():
         for pid, values in state["state"].items():
             for name, value in values.items():
@@ -941,7 +942,7 @@ def test_restore_does_not_alias_the_snapshot_optimizer_state():
 
 
 def test_plugins_are_refused_where_they_would_be_ignored():
-    with pytest.raises(DFQError, match="generator-based methods"):
-        resolve_config(None, {"method": "recon", "plugins.lowpass": 0.5})
+    with pytest.raises(DFQError, match="plugins"):  # recon has no plug-ins
+        resolve_config(None, {"method.name": "recon", "method.plugins.lowpass": 0.5})
     with pytest.raises(DFQError, match="start learning at epoch"):
-        make_engine(make_config("gdfq", plugins__lsq=True, train__epochs=1))
+        tiny_game(tiny_config("gdfq", plugins__lsq=True, train__epochs=1))

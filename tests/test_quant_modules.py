@@ -23,7 +23,9 @@ from dfq.quant import (
     quant_disabled,
     quantize_model,
     set_act_mode,
+    weight_quantizers,
 )
+from dfq.quant.learning import LEARNED_SUFFIXES, BetaSchedule, QuantizerLearning, cosine_anneal
 
 SEED = 123
 
@@ -313,3 +315,41 @@ def test_config_validation_messages():
         QuantConfig(overrides={"x": {"abits": 1}})
     cfg = QuantConfig(wbits=3, overrides={"conv1": {"wbits": 8}})
     assert QuantConfig.from_dict(cfg.to_dict()) == cfg
+
+
+# --------------------------------------------------------------------------- learned steps and rounding
+def test_beta_schedule_shapes_by_hand():
+    linear = BetaSchedule((20.0, 2.0), steps=6)  # the games' plug-in: linear over Q's learning iterations
+    assert [linear(s) for s in (0, 3, 6, 9)] == [20.0, 11.0, 2.0, 2.0]  # held at the end
+    cosine = BetaSchedule((20.0, 2.0), steps=10, anneal=cosine_anneal, warmup=2)  # recon: cosine after a warm-up
+    assert not cosine.started(1) and cosine.started(2)
+    assert cosine(2) == 20.0 and cosine(6) == pytest.approx(11.0) and cosine(10) == pytest.approx(2.0)
+
+
+def test_quantizer_learning_opens_and_closes_a_phase():
+    torch.manual_seed(SEED)
+    q = quantize_model(create_model("resnet20a_cifar10"), QuantConfig(wbits=4, abits=4, weight_scales="stored"))
+    calibrate(q, [torch.randn(2, 3, 32, 32)])
+    weights, acts = list(weight_quantizers(q)), [aq for _, aq in act_quantizers(q)]
+    for layer, wq in weights:
+        wq.store(layer.weight)
+    learning = QuantizerLearning(weights, acts)
+    learned = learning.begin(rounding=True)
+    assert [len(learned.rounding), len(learned.weight_steps), len(learned.act_steps)] == [len(weights)] * 2 + [
+        len(acts)
+    ]
+    assert {aq.get_mode() for aq in acts} == {ActMode.LEARNED}
+    with torch.no_grad():
+        for alpha in learned.rounding:
+            alpha.add_(torch.randn_like(alpha))
+    total = learning.rounding_loss(4.0)
+    torch.testing.assert_close(total, sum(wq.rounding_loss(4.0) for _, wq in weights))
+    count = sum(alpha.numel() for alpha in learned.rounding)
+    torch.testing.assert_close(learning.rounding_loss(4.0, reduction="mean"), total / count)
+    learning.end()
+    assert all(wq.alpha is None and not hasattr(wq, "step") for _, wq in weights)
+    assert {aq.get_mode() for aq in acts} == {ActMode.FROZEN}
+    assert not [k for k in q.state_dict() if k.endswith(LEARNED_SUFFIXES)]
+    for layer, wq in weights:  # the weights lie on their stored grids
+        codes = layer.weight.detach() / wq.scale
+        torch.testing.assert_close(codes, codes.round(), rtol=0, atol=1e-4)

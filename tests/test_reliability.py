@@ -83,26 +83,32 @@ def test_full_disk_is_a_clear_error_and_keeps_the_old_file(tmp_path, monkeypatch
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-_SHORT_RECON = """
+_SHORT_RUNS = """
 import hashlib, torch, dfq
+from dfq.methods import AdaDFQConfig, ReconConfig
 from dfq.models import create_model
-torch.set_num_threads(2)
-torch.manual_seed(0)
-q, _ = dfq.quantize(create_model("resnet20a_cifar10"), method="recon", progress=False, **{"recon.num_samples": 32,
-    "recon.synth_batch": 32, "recon.synth_steps": 5, "recon.iters": 10, "recon.batch_size": 16})
+from dfq.train import TrainConfig
+torch.set_num_threads(1)  # a fixed thread count (more only slow the small ops of a game down)
 h = hashlib.sha256()
-for v in q.state_dict().values():
-    h.update(v.contiguous().numpy().tobytes())
+for method in (ReconConfig(num_samples=32, synth_batch=32, synth_steps=5, iters=10, batch_size=16),
+               AdaDFQConfig(train=TrainConfig(epochs=2, iters_per_epoch=2, batch_size=4, warmup_epochs=1,
+                                              observe_epochs=1))):
+    torch.manual_seed(0)
+    q = dfq.quantize(create_model("resnet20a_cifar10"), dfq.QuantConfig(), method, progress=False).model
+    for v in q.state_dict().values():
+        h.update(v.contiguous().numpy().tobytes())
 print(h.hexdigest())
 """
 
 
 def test_a_seeded_run_is_bit_identical_in_another_process():
-    """Two processes with one seed and MKL pinned (benchmarks/determinism.py) return the same Q, whatever Python's
-    hash seed: nothing in a run may depend on set order, an unseeded stream or the process."""
-    runs = [
-        subprocess.run([sys.executable, "-c", _SHORT_RECON], capture_output=True, text=True, check=True,
-                       env={**os.environ, "MKL_CBWR": "COMPATIBLE", "PYTHONHASHSEED": str(hash_seed)}).stdout
+    """Two processes with one seed and MKL pinned (benchmarks/determinism.py) return the same Q (recon and a game),
+    whatever Python's hash seed: nothing in a run may depend on set order, an unseeded stream or the process."""
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _SHORT_RUNS], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "MKL_CBWR": "COMPATIBLE", "PYTHONHASHSEED": str(hash_seed)})
         for hash_seed in (1, 2)
     ]  # fmt: skip
-    assert runs[0] == runs[1] and len(runs[0].strip()) == 64
+    runs = [proc.communicate(timeout=300) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], runs
+    assert runs[0][0] == runs[1][0] and len(runs[0][0].strip()) == 64

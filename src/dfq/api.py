@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 import dfq
-from dfq.checkpoint import CHECKPOINT_NAME, save_quantized
+from dfq import rundir
+from dfq.checkpoint import save_quantized
 from dfq.config import RunConfig, load_yaml, resolve_config
 from dfq.distributed import DistContext
 from dfq.errors import DFQError
@@ -30,7 +31,6 @@ from dfq.methods import Method, MethodContext, create_method, method_of_config
 from dfq.methods.base import Evaluator
 from dfq.models import create_model
 from dfq.quant import QuantConfig
-from dfq.train import TRAIN_CHECKPOINT
 from dfq.utils.io import remove_stale_temporaries, save_json, save_yaml
 from dfq.utils.seed import seed_everything
 
@@ -154,7 +154,7 @@ def _quantize(model: nn.Module, quant: QuantConfig, method: Method, ctx: MethodC
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
     """The resolved configuration saved in a run directory (earlier layouts migrated)."""
-    path = Path(run_dir) / "config.yaml"
+    path = Path(run_dir) / rundir.CONFIG
     if not path.is_file():
         raise DFQError(f"nothing to resume in {run_dir}: no config.yaml (was a run started there?)")
     return resolve_config(load_yaml(path))
@@ -184,9 +184,9 @@ def run(
     out = Path(out_dir)
     if dist.main:
         remove_stale_temporaries(out)
-    started = (out / CHECKPOINT_NAME).exists() or (out / TRAIN_CHECKPOINT).exists()
-    if resume and not (out / TRAIN_CHECKPOINT).exists():
-        raise DFQError(f"nothing to resume in {out}: no {TRAIN_CHECKPOINT}")
+    started = (out / rundir.MODEL).exists() or (out / rundir.TRAIN_CHECKPOINT).exists()
+    if resume and not (out / rundir.TRAIN_CHECKPOINT).exists():
+        raise DFQError(f"nothing to resume in {out}: no {rundir.TRAIN_CHECKPOINT}")
     if started and not (overwrite or resume):
         raise DFQError(
             f"run directory {out} already holds a run; pass --resume to continue it or --overwrite to replace it"
@@ -202,9 +202,9 @@ def run(
     evaluate = evaluate if dist.main else None
     if dist.main:
         if overwrite and not resume:
-            for name in (TRAIN_CHECKPOINT, "metrics.jsonl"):
+            for name in (rundir.TRAIN_CHECKPOINT, rundir.METRICS):
                 (out / name).unlink(missing_ok=True)
-        save_yaml(config.to_dict(), out / "config.yaml")
+        save_yaml(config.to_dict(), out / rundir.CONFIG)
     summary: dict[str, Any] = {"model": config.model, "dfq_version": dfq.__version__}
     if evaluate:
         fp = evaluate(p)
@@ -214,10 +214,10 @@ def run(
     result = _quantize(p, config.quant, method, ctx)
     summary.update(result.summary)
     if dist.main:
-        save_quantized(out / CHECKPOINT_NAME, result.model, config, summary=summary)
+        save_quantized(out / rundir.MODEL, result.model, config, summary=summary)
     if "top1" in summary and "fp_top1" in summary:
         summary["drop"] = round(summary["fp_top1"] - summary["top1"], 2)
     if dist.main:
-        save_json(summary, out / "summary.json")
+        save_json(summary, out / rundir.SUMMARY)
     return summary
 

@@ -1,7 +1,7 @@
 """Timing of the real training iteration against the lower bound of its math on this machine.
 
-``bench(...)`` builds the engine on randomly initialised weights (timings do not depend on
-them), puts Q in its steady state (ranges frozen, Q training) and times full iterations.
+``bench(...)`` builds the game (:class:`dfq.train.Game`) on randomly initialised weights (timings do not
+depend on them), puts Q in its steady state (ranges frozen, Q training) and times full iterations.
 It also times, in the same process and in alternation with them, the *lower bound*: the
 same forwards and backwards done by plain PyTorch modules and built-in ops (Q's fake
 quantization by ``torch.fake_quantize_per_{channel,tensor}_affine``, P's BNS statistics by
@@ -31,9 +31,10 @@ from dfq.errors import DFQError
 from dfq.methods import GameMethod
 from dfq.models import create_model, get_model_info
 from dfq.quant import calibrate, quant_disabled
-from dfq.train import Engine
+from dfq.train import Game
+from dfq.utils.seed import seed_everything
 
-__all__ = ["bench", "median_ms", "peak_rss_mib"]
+__all__ = ["PlainBNS", "WeightFQ", "bench", "median_ms", "peak_rss_mib"]
 
 
 def _time(fn: Callable[[], Any], iters: int, warmup: int) -> list[float]:
@@ -73,7 +74,7 @@ def peak_rss_mib() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # kB on Linux
 
 
-class _WeightFQ(nn.Module):
+class WeightFQ(nn.Module):
     """Per-output-channel min/max fake quantization of a weight, recomputed at every forward."""
 
     def __init__(self, bits: int) -> None:
@@ -102,7 +103,7 @@ def _plain_student(teacher: nn.Module, bits: tuple[int, int] | None) -> nn.Modul
         act_qmax = 2**abits - 1
         for module in list(q.modules()):
             if isinstance(module, nn.Conv2d | nn.Linear):
-                parametrize.register_parametrization(module, "weight", _WeightFQ(wbits))
+                parametrize.register_parametrization(module, "weight", WeightFQ(wbits))
             elif isinstance(module, nn.ReLU | nn.ReLU6):
                 module.register_forward_hook(_act_fq(act_qmax))
     for param in q.parameters():
@@ -110,7 +111,7 @@ def _plain_student(teacher: nn.Module, bits: tuple[int, int] | None) -> nn.Modul
     return q
 
 
-class _PlainBNS:
+class PlainBNS:
     """P's BatchNorm-statistics loss in its most direct form: ``torch.var_mean`` in forward hooks."""
 
     def __init__(self, teacher: nn.Module) -> None:
@@ -137,24 +138,24 @@ class _Plain:
     PyTorch's own ops); without, float work only (a floor no implementation of the math reaches).
     """
 
-    def __init__(self, engine: Engine, same_math: bool = True) -> None:
-        self.e, m, quant, train = engine, engine.method, engine.quant, engine.train
-        self.g = copy.deepcopy(engine.generator)
-        self.p = copy.deepcopy(engine.teacher)  # its own hooks, none on the engine's P
-        self.bns = _PlainBNS(self.p) if m.uses_bns and same_math else None
+    def __init__(self, game: Game, same_math: bool = True) -> None:
+        self.game, m, quant, train = game, game.method, game.quant, game.train
+        self.g = copy.deepcopy(game.generator)
+        self.p = copy.deepcopy(game.teacher)  # its own hooks, none on the game's P
+        self.bns = PlainBNS(self.p) if m.uses_bns and same_math else None
         bits = (quant.wbits, quant.abits) if same_math else None
-        self.q = _plain_student(engine.teacher, bits).train(m.student_bn_train)
+        self.q = _plain_student(game.teacher, bits).train(m.student_bn_train)
         self.g_opt = torch.optim.Adam(self.g.parameters(), betas=(0.5, 0.999))
         self.q_opt = torch.optim.SGD(self.q.parameters(), lr=1e-9, momentum=0.9, nesterov=train.q_nesterov,
                                      weight_decay=train.q_weight_decay)  # fmt: skip
-        self.shared = engine._can_share_student_forward(True)
+        self.shared = game.shares_forward(True)
 
     def _teacher_loss(self, x: torch.Tensor) -> torch.Tensor:
         loss = self.p(x).sum()
         return loss + self.bns.loss() if self.bns is not None else loss
 
     def _x(self, grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        z, y = self.e._sample()
+        z, y = self.game.sample()
         with torch.set_grad_enabled(grad):
             return self.g(z, y), y
 
@@ -166,7 +167,7 @@ class _Plain:
         return {}
 
     def generator_step(self) -> tuple[torch.Tensor, dict]:
-        m = self.e.method
+        m = self.game.method
         x, _ = self._x(True)
         loss = self._teacher_loss(x)
         if m.generator_uses_student:
@@ -204,7 +205,7 @@ class _Plain:
         return {}
 
     def iteration(self) -> None:
-        self.e.method.iteration(self, True)
+        self.game.method.iteration(self, True)
 
 
 def bench(
@@ -233,31 +234,30 @@ def bench(
             "method.train.fast": fast,
         },
     )
-    game = config.create_method()
-    if not isinstance(game, GameMethod):
+    method_obj = config.create_method()
+    if not isinstance(method_obj, GameMethod):
         raise DFQError(f"dfq bench times the iteration of a generator-based method; '{method}' has none")
-    engine = Engine(
-        game, create_model(model), config.quant, num_classes=info.num_classes, input_size=info.input_size,
-        progress=False,
-    )  # fmt: skip
-    calibrate(engine.student, [torch.randn(batch_size, *info.input_size)])  # steady state: ranges frozen
-    engine._iteration(True)
-    peak = peak_rss_mib()  # the engine's own high-water mark, before the reference models exist
-    plain, floor = _Plain(engine), _Plain(engine, same_math=False)
+    seed_everything(0)  # the entry point: P's random weights and G's initial ones from one seed
+    game = Game(method_obj, create_model(model), config.quant, num_classes=info.num_classes,
+                input_size=info.input_size)  # fmt: skip
+    calibrate(game.student, [torch.randn(batch_size, *info.input_size)])  # steady state: ranges frozen
+    game.iteration(True)
+    peak = peak_rss_mib()  # the game's own high-water mark, before the reference models exist
+    plain, floor = _Plain(game), _Plain(game, same_math=False)
 
     def in_precision(fn: Callable[[], Any]) -> Callable[[], Any]:
         def run() -> None:
-            with engine.precision():
+            with game.precision():
                 fn()
 
         return run
 
     times, plain_times, floor_times = _alternate(
-        [lambda: engine._iteration(True), in_precision(plain.iteration), in_precision(floor.iteration)], iters, warmup
+        [lambda: game.iteration(True), in_precision(plain.iteration), in_precision(floor.iteration)], iters, warmup
     )
     lower, float_floor = statistics.median(plain_times), statistics.median(floor_times)
-    with engine.precision():
-        phases = _phases(engine, batch_size, max(3, iters // 3), 2)
+    with game.precision():
+        phases = _phases(game, max(3, iters // 3), 2)
     return {
         "model": model,
         "method": method,
@@ -267,7 +267,7 @@ def bench(
         "abits": abits,
         "iters": iters,
         "threads": torch.get_num_threads(),
-        "shared_student_forward": engine._can_share_student_forward(True),
+        "shared_student_forward": game.shares_forward(True),
         "ms_median": round(statistics.median(times), 2),
         "ms_min": round(min(times), 2),
         "ms_max": round(max(times), 2),
@@ -280,27 +280,27 @@ def bench(
     }
 
 
-def _phases(engine: Engine, batch_size: int, iters: int, warmup: int) -> dict[str, float]:
+def _phases(game: Game, iters: int, warmup: int) -> dict[str, float]:
     """Median cost of each part of an iteration, each timed on its own."""
-    m, out = engine.method, {}
-    x = engine.generator(*engine._sample()).detach()
+    m, out = game.method, {}
+    x = game.generator(*game.sample()).detach()
     if m.uses_bns:
 
         def teacher(with_bns: bool) -> None:
             xi = x.clone().requires_grad_()
-            logits, bns, _ = engine._teacher_forward(xi, with_bns)
+            logits, bns, _ = game.teacher_forward(xi, with_bns)
             (logits.sum() + (bns if bns is not None else 0)).backward()
 
         out["teacher_fwd_bwd"] = median_ms(lambda: teacher(False), iters, warmup)
         out["bns"] = median_ms(lambda: teacher(True), iters, warmup) - out["teacher_fwd_bwd"]
 
     def student() -> None:
-        engine.q_opt.zero_grad()
-        engine.student(x).sum().backward()
+        game.q_opt.zero_grad()
+        game.student(x).sum().backward()
 
     out["student_fwd_bwd"] = median_ms(student, iters, warmup)
-    with quant_disabled(engine.student):
+    with quant_disabled(game.student):
         out["fake_quantization"] = out["student_fwd_bwd"] - median_ms(student, iters, warmup)
-    engine.q_opt.zero_grad()
-    out["generator_step"] = median_ms(engine.generator_step, iters, warmup)
+    game.q_opt.zero_grad()
+    out["generator_step"] = median_ms(game.generator_step, iters, warmup)
     return {k: round(v, 2) for k, v in out.items()}

@@ -17,12 +17,13 @@ from dfq.config import RunConfig, resolve_config
 from dfq.errors import DFQError
 from dfq.models import create_model
 from dfq.quant import quantize_model
+from dfq.rundir import MODEL
 from dfq.utils.io import load_payload, save_torch
 from dfq.utils.state import state_dict_mismatch
 
 __all__ = ["CHECKPOINT_NAME", "load_quantized", "save_quantized"]
 
-CHECKPOINT_NAME = "model.pt"
+CHECKPOINT_NAME = MODEL
 _FORMAT = "dfq-quantized-v1"
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from dfq.distributed import DistContext
 from dfq.methods.base import Method, MethodContext
 from dfq.quant import QuantConfig
-from dfq.train import Engine, GeneratorConfig, Outputs, PluginConfig, TrainConfig
+from dfq.train import Game, GeneratorConfig, Outputs, PluginConfig, TrainConfig, Trainer
 
 __all__ = ["GameConfig", "GameMethod", "Outputs"]
 
@@ -68,8 +68,9 @@ class GameMethod(Method):
         """Modules whose outputs the losses compare (``Outputs.p_feats``/``q_feats``); none by default."""
         return []
 
-    def iteration(self, game: Any, train_q: bool) -> dict[str, torch.Tensor]:
-        """One iteration: the G step, then Q's step on the same batch (GDFQ's order)."""
+    def iteration(self, game: Game, train_q: bool) -> dict[str, torch.Tensor]:
+        """One iteration, in this method's order of steps (the calls on ``game``); returns the logs.
+        By default G's step, then Q's step on the same batch (GDFQ's order)."""
         return game.generator_then_student(train_q)
 
     def quant_defaults(self) -> dict[str, str]:
@@ -90,7 +91,7 @@ class GameMethod(Method):
 
     def quantize(self, teacher: nn.Module, quant: QuantConfig, ctx: MethodContext) -> tuple[nn.Module, dict[str, Any]]:
         self.config = self.for_launch(ctx.dist.world_size)
-        engine = Engine(
+        trainer = Trainer(
             self,
             teacher,
             quant,
@@ -103,4 +104,4 @@ class GameMethod(Method):
             dist=ctx.dist,
             model_name=ctx.model_name,
         )
-        return engine.run(resume=ctx.resume)
+        return trainer.run(resume=ctx.resume)

@@ -43,6 +43,7 @@ from dfq.quant import (
     weight_quantizers,
 )
 from dfq.quant.graph import ADD_FUNCTIONS, ADD_METHODS, trace
+from dfq.quant.learning import BetaSchedule, QuantizerLearning, cosine_anneal
 
 __all__ = ["Recon", "ReconConfig", "reconstruct"]
 
@@ -232,12 +233,8 @@ def reconstruct_unit(
     weights, acts = _quantizers(unit)
     if not weights and not acts:
         return 0.0
-    params_round, params_wstep = [], []
-    for layer, wq in weights:
-        alpha, step = wq.begin_rounding(layer.weight)
-        params_round.append(alpha)
-        params_wstep.append(step)
-    params_astep = [aq.begin_learning() for aq in acts]
+    learning = QuantizerLearning(weights, acts)
+    learned = learning.begin(rounding=True)
     bns = [m for m in unit.modules() if isinstance(m, nn.BatchNorm2d)] if config.lr_bn else []
     params_bn = [p for m in bns for p in m.parameters()]
     for p in params_bn:
@@ -245,11 +242,11 @@ def reconstruct_unit(
     for aq in acts:
         aq.drop_prob = config.drop_prob
         aq.train()
-    groups = [{"params": params_round, "lr": config.lr_round}, {"params": params_wstep, "lr": config.lr_wstep},
-              {"params": params_astep, "lr": config.lr_astep}, {"params": params_bn, "lr": config.lr_bn}]  # fmt: skip
-    opt = torch.optim.Adam([g for g in groups if g["params"]])
+    kinds = ((learned.rounding, config.lr_round), (learned.weight_steps, config.lr_wstep),
+             (learned.act_steps, config.lr_astep), (params_bn, config.lr_bn))  # fmt: skip
+    opt = torch.optim.Adam([{"params": ps, "lr": lr} for ps, lr in kinds if ps])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, config.iters)
-    warm = int(config.round_warmup * config.iters)
+    beta = BetaSchedule(config.beta, config.iters, cosine_anneal, warmup=int(config.round_warmup * config.iters))
     loss = torch.zeros(())
     for it in range(config.iters):
         idx = torch.randint(0, len(x_q), (config.batch_size,), generator=generator)
@@ -260,18 +257,14 @@ def reconstruct_unit(
         out = unit(xin)
         loss = (out - y_fp[idx]).pow(2).sum(1).mean()
         total = loss
-        if it >= warm and weights:
-            progress = (it - warm) / max(config.iters - warm, 1)
-            beta = config.beta[1] + 0.5 * (config.beta[0] - config.beta[1]) * (1 + math.cos(math.pi * progress))
-            total = loss + config.round_weight * sum(wq.rounding_loss(beta) for _, wq in weights)
+        if beta.started(it) and weights:
+            total = loss + config.round_weight * learning.rounding_loss(beta(it))
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
         sched.step()
-    for layer, wq in weights:
-        wq.end_rounding(layer.weight)
+    learning.end()
     for aq in acts:
-        aq.end_learning()
         aq.drop_prob = 0.0
         aq.eval()
     for p in params_bn:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
@@ -19,7 +18,7 @@ from dfq.errors import DFQError
 from dfq.methods.base import register_method
 from dfq.methods.game import GameConfig, GameMethod, Outputs
 from dfq.methods.losses import scrm
-from dfq.train import GeneratorConfig, TrainConfig
+from dfq.train import Game, GeneratorConfig, TrainConfig
 
 __all__ = ["ZAQ", "ZAQConfig", "feature_layers"]
 
@@ -84,7 +83,7 @@ class ZAQ(GameMethod):
     def feature_layers(self, teacher: nn.Module) -> list[str]:
         return feature_layers(teacher, self.config.feature_layers)
 
-    def iteration(self, game: Any, train_q: bool) -> dict[str, torch.Tensor]:
+    def iteration(self, game: Game, train_q: bool) -> dict[str, torch.Tensor]:
         q_losses = [game.student_step(game.fresh_batch(), train_q) for _ in range(self.student_steps)]
         _, g_losses = game.generator_step()
         return game.logs(g_losses, q_losses[-1])

@@ -1,6 +1,7 @@
 """Quantization primitives, quantizers, quantized layers and model conversion.
 
-This package knows nothing about training: methods and the engine use it.
+This package knows nothing about the training loop: the methods and :mod:`dfq.train` use it. Learned steps
+and rounding (LSQ, AdaRound), shared by both, are in :mod:`dfq.quant.learning`.
 """
 
 from dfq.quant.api import (

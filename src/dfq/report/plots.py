@@ -14,23 +14,7 @@ from typing import Any
 from dfq.errors import DFQError
 from dfq.report.runs import Run, h_band
 
-# What the logged components are (docs/methods.md); unknown keys are shown by name only.
-_COMPONENTS = {
-    "g_loss": "G: total",
-    "g_bg": "G: balance gap L_BG",
-    "g_ds": "G: disagreement CE",
-    "g_as": "G: agreement CE",
-    "g_bns": "G: BN statistics",
-    "g_ce": "G: cross-entropy",
-    "g_l1": "G: output discrepancy",
-    "g_scrm": "G: feature discrepancy",
-    "g_act": "G: activation regulariser",
-    "q_loss": "Q: total",
-    "q_kd": "Q: distillation",
-    "q_ce": "Q: cross-entropy",
-    "q_l1": "Q: output discrepancy",
-    "q_scrm": "Q: feature discrepancy",
-}
+_TOTALS = {"g_loss": "G: total", "q_loss": "Q: total"}  # every game logs these; the rest is the method's to name
 
 NewFigure = Callable[..., Any]
 
@@ -168,7 +152,8 @@ def plot_losses(new_figure: NewFigure, run: Run, i: int, path: Path) -> Path:
         ax = fig.add_subplot(nrows, ncols, k + 1)
         warm, drops = _epoch_axis(ax, run)
         ax.plot(*_series(run, key), "-o", color=color(i), ms=2.5, lw=1.3)
-        ax.set_title(f"{_COMPONENTS.get(key, key)}  ({key})", fontsize=9.5)
+        label = {**_TOTALS, **run.log_labels}.get(key, key)
+        ax.set_title(f"{label}  ({key})", fontsize=9.5)
         ax.set_xlabel("epoch", fontsize=8.5)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)

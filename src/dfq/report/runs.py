@@ -19,6 +19,7 @@ from torch import nn
 
 from dfq.config import RunConfig, load_yaml, resolve_config
 from dfq.errors import DFQError
+from dfq.rundir import CONFIG, METRICS, SUMMARY
 from dfq.train import TRAIN_CHECKPOINT, read_train_checkpoint  # the training checkpoint, for the whole report
 
 __all__ = [
@@ -33,7 +34,6 @@ __all__ = [
     "rebuild_generator",
 ]
 
-METRICS = "metrics.jsonl"
 
 
 @dataclass
@@ -66,6 +66,13 @@ class Run:
     @property
     def method_name(self) -> str:
         return self.config.method_name
+
+    @property
+    def log_labels(self) -> dict[str, str]:
+        """What the method's logged components are (its ``log_labels``); unknown keys are shown by name."""
+        from dfq.methods import method_of_config
+
+        return dict(method_of_config(self.config.method).log_labels)
 
     @property
     def model(self) -> str:
@@ -105,13 +112,13 @@ def load_run(run_dir: str | Path) -> Run:
     path = Path(run_dir)
     if not path.is_dir():
         raise DFQError(f"run directory not found: {path}")
-    if not (path / "config.yaml").is_file():
+    if not (path / CONFIG).is_file():
         raise DFQError(f"{path} is not a run directory: it has no config.yaml")
     return Run(
         path=path,
         name=path.resolve().name or str(path),
-        config=resolve_config(load_yaml(path / "config.yaml")),  # earlier layouts migrated
-        summary=_read_summary(path / "summary.json"),
+        config=resolve_config(load_yaml(path / CONFIG)),  # earlier layouts migrated
+        summary=_read_summary(path / SUMMARY),
         metrics=_read_metrics(path / METRICS),
         has_metrics=(path / METRICS).is_file(),
         has_checkpoint=(path / TRAIN_CHECKPOINT).is_file(),
