@@ -90,10 +90,13 @@ def main() -> None:
         for name, row in rows.items():
             print(name, row, flush=True)
     git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=args.src, capture_output=True, text=True).stdout.strip()
-    result["sides"][args.label] = {**provenance(), "command": command(), "src_commit": git, "rows": rows}
+    earlier = result["sides"].get(args.label, {}).get("rows", {})  # a label run job by job keeps its other rows
+    commands = {**result["sides"].get(args.label, {}).get("commands", {}), **{name: command() for name in rows}}
+    result["sides"][args.label] = {**provenance(), "command": command(), "commands": commands, "src_commit": git,
+                                   "rows": {**earlier, **rows}}  # fmt: skip
     sides = list(result["sides"].values())
     if len(sides) >= 2:
-        a, b = sides[0]["rows"], sides[-1]["rows"]
+        a, b = sides[0]["rows"], sides[-1]["rows"]  # the first label against the last
         result["identical"] = {k: a[k]["top1"] == b[k]["top1"] and a[k]["q_sha256"] == b[k]["q_sha256"]
                                for k in a if k in b}  # fmt: skip
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -8,9 +8,8 @@ comes from and regenerates them: ``python scripts/make_presets.py``.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import dataclasses
+from pathlib import Path
 
 import yaml
 

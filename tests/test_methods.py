@@ -1,4 +1,4 @@
-"""The methods' losses and generators against hand-computed references (the papers and their official code, docs/methods.md).
+"""The methods' losses and generators against hand-computed references (the papers and their official code).
 
 Every reference below is written independently of ``dfq.methods.losses``: plain Python
 ``math`` on nested lists, with explicit loops, following the papers' formulas.
@@ -145,7 +145,6 @@ def _close(actual: torch.Tensor, expected: float, tol: float = 1e-6) -> None:
 
 
 # ------------------------------------------------------------------ KD loss
-@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides")
 def test_kd_loss_mean_divides_by_batch_times_classes():
     t = 2.0
     s, te = _t(STUDENT), _t(TEACHER)
@@ -298,7 +297,6 @@ def test_gdfq_config_defaults():
     assert (c.temperature, c.kd_weight, c.kd_reduction, c.bns_weight, c.ce_weight) == (20.0, 1.0, "mean", 0.1, 1.0)
 
 
-@pytest.mark.filterwarnings("ignore:reduction. 'mean' divides")
 def test_gdfq_losses():
     bns = 0.8
     out = Outputs(

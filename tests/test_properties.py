@@ -200,7 +200,7 @@ def test_minmax_range_is_the_running_extreme(batches: list[tuple[float, float]])
 
 
 def _paper_update(batches: list[tuple[float, float]], beta: float = 0.9) -> tuple[float, float]:
-    """METHODS.md §1.4, written out in float64: the corrected value is stored and corrected again."""
+    """The papers' EMA update (GDFQ's official code) in float64: the corrected value is stored and corrected again."""
     x_min = x_max = 0.0
     beta_t = 1.0
     for lo, hi in batches:

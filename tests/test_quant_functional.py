@@ -18,7 +18,7 @@ SEED = 123
 
 
 def paper_quantize(x, lo, hi, k):
-    """METHODS.md §1.4, written literally: inverse step s, signed range, zp = round(s*lo) + 2^(k-1)."""
+    """The papers' quantizer (GDFQ's code), literally: inverse step s, signed range, zp = round(s*lo) + 2^(k-1)."""
     n = 2**k - 1
     s = n / torch.clamp(hi - lo, min=1e-8)
     zp = torch.round(s * lo) + 2 ** (k - 1)

@@ -31,7 +31,7 @@ SEED = 123
 
 
 def test_paper_observer_reproduces_the_quirk():
-    # METHODS.md §1.4: for a constant batch max m the stored value goes 1m, 5.3m, 17.8m, 47m, ...
+    # The papers' EMA update (GDFQ's code): for a constant batch max m the stored value goes 1m, 5.3m, 17.8m, 47m, ...
     q = ActQuantizer(QuantSpec(4), observer="paper")
     seen = []
     for _ in range(4):

@@ -53,7 +53,7 @@ def test_out_of_memory_is_one_clear_line(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr("dfq.api.run", boom)
     rc = cli.main(["quantize", "resnet20a_cifar10", "--out", str(tmp_path / "r"), "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "out of memory" in err[0] and "--batch-size" in err[0]
+    assert rc == 2 and len(err) == 1 and "out of memory" in err[0] and "method.train.batch_size" in err[0]
 
 
 def test_checkpoint_from_a_newer_dfq_is_refused(tmp_path):

@@ -24,8 +24,6 @@ from dfq.report import generator_samples, load_run, write_report
 from dfq.train import TRAIN_CHECKPOINT
 from dfq.utils.io import save_json, save_yaml
 
-pytestmark = pytest.mark.filterwarnings("ignore:reduction. 'mean' divides")  # GDFQ's KLDivLoss, on purpose
-
 MODEL = "resnet20a_cifar10"
 SCORES = {"adadfq": [31.25, 27.5], "gdfq": [12.5, 40.0], "zaq": []}
 FP_TOP1 = 91.73

@@ -52,7 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             traceback.print_exc()
         print(
-            f"dfq: error: out of memory ({type(e).__name__}); lower --batch-size or --eval-batch-size", file=sys.stderr
+            f"dfq: error: out of memory ({type(e).__name__}); lower --set method.train.batch_size or --eval-batch-size",
+            file=sys.stderr,
         )
         return EXIT_USER_ERROR
 

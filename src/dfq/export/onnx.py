@@ -172,10 +172,7 @@ class _Builder:
         """int8 codes of the quantized weight; a folded gain only rescales (and maybe negates) them."""
         wq = layer.weight_quantizer
         _check_container_bits(wq.spec.bits, name)
-        codes = quantize_affine(layer.weight.detach(), *wq.qparams(layer.weight), divide=wq.spec.deploy).double()
-        sign = torch.where(gain < 0, -1.0, 1.0).double()
-        codes = codes * sign.reshape(-1, *([1] * (codes.dim() - 1)))
-        codes[gain == 0] = 0  # BatchNorm gamma of 0: the channel is its bias
+        codes = _signed_codes(layer, gain)
         w = self.const(f"{name}_weight_q", codes.numpy().astype(np.int8))
         s = self.const(f"{name}_weight_scale", folded_weight_scale(layer.weight_step(), gain).float().numpy())
         z = self.const(f"{name}_weight_zp", np.zeros(codes.shape[0], np.int8))
@@ -346,35 +343,14 @@ class _Builder:
         source, index = node.args
         if self.values.get(source) == "shape" and index == 0:
             return "batch"
-        index = index if isinstance(index, tuple) else (index,)
-        if not all(isinstance(i, slice) for i in index):
-            raise UnsupportedLayerError(f"cannot export the indexing {node.name}: only slices are supported")
-        starts, ends, axes, steps = [], [], [], []
-        for axis, s in enumerate(index):
-            if s == slice(None):
-                continue
-            starts.append(s.start or 0)
-            ends.append(s.stop if s.stop is not None else _INT32_LIMIT)
-            axes.append(axis)
-            steps.append(s.step or 1)
-        x = self.value(source)
-        if not axes:
-            return x
-        extra = [self.const(f"{node.name}_{k}", np.array(v, np.int64))
-                 for k, v in (("starts", starts), ("ends", ends), ("axes", axes), ("steps", steps))]  # fmt: skip
-        return self.grid_op(x, "Slice", f"{node.name}_out", extra)
+        slices = _slice_inputs(node.name, index)
+        if not slices["axes"]:
+            return self.value(source)
+        extra = [self.const(f"{node.name}_{k}", np.array(v, np.int64)) for k, v in slices.items()]
+        return self.grid_op(self.value(source), "Slice", f"{node.name}_out", extra)
 
     def pad(self, node: fx.Node) -> _Value:
-        pads = list(node.args[1] if len(node.args) > 1 else node.kwargs["pad"])
-        value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
-        mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
-        if mode != "constant" or value:
-            raise UnsupportedLayerError(f"cannot export {node.name}: only zero padding is supported")
-        rank = 4
-        begin, end = [0] * rank, [0] * rank
-        for i in range(len(pads) // 2):  # F.pad lists (begin, end) pairs from the last dim backwards
-            begin[rank - 1 - i], end[rank - 1 - i] = pads[2 * i], pads[2 * i + 1]
-        pads_name = self.const(f"{node.name}_pads", np.array(begin + end, np.int64))
+        pads_name = self.const(f"{node.name}_pads", np.array(_onnx_pads(node), np.int64))
         x = self.value(node.args[0])
         if x.q is not None:  # pad with the code of 0.0, the zero point
             return self.grid_op(x, "Pad", f"{node.name}_out", [pads_name, x.q.zp_name], mode="constant")
@@ -385,6 +361,45 @@ class _Builder:
         x = helper.make_tensor_value_info(INPUT_NAME, tp.FLOAT, ["batch", *input_shape])
         y = helper.make_tensor_value_info(OUTPUT_NAME, tp.FLOAT, ["batch", None])
         return helper.make_graph(self.nodes, "dfq", [x], [y], self.initializers)
+
+
+def _slice_inputs(name: str, index: Any) -> dict[str, list[int]]:
+    """ONNX Slice's starts/ends/axes/steps for a Python index made of slices (full slices skipped)."""
+    index = index if isinstance(index, tuple) else (index,)
+    if not all(isinstance(i, slice) for i in index):
+        raise UnsupportedLayerError(f"cannot export the indexing {name}: only slices are supported")
+    out: dict[str, list[int]] = {"starts": [], "ends": [], "axes": [], "steps": []}
+    for axis, s in enumerate(index):
+        if s != slice(None):
+            out["starts"].append(s.start or 0)
+            out["ends"].append(s.stop if s.stop is not None else _INT32_LIMIT)
+            out["axes"].append(axis)
+            out["steps"].append(s.step or 1)
+    return out
+
+
+def _onnx_pads(node: fx.Node) -> list[int]:
+    """ONNX Pad's (begins..., ends...) of an NCHW ``F.pad`` call; only zero padding exports."""
+    pads = list(node.args[1] if len(node.args) > 1 else node.kwargs["pad"])
+    value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
+    mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
+    if mode != "constant" or value:
+        raise UnsupportedLayerError(f"cannot export {node.name}: only zero padding is supported")
+    rank = 4
+    begin, end = [0] * rank, [0] * rank
+    for i in range(len(pads) // 2):  # F.pad lists (begin, end) pairs from the last dim backwards
+        begin[rank - 1 - i], end[rank - 1 - i] = pads[2 * i], pads[2 * i + 1]
+    return begin + end
+
+
+def _signed_codes(layer: QuantConv2d | QuantLinear, gain: torch.Tensor) -> torch.Tensor:
+    """The weight's integer codes, negated where a folded BatchNorm gain is negative, zero where it is 0."""
+    wq = layer.weight_quantizer
+    codes = quantize_affine(layer.weight.detach(), *wq.qparams(layer.weight), divide=wq.spec.deploy).double()
+    sign = torch.where(gain < 0, -1.0, 1.0).double()
+    codes = codes * sign.reshape(-1, *([1] * (codes.dim() - 1)))
+    codes[gain == 0] = 0  # BatchNorm gamma of 0: the channel is its bias
+    return codes
 
 
 def _is_spatial_mean(node: fx.Node) -> bool:

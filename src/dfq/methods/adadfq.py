@@ -58,8 +58,8 @@ class AdaDFQ(GameMethod):
     name = "adadfq"
     config_cls = AdaDFQConfig
     description = "AdaDFQ (CVPR'23): zero-sum game over sample adaptability with a balance gap on H'"
-    log_labels = {"g_bg": "balance gap on H'", "g_ds": "disagreement CE", "g_as": "agreement CE",
-                  "g_bns": "BNS loss", "g_h_norm": "mean normalised entropy H'", "q_loss": "-T^2 H(P - Q)"}  # fmt: skip
+    log_labels = {"g_bg": "G: balance gap L_BG", "g_ds": "G: disagreement CE", "g_as": "G: agreement CE",
+                  "g_bns": "G: BN statistics", "g_h_norm": "G: mean normalised entropy H'"}  # fmt: skip
     generator_uses_student = True
 
     def generator_loss(self, out: Outputs) -> dict[str, torch.Tensor]:

@@ -52,8 +52,8 @@ class GDFQ(GameMethod):
     name = "gdfq"
     config_cls = GDFQConfig
     description = "GDFQ (ECCV'20): conditional generator with BNS loss, Q distilled with KD + label CE"
-    log_labels = {"g_ce": "P's CE to the sampled labels", "g_bns": "BNS loss", "q_kd": "KD(P || Q)",
-                  "q_ce": "Q's CE to the sampled labels"}  # fmt: skip
+    log_labels = {"g_ce": "G: cross-entropy", "g_bns": "G: BN statistics", "q_kd": "Q: distillation",
+                  "q_ce": "Q: cross-entropy"}  # fmt: skip
     label_ce = True
 
     def generator_loss(self, out: Outputs) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ def kd_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float, re
     """``T² · KL(softmax(teacher/T) || softmax(student/T))``.
 
     ``reduction="mean"`` divides the summed KL by B·C, as PyTorch's ``KLDivLoss``
-    default used by GDFQ/Qimera (METHODS.md §2: the effective KD weight is T²/C);
+    default used by GDFQ/Qimera (their official code: the effective KD weight is T²/C);
     ``"batchmean"`` divides by B, the textbook definition.
     """
     if reduction not in ("mean", "batchmean"):
@@ -53,7 +53,7 @@ def balance_gap(disagreement: torch.Tensor, lambda_l: float, lambda_u: float) ->
     """Balance-gap loss on the disagreement logits ``z_p − z_q``; returns (loss, H′).
 
     ``mean relu(λ_l − H′) + mean relu(H′ − λ_u)``: batch-size independent (the
-    official code hard-codes a batch of 16 here; METHODS.md §3.6).
+    official code hard-codes a batch of 16 here; docs/methods.md).
     """
     h_norm = normalized_entropy(disagreement)
     loss = F.relu(lambda_l - h_norm).mean() + F.relu(h_norm - lambda_u).mean()
@@ -77,7 +77,7 @@ def unit_channels(x: torch.Tensor) -> torch.Tensor:
 
 
 def scrm_relations(x: torch.Tensor, gamma: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
-    """ZAQ's spatial and channel relation maps of a feature map (B, C, H, W), METHODS.md §5.2."""
+    """ZAQ's spatial and channel relation maps of a feature map (B, C, H, W) (ZAQ, CVPR 2021)."""
     x = unit_channels(x.flatten(2))  # (B, C, N), unit norm over channels at each position
     a_sp = torch.softmax(x.transpose(1, 2) @ x, dim=-1)  # (B, N, N)
     x_sp = gamma * (x @ a_sp.transpose(1, 2)) + x

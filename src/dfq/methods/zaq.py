@@ -69,8 +69,9 @@ class ZAQ(GameMethod):
     name = "zaq"
     config_cls = ZAQConfig
     description = "ZAQ (CVPR'21): adversarial game on logit and feature-relation discrepancy, unconditional G"
-    log_labels = {"q_l1": "mean |z_Q - z_P|", "q_scrm": "feature-relation discrepancy (SCRM)",
-                  "g_act": "activation regulariser on P's last features"}  # fmt: skip
+    log_labels = {"g_l1": "G: output discrepancy", "g_scrm": "G: feature discrepancy",
+                  "g_act": "G: activation regulariser", "q_l1": "Q: output discrepancy",
+                  "q_scrm": "Q: feature discrepancy"}  # fmt: skip
     conditional = False
     uses_bns = False
     generator_uses_student = True

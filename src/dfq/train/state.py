@@ -17,6 +17,7 @@ import dfq
 from dfq.distributed import DistContext
 from dfq.errors import DFQError
 from dfq.quant.learning import LEARNED_SUFFIXES
+from dfq.rundir import METRICS, TRAIN_CHECKPOINT
 from dfq.train.finite import check_finite
 from dfq.train.game import Game
 from dfq.train.streams import stream_states
@@ -25,7 +26,6 @@ from dfq.utils.state import state_dict_mismatch
 
 __all__ = ["TRAIN_CHECKPOINT", "RunFiles", "TrainState", "read_train_checkpoint", "restore", "snapshot"]
 
-TRAIN_CHECKPOINT = "checkpoint.pt"
 _FORMAT = "dfq-train-v1"
 
 
@@ -127,7 +127,7 @@ class RunFiles:
         rewritten atomically (a kill never leaves half a line)."""
         if not self.writes:
             return
-        path = self.run_dir / "metrics.jsonl"
+        path = self.run_dir / METRICS
         lines = path.read_text().splitlines() if path.exists() else []
         kept = [ln for ln in lines if json.loads(ln)["epoch"] < record["epoch"]]
         text = "".join(ln + "\n" for ln in [*kept, json.dumps(record)])
