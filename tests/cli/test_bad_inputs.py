@@ -1,7 +1,7 @@
 """Bad inputs on the command line: each is one line on stderr, exit code 2, no traceback.
 
-These are the rows of the "Bad inputs" table in docs/reliability.md that tests/test_cli.py and
-tests/test_reliability.py do not already cover. Every case runs ``dfq.cli.main`` in-process and
+These are the rows of the "Bad inputs" table in docs/reliability.md that tests/cli/test_cli.py and
+tests/cli/test_reliability.py do not already cover. Every case runs ``dfq.cli.main`` in-process and
 fails before any quantization work, so the file is fast.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_data import Exploit, cifar10_python_files, random_cifar
+from data_files import Exploit, cifar10_python_files, random_cifar
 
 from dfq.checkpoint import save_quantized
 from dfq.cli import main

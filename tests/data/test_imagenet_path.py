@@ -26,7 +26,7 @@ from dfq.models import create_model
 from dfq.train import Trainer
 from dfq.utils.seed import seed_everything
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SIZE = 32
 SCHEDULE = {"method.train.epochs": 2, "method.train.iters_per_epoch": 1, "method.train.batch_size": 2,
             "method.train.warmup_epochs": 1, "method.train.observe_epochs": 1}  # fmt: skip

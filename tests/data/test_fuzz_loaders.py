@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from data_files import CIFAR10_NAMES, binary_records, cifar10_python_files, py2_pickle, random_cifar, rows
 from PIL import Image
-from test_data import CIFAR10_NAMES, binary_records, cifar10_python_files, py2_pickle, random_cifar, rows
 
 from dfq.config import load_yaml, resolve_config
 from dfq.data import ArrayDataset, ImageDataset, open_dataset

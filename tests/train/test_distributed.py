@@ -479,7 +479,7 @@ def test_the_launch_commands_parse():
 
     from dfq.cli import _build_parser
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     blocks = re.findall(r"## Distributed runs.*?```bash\n(.*?)```", (root / "README.md").read_text(), re.S)
     blocks += re.findall(r"```bash\n(.*?)```", (root / "docs" / "distributed.md").read_text(), re.S)
     lines = [ln for block in blocks for ln in block.replace("\\\n", " ").splitlines()]
