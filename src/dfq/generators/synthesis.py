@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from dfq.generators.bns import BNStatsLoss
 from dfq.generators.filters import lowpass as lowpass_filter
+from dfq.utils.state import no_param_grads
 
 __all__ = ["LatentDecoder", "distill_inputs", "synthesize_pool"]
 
@@ -30,15 +31,8 @@ __all__ = ["LatentDecoder", "distill_inputs", "synthesize_pool"]
 @contextlib.contextmanager
 def _frozen(model: nn.Module) -> Iterator[None]:
     """The model in eval mode with no parameter gradients inside the block (its flags restored after)."""
-    model.eval()
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
+    with no_param_grads(model.eval()):
         yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)
 
 
 def distill_inputs(

@@ -29,6 +29,7 @@ from dfq.train.finite import check_finite, check_grads
 from dfq.train.outputs import Outputs
 from dfq.train.plugins import build_plugins
 from dfq.train.streams import NoiseStreams
+from dfq.utils.state import no_param_grads
 
 __all__ = ["Game"]
 
@@ -122,7 +123,7 @@ class Game:
         if m.generator_uses_student:
             # Gradients reach G through Q's straight-through estimator; Q's own
             # weight gradients would be thrown away, so they are not computed.
-            with _no_param_grads(self.student):
+            with no_param_grads(self.student):
                 q_logits, q_feats = self.student_forward(x)
         out = Outputs(x, y, p_logits, q_logits, bns, p_feats, q_feats)
         with _float32(self.device):
@@ -379,15 +380,3 @@ def _gather(dist: DistContext, t: torch.Tensor | None) -> torch.Tensor | None:
 def _float32(device: torch.device) -> contextlib.AbstractContextManager:
     """Losses in float32 even inside fast mode's autocast (their inputs are float32 already)."""
     return torch.autocast(device.type, enabled=False)
-
-
-@contextlib.contextmanager
-def _no_param_grads(model: nn.Module) -> Iterator[None]:
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p in params:
-            p.requires_grad_(True)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import Iterator, Mapping
 
 import torch
+from torch import nn
 
-__all__ = ["state_dict_mismatch"]
+__all__ = ["no_param_grads", "state_dict_mismatch"]
 
 
 def state_dict_mismatch(expected: Mapping[str, torch.Tensor], got: Mapping[str, torch.Tensor]) -> str:
@@ -21,3 +23,17 @@ def state_dict_mismatch(expected: Mapping[str, torch.Tensor], got: Mapping[str, 
         if v.shape != got[k].shape:
             return f"'{k}' has shape {tuple(got[k].shape)}, model expects {tuple(v.shape)}"
     return ""
+
+
+@contextlib.contextmanager
+def no_param_grads(model: nn.Module) -> Iterator[None]:
+    """Inside the block no parameter of ``model`` requires a gradient; the caller's flags come back after it."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
