@@ -8,6 +8,7 @@ and hook objects on the tiny classifier of :mod:`dfq.testing` (every run here ta
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -946,3 +947,23 @@ def test_plugins_are_refused_where_they_would_be_ignored():
         resolve_config(None, {"method.name": "recon", "method.plugins.lowpass": 0.5})
     with pytest.raises(DFQError, match="start learning at epoch"):
         tiny_game(tiny_config("gdfq", plugins__lsq=True, train__epochs=1))
+
+
+def test_a_plugin_registered_from_outside_joins_q_s_step_after_the_builtin_ones(tmp_path):
+    """PLUGINS is the one list the game builds its hooks from, in registration order."""
+    from dfq.train.plugins import PLUGINS, Plugin
+
+    class Probe(Plugin):
+        def logged(self, out):
+            return {"probe": torch.tensor(7.0)}
+
+    assert list(PLUGINS) == ["lowpass", "hard_tau", "cam", "learned_quantizers"]
+    PLUGINS.add("probe", lambda ctx: Probe())
+    try:
+        trainer = tiny_trainer("gdfq", run_dir=tmp_path)
+        trainer.run()
+        assert isinstance(trainer.game.plugins.items[-1], Probe)
+        records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+        assert all(r["q_probe"] == 7.0 for r in records) and len(records) == 2
+    finally:
+        del PLUGINS["probe"]

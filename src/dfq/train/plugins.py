@@ -27,6 +27,7 @@ from dfq.errors import DFQError
 from dfq.generators import lowpass
 from dfq.quant import act_quantizers, weight_quantizers
 from dfq.quant.learning import BetaSchedule, QuantizerLearning, linear_anneal
+from dfq.registry import Registry
 from dfq.train.gradcam import CamProbe, cam_loss, grad_cam
 from dfq.train.outputs import Outputs
 
@@ -385,6 +386,30 @@ def _all(scopes: Iterable[contextlib.AbstractContextManager]) -> Iterator[None]:
         yield
 
 
+@dataclass
+class PluginContext:
+    """What a plug-in factory may read: its config, the method, the schedule, P and Q, and the run's clock."""
+
+    config: PluginConfig
+    method: Any
+    train: Any
+    teacher: nn.Module
+    student: nn.Module
+    start: int  # the epoch Q trains on frozen ranges
+    clock: Callable[[], int]
+
+
+# name -> factory returning the plug-in its config switches on (or None); hooks run in registration order.
+PLUGINS = Registry[Callable[[PluginContext], "Plugin | None"]]("plug-in")
+PLUGINS.add("lowpass", lambda c: LowPass(c.config.lowpass) if c.config.lowpass else None)
+PLUGINS.add("hard_tau", lambda c: None if c.config.hard_tau is None else HardLabels(
+    c.config.hard_tau, c.config.hard_ce_weight, c.method.label_ce))  # fmt: skip
+PLUGINS.add("cam", lambda c: CamAlignment(c.config.cam_weight, c.teacher, c.student) if c.config.cam_weight else None)
+PLUGINS.add("learned_quantizers", lambda c: LearnedQuantizers(
+    c.config, c.student, start_epoch=c.start, epochs=c.train.epochs, iters_per_epoch=c.train.iters_per_epoch,
+    clock=c.clock) if c.config.learns_quantizers else None)  # fmt: skip
+
+
 def build_plugins(
     config: PluginConfig, *, method: Any, train: Any, teacher: nn.Module, student: nn.Module, distributed: bool,
     clock: Callable[[], int],
@@ -393,17 +418,8 @@ def build_plugins(
     error a combination that would fail mid-run or be silently ignored."""
     start = max(train.warmup_epochs, train.observe_epochs)  # Q trains and the ranges are frozen
     _check(config, method, train, student, distributed, start)
-    items: list[Plugin] = []
-    if config.lowpass:
-        items.append(LowPass(config.lowpass))
-    if config.hard_tau is not None:
-        items.append(HardLabels(config.hard_tau, config.hard_ce_weight, method.label_ce))
-    if config.cam_weight:
-        items.append(CamAlignment(config.cam_weight, teacher, student))
-    if config.learns_quantizers:
-        items.append(LearnedQuantizers(config, student, start_epoch=start, epochs=train.epochs,
-                                       iters_per_epoch=train.iters_per_epoch, clock=clock))  # fmt: skip
-    return Plugins(items)
+    ctx = PluginContext(config, method, train, teacher, student, start, clock)
+    return Plugins([p for p in (PLUGINS.get(name)(ctx) for name in PLUGINS) if p is not None])
 
 
 def _check(config: PluginConfig, method: Any, train: Any, student: nn.Module, distributed: bool, start: int) -> None:
