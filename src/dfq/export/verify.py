@@ -50,7 +50,7 @@ def verify(model: nn.Module, input_shape: tuple[int, ...], batches: Iterable[tor
 
 def _capture(store: dict[str, torch.Tensor], name: str):
     def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-        store[name] = output.detach()
+        store[name] = output.detach().clone()  # an in-place op later in the forward (x += y) must not change it
 
     return hook
 

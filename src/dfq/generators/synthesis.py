@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from dfq.errors import DFQError
 from dfq.generators.bns import BNStatsLoss
 from dfq.generators.filters import lowpass as lowpass_filter
 from dfq.utils.state import no_param_grads
@@ -33,6 +34,17 @@ def _frozen(model: nn.Module) -> Iterator[None]:
     """The model in eval mode with no parameter gradients inside the block (its flags restored after)."""
     with no_param_grads(model.eval()):
         yield
+
+
+def _finite(loss: torch.Tensor, step: int) -> torch.Tensor:
+    """Stop at the first NaN/Inf loss with one clear error, instead of returning NaN images that calibrate NaN ranges
+    (a model whose BatchNorm running variance is 0, or inputs the model overflows on)."""
+    if not bool(torch.isfinite(loss)):
+        raise DFQError(
+            f"synthesis stopped at step {step}: the BatchNorm-statistics loss is {float(loss.detach())} (NaN/Inf); check the "
+            "model's BatchNorm statistics, or lower the synthesis learning rate"
+        )
+    return loss
 
 
 def distill_inputs(
@@ -54,7 +66,7 @@ def distill_inputs(
         for step in bar:
             opt.zero_grad(set_to_none=True)
             teacher(x)
-            loss = bns.loss()
+            loss = _finite(bns.loss(), step)
             loss.backward()
             opt.step()
             if step % 25 == 0 or step == steps - 1:
@@ -146,6 +158,7 @@ def synthesize_pool(
                 if label_weight:
                     labels = torch.arange(start, start + n) % logits.shape[1]
                     loss = loss + label_weight * F.cross_entropy(logits, labels)
+                _finite(loss, bar.n)
                 loss.backward()
                 opt.step()
                 sched.step()

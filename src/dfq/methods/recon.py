@@ -293,6 +293,7 @@ class Recon(Method):
     def quantize(self, teacher: nn.Module, quant: QuantConfig, ctx: MethodContext) -> tuple[nn.Module, dict[str, Any]]:
         c = self.config
         start = time.perf_counter()
+        units(quantize_model(teacher, quant))  # an unsupported layer or graph is refused before minutes of synthesis
         pool = synthesize_pool(
             teacher, ctx.input_size, c.num_samples, batch=c.synth_batch, steps=c.synth_steps, lr=c.synth_lr,
             swing=c.swing, lowpass=c.lowpass, label_weight=c.label_weight, generator=ctx.generator,
@@ -327,6 +328,9 @@ def reconstruct(
             with quant_disabled(q):
                 y_fp = _run(unit, x_fp, eval_bs)
             loss = reconstruct_unit(unit, x_q, x_fp, y_fp, config, generator)
+            if not math.isfinite(loss):  # never return a Q with NaN grids as a success
+                raise DFQError(f"recon: the reconstruction of unit {bar.n} diverged (loss {loss}); lower "
+                               "method.lr_round, method.lr_wstep and method.lr_astep")  # fmt: skip
             bar.set_postfix(loss=f"{loss:.4g}")
             x_q, x_fp = _run(unit, x_q, eval_bs), y_fp
     for p in q.parameters():

@@ -52,10 +52,10 @@ class ZeroQ(Method):
 
     def quantize(self, teacher: nn.Module, quant: QuantConfig, ctx: MethodContext) -> tuple[nn.Module, dict[str, Any]]:
         c = self.config
+        q = quantize_model(teacher, quant)  # an unsupported layer is refused before the distillation
         images = distill_inputs(
             teacher, ctx.input_size, c.num_samples, steps=c.steps, lr=c.lr, generator=ctx.generator,
             progress=ctx.progress,
         )  # fmt: skip
-        q = quantize_model(teacher, quant)
         calibrate(q, images.split(c.calib_batch_size or len(images)))
         return q, {}

@@ -397,7 +397,11 @@ def quant_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
-    """Observe activation ranges on ``batches`` (model in eval mode), then freeze them."""
+    """Observe activation ranges on ``batches`` (model in eval mode), then freeze them.
+
+    Raises:
+        DFQError: a range became NaN/Inf (the calibration inputs were not finite), naming the first such site.
+    """
     was_training = model.training
     model.eval()
     set_act_mode(model, ActMode.OBSERVE)
@@ -405,3 +409,6 @@ def calibrate(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
         model(x)
     set_act_mode(model, ActMode.FROZEN)
     model.train(was_training)
+    for name, q in act_quantizers(model):
+        if not bool(torch.isfinite(q.lo).all() and torch.isfinite(q.hi).all()):
+            raise DFQError(f"calibration gave a non-finite range at {name}: the calibration inputs held NaN/Inf")

@@ -62,6 +62,9 @@ def check_supported(model: nn.Module) -> None:
         )
 
 
+_LAYERS = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
+
+
 def _is_unsupported_leaf(m: nn.Module) -> bool:
     """torch.nn layers outside the supported set (a user's own parameter-free modules are fine)."""
     return type(m).__module__.startswith("torch.nn") and not any(True for _ in m.children())
@@ -89,6 +92,8 @@ def split_activation_sites(model: nn.Module) -> nn.Module:
     for name, module in reversed(list(model.named_modules())):  # descendants before ancestors
         if type(module).__module__.startswith("torch.nn") and not any(True for _ in module.children()):
             continue  # built-in leaf layers call no activation of their own
+        if isinstance(module, _LAYERS):
+            continue  # a library's subclass of a supported layer (timm's Linear calls F.linear) is that layer
         new = _split_local(module, name)
         if new is module:
             continue
