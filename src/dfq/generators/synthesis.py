@@ -41,8 +41,8 @@ def _finite(loss: torch.Tensor, step: int) -> torch.Tensor:
     (a model whose BatchNorm running variance is 0, or inputs the model overflows on)."""
     if not bool(torch.isfinite(loss)):
         raise DFQError(
-            f"synthesis stopped at step {step}: the BatchNorm-statistics loss is {float(loss.detach())} (NaN/Inf); check the "
-            "model's BatchNorm statistics, or lower the synthesis learning rate"
+            f"synthesis stopped at step {step}: the BatchNorm-statistics loss is {float(loss.detach())} (NaN/Inf); "
+            "check the model's BatchNorm statistics, or lower the synthesis learning rate"
         )
     return loss
 

@@ -293,7 +293,8 @@ class Recon(Method):
     def quantize(self, teacher: nn.Module, quant: QuantConfig, ctx: MethodContext) -> tuple[nn.Module, dict[str, Any]]:
         c = self.config
         start = time.perf_counter()
-        units(quantize_model(teacher, quant))  # an unsupported layer or graph is refused before minutes of synthesis
+        with torch.random.fork_rng(devices=[]):  # layer construction draws from the global stream; keep it as it was
+            units(quantize_model(teacher, quant))  # an unsupported layer or graph is refused before the synthesis
         pool = synthesize_pool(
             teacher, ctx.input_size, c.num_samples, batch=c.synth_batch, steps=c.synth_steps, lr=c.synth_lr,
             swing=c.swing, lowpass=c.lowpass, label_weight=c.label_weight, generator=ctx.generator,
