@@ -3,7 +3,14 @@
 Importing this package registers every model.
 """
 
-from dfq.models import mobilenetv2, resnet_cifar_a, resnet_cifar_pcv, resnet_imagenet  # noqa: F401  (registers models)
+from dfq.models import (  # noqa: F401  (registers models)
+    efficientnet_lite,
+    mobilenetv2,
+    resnet_cifar_a,
+    resnet_cifar_pcv,
+    resnet_imagenet,
+    resnet_mlperf,
+)
 from dfq.models._registry import (
     CIFAR10_CLASSES,
     ModelInfo,
