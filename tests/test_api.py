@@ -94,7 +94,7 @@ def test_a_method_registered_from_outside_runs_through_the_cli(toy, tmp_path, ca
 def test_dfq_methods_lists_every_builtin_method_with_one_line(capsys):
     assert main(["methods"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split()[0] for line in lines] == ["adadfq", "adasg", "gdfq", "recon", "zaq", "zeroq"]
+    assert [line.split()[0] for line in lines] == ["adadfq", "adasg", "cle", "gdfq", "recon", "zaq", "zeroq"]
     assert all(len(line.split(maxsplit=1)[1]) > 20 for line in lines)
 
 
@@ -198,7 +198,7 @@ def test_synthesize_cli_writes_an_npz_a_toolchain_can_read(tmp_path, capsys, ran
         assert f["mean"].shape == (3,) and f["std"].shape == (3,)
         assert report["min"] == pytest.approx(float(f["images"].min()))
     assert main(argv) == 2  # an existing file is not replaced without --overwrite
-    zeroq = dfq.synthesize(_tiny(), 4, example_inputs=EXAMPLE, synthesizer="zeroq", steps=3, progress=False)
+    zeroq = dfq.synthesize(_tiny(), 4, example_inputs=EXAMPLE, synthesizer="pixels", steps=3, progress=False)
     assert zeroq.shape == (4, *INPUT_SIZE)
     with pytest.raises(DFQError, match="unknown synthesizer"):
         dfq.synthesize(_tiny(), 4, example_inputs=EXAMPLE, synthesizer="gan")

@@ -27,7 +27,7 @@ from dfq.checkpoint import save_quantized
 from dfq.config import RunConfig, load_yaml, resolve_config
 from dfq.distributed import DistContext
 from dfq.errors import DFQError
-from dfq.methods import Method, MethodContext, create_method, method_of_config
+from dfq.methods import DEFAULT_METHOD, Method, MethodContext, create_method, method_of_config
 from dfq.methods.base import Evaluator
 from dfq.models import create_model
 from dfq.quant import QuantConfig
@@ -63,7 +63,7 @@ class QuantizationResult:
 def quantize(
     model: nn.Module,
     quant_config: QuantConfig | None = None,
-    method: str | Any = "recon",
+    method: str | Any = DEFAULT_METHOD,
     *,
     example_inputs: torch.Tensor | None = None,
     evaluate: Evaluator | None = None,

@@ -27,12 +27,11 @@ from typing import Any, TypeVar
 import yaml
 
 from dfq.errors import DFQError, did_you_mean
-from dfq.methods import METHODS, GameConfig, Method, ReconConfig, method_of_config
+from dfq.methods import DEFAULT_METHOD, METHODS, GameConfig, Method, method_of_config
 from dfq.quant import LayerOverride, QuantConfig
 
 __all__ = ["DEFAULT_METHOD", "RunConfig", "from_dict", "load_yaml", "migrate", "parse_set", "resolve_config"]
 
-DEFAULT_METHOD = "recon"
 _GAME_SECTIONS = ("train", "generator", "plugins")  # the flat layout's sections that moved into a game's
 T = TypeVar("T")
 
@@ -53,7 +52,7 @@ class RunConfig:
     weights: str | None = None
     seed: int = 0
     quant: QuantConfig = field(default_factory=QuantConfig)
-    method: Any = field(default_factory=ReconConfig)
+    method: Any = field(default_factory=lambda: METHODS.get(DEFAULT_METHOD).config_cls())
 
     def __post_init__(self) -> None:
         if not -(2**63) <= self.seed < 2**63:  # what torch.manual_seed accepts

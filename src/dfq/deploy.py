@@ -26,7 +26,7 @@ from dfq.utils.seed import seed_everything
 
 __all__ = ["SYNTHESIZERS", "export_onnx", "save_pool", "synthesize"]
 
-SYNTHESIZERS = ("recon", "zeroq")
+SYNTHESIZERS = ("decoder", "pixels")
 
 
 def export_onnx(
@@ -79,7 +79,7 @@ def synthesize(
     num_samples: int = 256,
     *,
     example_inputs: torch.Tensor | None = None,
-    synthesizer: str = "recon",
+    synthesizer: str = "decoder",
     steps: int | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -89,9 +89,9 @@ def synthesize(
     Args:
         model: a float model with BatchNorm layers; not modified.
         example_inputs: one batch of inputs (only the shape is used); optional for zoo models.
-        synthesizer: "recon" (latent maps and a decoder, swing convolutions: dfq's pool) or "zeroq"
-            (ZeroQ's pixel optimisation).
-        steps: optimisation steps (default: 150 per batch of 128 for "recon", 500 for "zeroq").
+        synthesizer: "decoder" (latent maps and a decoder, swing convolutions: the pool of the ``recon`` method)
+            or "pixels" (ZeroQ's optimisation of the pixels themselves).
+        steps: optimisation steps (default: 150 per batch of 128 for "decoder", 500 for "pixels").
         seed: seed of the synthesis.
 
     Returns:
@@ -104,7 +104,7 @@ def synthesize(
     input_size, _ = describe(model, example_inputs)
     seed_everything(seed)
     generator = torch.Generator().manual_seed(seed)
-    if synthesizer == "zeroq":
+    if synthesizer == "pixels":
         return distill_inputs(model, input_size, num_samples, steps=steps or 500, generator=generator,
                               progress=progress)  # fmt: skip
     return synthesize_pool(model, input_size, num_samples, steps=steps or 150, generator=generator, progress=progress)

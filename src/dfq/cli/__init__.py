@@ -147,7 +147,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="float checkpoint (default: the published weights)")
     p.add_argument("--num", type=int, default=256, help="number of images (default 256)")
     p.add_argument("--out", required=True, help=".npz (images, mean, std) or .npy file to write")
-    p.add_argument("--synthesizer", choices=["recon", "zeroq"], default="recon", help="how images are made")
+    p.add_argument("--synthesizer", choices=["decoder", "pixels"], default="decoder",
+                   help="decoder: latent maps and a decoder (recon's pool); pixels: ZeroQ's pixel optimisation")
     p.add_argument("--steps", type=int, help="optimisation steps (default: 150 per batch for recon, 500 for zeroq)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthesis")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")

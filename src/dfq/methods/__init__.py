@@ -3,9 +3,10 @@
 Importing this package registers the built-in methods. Each owns its math only; none sees real data.
 """
 
-from dfq.methods import adadfq, gdfq, recon, zaq, zeroq  # noqa: F401  (registers methods)
+from dfq.methods import adadfq, cle, gdfq, recon, zaq, zeroq  # noqa: F401  (registers methods)
 from dfq.methods.adadfq import AdaDFQConfig, AdaSGConfig
 from dfq.methods.base import (
+    DEFAULT_METHOD,
     METHODS,
     Method,
     MethodContext,
@@ -15,6 +16,7 @@ from dfq.methods.base import (
     method_of_config,
     register_method,
 )
+from dfq.methods.cle import CLEConfig
 from dfq.methods.game import GameConfig, GameMethod, Outputs
 from dfq.methods.gdfq import GDFQConfig
 from dfq.methods.recon import ReconConfig
@@ -22,9 +24,11 @@ from dfq.methods.zaq import ZAQConfig
 from dfq.methods.zeroq import ZeroQConfig
 
 __all__ = [
+    "DEFAULT_METHOD",
     "METHODS",
     "AdaDFQConfig",
     "AdaSGConfig",
+    "CLEConfig",
     "GDFQConfig",
     "GameConfig",
     "GameMethod",

@@ -24,6 +24,7 @@ from dfq.quant import QuantConfig
 from dfq.registry import Registry
 
 __all__ = [
+    "DEFAULT_METHOD",
     "METHODS",
     "Evaluator",
     "Method",
@@ -110,6 +111,7 @@ class Method(ABC):
 
 
 METHODS = Registry[type[Method]]("method", hint="`dfq methods` lists them")
+DEFAULT_METHOD = "recon"  # the best accuracy per second of the built-in methods (docs/results.md, method study)
 
 
 def register_method(cls: type[Method]) -> type[Method]:
