@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from torch import nn
 
@@ -18,7 +19,7 @@ import dfq
 from dfq.checkpoint import load_quantized, save_quantized
 from dfq.cli import main
 from dfq.config import resolve_config
-from dfq.errors import DFQError, UnsupportedLayerError
+from dfq.errors import DFQError
 from dfq.generators import lowpass, synthesize_pool
 from dfq.generators.synthesis import _Swing
 from dfq.methods.recon import ReconConfig, init_grids, reconstruct_unit, units
@@ -577,12 +578,60 @@ def test_units_of_resnet20_chain_to_the_whole_model() -> None:
         assert torch.equal(y, q(x))
 
 
-def test_units_refuse_a_block_with_two_inputs() -> None:
-    """A block whose skip comes from two blocks back cannot be reconstructed unit by unit."""
+def test_units_of_a_skip_across_blocks_cut_where_one_tensor_is_live() -> None:
+    """A skip from two blocks back is no chain of blocks; the dataflow cut keeps the skip inside one unit."""
     torch.manual_seed(0)
     q = quantize_model(LongSkipNet().eval(), _stored())
-    with pytest.raises(UnsupportedLayerError, match="chain"):
-        units(q)
+    calibrate(q, [torch.randn(4, *SHAPE, generator=_gen(3))])
+    chain = units(q)
+    x = torch.randn(3, *SHAPE, generator=_gen(4))
+    y = x
+    for unit in chain:
+        y = unit(y)
+    assert len(chain) == 3 and torch.equal(y, q(x))  # stem, block + merge (the skip is live across it), head
+
+
+class _Vgg(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())  # fmt: skip
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+class _Dense(nn.Module):
+    """Two densely connected layers (DenseNet's concatenations) and a 1x1 transition."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.c2, self.b2 = nn.Conv2d(7, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.c3, self.b3 = nn.Conv2d(11, 6, 1), nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.cat([x, F.relu(self.b1(self.c1(x)))], 1)
+        x = torch.cat([x, F.relu(self.b2(self.c2(x)))], 1)
+        return self.fc(F.relu(self.b3(self.c3(x))).mean((2, 3)))
+
+
+@pytest.mark.parametrize(("model", "expected"), [(_Vgg, 3), (_Dense, 4)])
+def test_units_of_chains_and_concatenations_hold_one_weighted_layer_each(model: type, expected: int) -> None:
+    """Without residual blocks the model is not one unit (as it used to be): one weighted layer per unit."""
+    torch.manual_seed(0)
+    q = quantize_model(model().eval(), _stored())
+    calibrate(q, [torch.randn(4, *SHAPE, generator=_gen(3))])
+    chain = units(q)
+    x = torch.randn(3, *SHAPE, generator=_gen(4))
+    y = x
+    for unit in chain:
+        y = unit(y)
+    assert len(chain) == expected and torch.equal(y, q(x))
+    weighted = [sum(isinstance(m, nn.Conv2d | nn.Linear) for m in unit.modules()) for unit in chain]
+    assert weighted == [1] * expected
 
 
 # --------------------------------------------------------------------------- 8. initial grids

@@ -169,8 +169,23 @@ def _best_act_clip(aq: ActQuantizer, x: torch.Tensor) -> None:
 
 
 def units(q: nn.Module) -> list[nn.Module]:
-    """Q cut into a chain of callables along its dataflow: each residual block, and the layers between."""
-    graph = trace(q, "the recon method")
+    """Q cut into a chain of callables along its dataflow, each taking the previous one's single output.
+
+    Residual networks are cut at their blocks (each module holding an addition, and the layers between them),
+    BRECQ's granularity. Where that does not give a chain of several units (plain chains such as VGG,
+    concatenations, additions across module boundaries), the cut points are where exactly one tensor is live in
+    the dataflow, and consecutive pieces are merged while a unit holds at most one weighted layer.
+    """
+    for partition in (_block_partition, _live_partition):
+        graph = trace(q, "the recon method")
+        part = partition(q, graph)
+        chain = _split(q, graph, part)
+        if chain is not None and len(chain) > 1:
+            return chain
+    raise UnsupportedLayerError("the recon method could not cut the model into a chain of units")
+
+
+def _block_partition(q: nn.Module, graph: fx.Graph) -> dict[fx.Node, int]:
     blocks = {_innermost(n) for n in graph.nodes if _is_add(n)}
     part: dict[fx.Node, int] = {}
     current, previous = -1, None
@@ -182,11 +197,71 @@ def units(q: nn.Module) -> list[nn.Module]:
         if key != previous:
             current, previous = current + 1, key
         part[node] = current
-    gm = fx.GraphModule(q, graph)
-    split = split_module(gm, q, lambda n: part[n])
-    chain = [getattr(split, f"submod_{i}") for i in range(current + 1) if hasattr(split, f"submod_{i}")]
-    _check_chain(split, len(chain))
-    return chain
+    return part
+
+
+def _live_partition(q: nn.Module, graph: fx.Graph) -> dict[fx.Node, int]:
+    """Cut after every node that leaves exactly one tensor live (itself), then merge the pieces greedily while a
+    unit holds at most one Conv2d/Linear; a piece that cannot be cut (a block with a join) stands alone."""
+    nodes, ends = _single_live_points(graph)
+    modules = dict(q.named_modules())
+    part: dict[fx.Node, int] = {}
+    current, weights, start = -1, 2, 0
+    for end in [*ends, len(nodes) - 1] if not ends or ends[-1] != len(nodes) - 1 else ends:
+        piece = nodes[start : end + 1]
+        start = end + 1
+        w = sum(1 for n in piece if n.op == "call_module" and isinstance(modules.get(str(n.target)), _WEIGHTED))
+        if weights + w > 1:
+            current, weights = current + 1, 0
+        weights += w
+        part.update(dict.fromkeys(piece, current))
+    for n in graph.nodes:
+        if n.op == "get_attr":
+            part[n] = part[next(iter(n.users))] if n.users else 0
+    return part
+
+
+_WEIGHTED = (nn.Conv2d, nn.Linear)
+
+
+def _single_live_points(graph: fx.Graph) -> tuple[list[fx.Node], list[int]]:
+    """The computing nodes in order, and the positions after which only that node's output is still needed."""
+    nodes = [n for n in graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
+    index = {n: i for i, n in enumerate(nodes)}
+
+    def last_use(n: fx.Node) -> int:
+        return max((index.get(u, len(nodes)) for u in n.users), default=-1)
+
+    expiring: dict[int, int] = {}
+    live = 0
+    for n in graph.nodes:
+        if n.op == "placeholder" and last_use(n) >= 0:
+            live += 1
+            expiring[last_use(n)] = expiring.get(last_use(n), 0) + 1
+    ends = []
+    for i, n in enumerate(nodes):
+        used_until = last_use(n)
+        if used_until > i:
+            live += 1
+            expiring[used_until] = expiring.get(used_until, 0) + 1
+        live -= expiring.pop(i, 0)
+        if live == 1 and used_until > i:
+            ends.append(i)
+    return nodes, ends
+
+
+def _split(q: nn.Module, graph: fx.Graph, part: dict[fx.Node, int]) -> list[nn.Module] | None:
+    """The units of ``part`` if each takes exactly the previous one's single output, else ``None``."""
+    split = split_module(fx.GraphModule(q, graph), q, lambda n: part[n])
+    n = max(part.values(), default=-1) + 1
+    chain = [getattr(split, f"submod_{i}") for i in range(n) if hasattr(split, f"submod_{i}")]
+    calls = [node for node in split.graph.nodes if node.op == "call_module"]
+    previous = next(node for node in split.graph.nodes if node.op == "placeholder")
+    for node in calls:
+        if list(node.args) != [previous] or node.kwargs:
+            return None
+        previous = node
+    return chain if len(calls) == len(chain) else None
 
 
 def _innermost(node: fx.Node) -> str:
@@ -201,21 +276,6 @@ def _is_add(node: fx.Node) -> bool:
     return (node.op == "call_function" and node.target in ADD_FUNCTIONS) or (
         node.op == "call_method" and node.target in ADD_METHODS
     )
-
-
-def _check_chain(split: fx.GraphModule, n: int) -> None:
-    """Each unit must take exactly the previous unit's output (a single tensor)."""
-    calls = [node for node in split.graph.nodes if node.op == "call_module"]
-    previous = next(node for node in split.graph.nodes if node.op == "placeholder")
-    for node in calls:
-        if list(node.args) != [previous] or node.kwargs:
-            raise UnsupportedLayerError(
-                "the recon method needs a model whose blocks form a chain (each block takes the previous "
-                f"block's single output); {node.target} does not"
-            )
-        previous = node
-    if len(calls) != n:
-        raise UnsupportedLayerError("the recon method could not cut the model into a chain of blocks")
 
 
 def _quantizers(unit: nn.Module) -> tuple[list[tuple[nn.Module, WeightQuantizer]], list[ActQuantizer]]:
