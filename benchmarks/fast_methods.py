@@ -1,0 +1,54 @@
+"""The fast post-training methods (`cle`, `zeroq`) at 8 bits on the CIFAR-10 models, deploy protocol.
+
+Usage: python benchmarks/fast_methods.py [--methods cle zeroq] [--bits 8]
+Writes benchmarks/results/fast_methods.json: per model, method and bit-width the final top-1 on the lossless 4-class
+set (and JPEG-75 for ResNet-20), the full-precision top-1 beside it, and the data-free seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+from _common import JPEG, LOSSLESS, SHARED_DATA, WEIGHTS, cli_top1, run_cli, write_result
+
+MODELS = {
+    "resnet20a_cifar10": (WEIGHTS, {"lossless": LOSSLESS, "jpeg75": JPEG}),
+    "resnet8_mlperf_cifar10": (SHARED_DATA / "resnet8-mlperf-tiny-54f3da95.pt", {"lossless": LOSSLESS}),
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--methods", nargs="+", default=["cle", "zeroq"])
+    parser.add_argument("--bits", type=int, nargs="+", default=[8])
+    args = parser.parse_args()
+    paths = [*(w for w, _ in MODELS.values()), LOSSLESS, JPEG]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        print(f"skipped: {', '.join(missing)} not found (see ../shared/data/README.md)", file=sys.stderr)
+        return 0
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model, (weights, sets) in MODELS.items():
+            fp = cli_top1([model, "--weights", str(weights)], sets)
+            for method in args.methods:
+                for bits in args.bits:
+                    out = Path(tmp) / f"{model}-{method}-{bits}"
+                    cmd = ["quantize", model, "--method", method, "--wbits", str(bits), "--abits", str(bits),
+                           "--protocol", "deploy", "--weights", str(weights), "--out", str(out)]  # fmt: skip
+                    summary = run_cli(cmd)
+                    top1 = cli_top1([str(out)], sets)
+                    row = {"model": model, "method": method, "bits": bits, "protocol": "deploy",
+                           "seconds": summary["seconds"], "top1": top1, "fp_top1": fp,
+                           "command": "dfq " + " ".join(cmd[:-2])}  # fmt: skip
+                    print(row, flush=True)
+                    rows.append(row)
+    print(f"wrote {write_result('fast_methods', {'rows': rows})}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
