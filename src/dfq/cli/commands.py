@@ -46,6 +46,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             }
         )
     human = "\n".join(f"{r['name']:<22} {r['dataset']:<9} {r['num_classes']:>5}  {r['description']}" for r in rows)
+    human += "\n(also tv:NAME and timm:NAME: any torchvision or timm classifier, with --weights FILE)"
     _emit(args, human, {"models": rows})
     return 0
 

@@ -110,7 +110,15 @@ def list_models(pattern: str = "*") -> list[str]:
 
 def get_model_info(name: str) -> ModelInfo:
     """The :class:`ModelInfo` of a registered model (clear error if unknown)."""
-    return _MODELS.get(name)[0]
+    return _entry(name)[0]
+
+
+def _entry(name: str) -> tuple[ModelInfo, Callable[..., nn.Module]]:
+    if ":" in name:  # tv:NAME, timm:NAME: a torchvision or timm architecture (dfq.models.external)
+        from dfq.models.external import external_entry
+
+        return external_entry(name)
+    return _MODELS.get(name)
 
 
 def create_model(
@@ -123,7 +131,8 @@ def create_model(
     """Build a registered float model, optionally with pretrained weights.
 
     Args:
-        name: registered model name (see :func:`list_models`).
+        name: registered model name (see :func:`list_models`), or ``tv:NAME`` / ``timm:NAME`` for a
+            torchvision or timm architecture (weights only from ``weights``).
         pretrained: ``True`` for the default published weights, or a weight tag
             (a key of ``ModelInfo.weights``, e.g. ``"torchvision"``).
         weights: a local checkpoint file; overrides ``pretrained``.
@@ -134,8 +143,8 @@ def create_model(
         >>> model.dfq_info.num_classes
         10
     """
-    info = get_model_info(name)
-    model = _MODELS.get(name)[1](num_classes=info.num_classes)
+    info, factory = _entry(name)
+    model = factory(num_classes=info.num_classes)
     model.dfq_info = info  # type: ignore[assignment]
     if weights is not None:
         load_weights(model, weights)
