@@ -174,11 +174,6 @@ def test_lite0_architecture_exports_qlinearconv(tmp_path: Path) -> None:
     assert result["integer_ops"]["QLinearConv"] == 49  # every conv, the asymmetric pads included
 
 
-@pytest.mark.xfail(
-    raises=DFQError,
-    strict=True,
-    reason="dfq export: Lite0 has dead channels (folded weights ~1e-9, BN var 0) whose bias overflows int32",
-)
 def test_lite0_published_weights_export(tmp_path: Path) -> None:
     model = _loaded("efficientnet_lite0", LITE0_WEIGHTS)
     _export(quantize_model(model, DEPLOY), torch.randn(2, 3, 224, 224), tmp_path)

@@ -12,7 +12,7 @@ from torch import nn
 import dfq
 from dfq.errors import DFQError
 from dfq.export.onnx import write_onnx
-from dfq.export.runtime import INTEGER_OPS, optimized_op_counts
+from dfq.export.runtime import FLOAT_OPS, INTEGER_OPS, optimized_op_counts
 from dfq.export.verify import verify
 from dfq.models import CIFAR10_CLASSES
 
@@ -77,7 +77,7 @@ def export(
         "out": str(path),
         "bytes": path.stat().st_size,
         "integer_ops": {k: v for k, v in ops.items() if k in INTEGER_OPS},
-        "float_ops": {k: v for k, v in ops.items() if k in ("Conv", "Gemm", "MatMul", "Add")},
+        "float_ops": {k: v for k, v in ops.items() if k in FLOAT_OPS},
     }
     if verify_batches is not None:
         result["verify"] = verify(model, input_size, verify_batches)

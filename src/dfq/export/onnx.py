@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from dfq.errors import DFQError, UnsupportedLayerError
-from dfq.quant import ActMode, ActQuantizer, QuantBatchNorm2d, QuantConv2d, QuantLinear, QuantReLU
+from dfq.quant import ActMode, ActQuantizer, QuantConv2d, QuantLinear, QuantReLU
 from dfq.quant.functional import quantize_affine
 from dfq.quant.graph import ADD_FUNCTIONS, ADD_METHODS, following_batchnorm, trace
 from dfq.quant.modules import batchnorm_affine, bias_grid, folded_weight_scale
@@ -245,12 +245,12 @@ class _Builder:
             bn = following_batchnorm(node, self.modules) if isinstance(m, nn.Conv2d) else None
             out = self.weighted(node, m, bn[1] if bn else None)
             if bn is None:
-                return out
+                return self.output_site(out, m, name)
             folded.add(bn[0])
-            self.values[bn[0]] = self._after_bn(out, bn[1], str(bn[0].target))
+            self.values[bn[0]] = self.output_site(out, bn[1], str(bn[0].target))
             return _Value()
         if isinstance(m, nn.BatchNorm2d):
-            return self._after_bn(self.batchnorm(node, m), m, name)
+            return self.output_site(self.batchnorm(node, m), m, name)
         if isinstance(m, QuantReLU):
             return self.relu_site(self.value(node.args[0]), m, name)
         if isinstance(m, nn.ReLU | nn.ReLU6):
@@ -283,10 +283,10 @@ class _Builder:
             cap = int(quantize_affine(torch.tensor(6.0), *aq.qparams(), divide=aq.spec.deploy))
         return self.quantize_site(x, aq, site, code_cap=cap)
 
-    def _after_bn(self, out: _Value, bn: nn.BatchNorm2d, name: str) -> _Value:
-        if isinstance(bn, QuantBatchNorm2d) and bn.output_quantizer is not None:
-            return self.quantize_site(out, bn.output_quantizer, f"{name}.output_quantizer")
-        return out
+    def output_site(self, out: _Value, m: nn.Module, name: str) -> _Value:
+        """A residual site on a BatchNorm (folded) or on a layer's own output (QLinearConv's output grid)."""
+        oq = getattr(m, "output_quantizer", None)
+        return self.quantize_site(out, oq, f"{name}.output_quantizer") if isinstance(oq, ActQuantizer) else out
 
     def call_function(self, node: fx.Node) -> _Value | str:
         t = node.target

@@ -14,11 +14,15 @@ from torch import nn
 
 from dfq.errors import DFQError
 
-__all__ = ["OnnxClassifier", "optimized_op_counts", "read_metadata", "session"]
+__all__ = ["FLOAT_OPS", "INTEGER_OPS", "OnnxClassifier", "optimized_op_counts", "read_metadata", "session"]
 
 # Operators that compute on integers in ONNX Runtime's optimized graph.
 INTEGER_OPS = ("QLinearConv", "QLinearAdd", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger",
                "QLinearGlobalAveragePool", "QLinearAveragePool", "MatMulIntegerToFloat")  # fmt: skip
+# Float operators that do a layer's or an addition's arithmetic, including ONNX Runtime's fusions of them
+# (FusedConv is a float Conv with its activation or a residual Add folded in).
+FLOAT_OPS = ("Conv", "FusedConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "Add", "Sum",
+             "NhwcFusedConv", "QuickGelu")  # fmt: skip
 
 
 def _ort():

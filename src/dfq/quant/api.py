@@ -11,8 +11,10 @@ any weight off its grid), symmetric per-tensor activations (unsigned after a
 ReLU), an input quantizer on every Conv2d/Linear whose input is not already on a
 grid (the image at ``input_bits``, pooled features), and, with
 ``quantize_residual``, a quantizer on each BatchNorm output that enters a
-residual addition. BatchNorm stays unfolded during training (Q's BatchNorm runs
-with fixed statistics), the export folds it.
+residual addition (on the Conv2d/Linear output itself where no BatchNorm follows
+it, e.g. ResNet-8's 1x1 projection shortcuts), so both inputs of such an addition
+are on grids and the layers before it run on integer kernels. BatchNorm stays
+unfolded during training (Q's BatchNorm runs with fixed statistics), the export folds it.
 
 Models that apply activations functionally (``F.relu`` in
 ``forward``) or reuse one ReLU module at several sites are rewritten with
@@ -47,6 +49,7 @@ __all__ = [
     "quantize_model",
     "set_act_mode",
 ]
+
 
 @dataclass
 class LayerOverride:
@@ -86,7 +89,8 @@ class QuantConfig:
             For example ``{"conv1": LayerOverride(wbits=8), "linear": LayerOverride(wbits=8)}``
             keeps the first and last layers at 8 bits; an activation site is named after its
             ReLU module (``layer3.2.relu2``), an input site after its layer (``linear``), a
-            residual site after its BatchNorm (``layer1.0.bn2``). Later patterns win.
+            residual site after its BatchNorm (``layer1.0.bn2``), or after its layer where no BatchNorm
+            follows (``b2sc``). Later patterns win.
         weight_scales: "minmax" (the papers: the min/max grid of the current weights at every
             forward) or "stored" (a grid kept in buffers, so methods can learn it); ``None``: the
             method's choice (``recon`` and learned steps need "stored"), else "minmax".
@@ -96,8 +100,9 @@ class QuantConfig:
             BRECQ, QDrop and Genie do; ``None``: every layer at ``wbits``/``abits`` (the DFQ
             papers' protocol). ``overrides`` still win where they match.
         input_bits: deploy protocol: bit-width of the model input (images are 8-bit data).
-        quantize_residual: deploy protocol: quantize the BatchNorm outputs that enter
-            residual additions, so the convolutions before them run on integer kernels too.
+        quantize_residual: deploy protocol: quantize the BatchNorm outputs (or Conv2d/Linear outputs that
+            no BatchNorm follows) that enter residual additions, so the convolutions before them run on
+            integer kernels too.
     """
 
     protocol: str = "paper"
@@ -331,7 +336,8 @@ def _prepare_integer_layer(
 
 
 def _quantize_residual_input(model: nn.Module, source: fx.Node, modules: dict, config: QuantConfig) -> None:
-    """Quantize the BatchNorm that computes one input of a residual addition.
+    """Quantize the BatchNorm, or the Conv2d/Linear with no BatchNorm after it, that computes one input of a
+    residual addition.
 
     Inputs computed by anything else (a previous addition, as in MobileNetV2) stay
     in float: the export is still exact, the runtime just adds them in float.
@@ -339,10 +345,12 @@ def _quantize_residual_input(model: nn.Module, source: fx.Node, modules: dict, c
     if source.op != "call_module" or _site(source, modules) is not None:
         return
     name = str(source.target)
-    bn = modules[name]
-    if type(bn) is nn.BatchNorm2d:
-        modules[name] = QuantBatchNorm2d.from_float(bn, _deploy_act_quantizer(config.bits_for(name)[1], config))
+    m = modules[name]
+    if type(m) is nn.BatchNorm2d:
+        modules[name] = QuantBatchNorm2d.from_float(m, _deploy_act_quantizer(config.bits_for(name)[1], config))
         set_submodule(model, name, modules[name])
+    elif isinstance(m, QuantConv2d | QuantLinear) and following_batchnorm(source, modules) is None:
+        m.output_quantizer = _deploy_act_quantizer(config.bits_for(name)[1], config)
 
 
 def _site(node: fx.Node, modules: dict) -> ActQuantizer | None:
@@ -350,7 +358,7 @@ def _site(node: fx.Node, modules: dict) -> ActQuantizer | None:
     m = modules.get(str(node.target)) if node.op == "call_module" else None
     if isinstance(m, QuantReLU):
         return m.act_quantizer
-    if isinstance(m, QuantBatchNorm2d):
+    if isinstance(m, QuantBatchNorm2d | QuantConv2d | QuantLinear):
         return m.output_quantizer
     return m if isinstance(m, ActQuantizer) else None
 

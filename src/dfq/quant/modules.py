@@ -6,7 +6,8 @@ activation site of the papers' protocol: the float ReLU/ReLU6 followed by an
 activation quantizer. The deploy protocol adds two kinds of sites: an input
 quantizer on a layer whose input is not already on a grid (the image, a pooled
 feature) and an output quantizer on a layer that feeds a residual addition
-(``QuantBatchNorm2d``), so an integer runtime sees integers everywhere.
+(``QuantBatchNorm2d``, or the Conv2d/Linear itself when no BatchNorm follows it, as
+in a 1x1 projection shortcut), so an integer runtime sees integers everywhere.
 
 An integer runtime also adds the bias on the accumulator's grid: int32 codes at
 step ``s_x * s_w`` (``s_x * |g * s_w|`` once BatchNorm's gain ``g`` is folded in).
@@ -72,7 +73,8 @@ def _site_scale(site: ActQuantizer | None) -> torch.Tensor | None:
 
 
 class _IntegerLayerMixin:
-    """Deploy-protocol state of a Conv2d/Linear: an optional input quantizer, and where its input comes from.
+    """Deploy-protocol state of a Conv2d/Linear: optional input and output quantizers, and where its input
+    comes from (the output quantizer is a residual site on a layer that no BatchNorm follows).
 
     ``input_site`` is a plain reference (not a submodule) to the activation quantizer that
     produced the input; ``bn_follows`` says a BatchNorm folds into this layer and adds the
@@ -80,6 +82,7 @@ class _IntegerLayerMixin:
     """
 
     input_quantizer: ActQuantizer | None
+    output_quantizer: ActQuantizer | None
     weight_quantizer: WeightQuantizer
     input_site: ActQuantizer | None = None
     bn_follows: bool = False
@@ -90,6 +93,9 @@ class _IntegerLayerMixin:
 
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)
+
+    def _quantize_output(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.output_quantizer is None else self.output_quantizer(y)
 
     def weight_step(self) -> torch.Tensor | None:
         """Per-output-channel weight step (float64), or ``None`` when weights are not symmetric-quantized."""
@@ -121,6 +127,7 @@ class QuantConv2d(_IntegerLayerMixin, nn.Conv2d):
         super().__init__(*args, **kwargs)
         self.weight_quantizer = weight_quantizer
         self.register_module("input_quantizer", None)
+        self.register_module("output_quantizer", None)
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, weight_quantizer: WeightQuantizer) -> QuantConv2d:
@@ -144,7 +151,8 @@ class QuantConv2d(_IntegerLayerMixin, nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._quantize_input(x)
-        return self._conv_forward(x, self.weight_quantizer(self.weight), self._grid_bias(self.bias))
+        y = self._conv_forward(x, self.weight_quantizer(self.weight), self._grid_bias(self.bias))
+        return self._quantize_output(y)
 
 
 class QuantLinear(_IntegerLayerMixin, nn.Linear):
@@ -152,6 +160,7 @@ class QuantLinear(_IntegerLayerMixin, nn.Linear):
         super().__init__(*args, **kwargs)
         self.weight_quantizer = weight_quantizer
         self.register_module("input_quantizer", None)
+        self.register_module("output_quantizer", None)
 
     @classmethod
     def from_float(cls, linear: nn.Linear, weight_quantizer: WeightQuantizer) -> QuantLinear:
@@ -169,7 +178,7 @@ class QuantLinear(_IntegerLayerMixin, nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._quantize_input(x)
-        return F.linear(x, self.weight_quantizer(self.weight), self._grid_bias(self.bias))
+        return self._quantize_output(F.linear(x, self.weight_quantizer(self.weight), self._grid_bias(self.bias)))
 
 
 class QuantBatchNorm2d(nn.BatchNorm2d):

@@ -21,6 +21,9 @@ __all__ = ["OBSERVERS", "ActMode", "ActQuantizer", "WeightQuantizer"]
 
 _TIE_MARGIN = 1.0 + 2.0**-14
 
+# Smallest symmetric per-channel weight step, relative to the layer's largest (see WeightQuantizer.minmax_qparams).
+STEP_FLOOR = 2.0**-12
+
 
 class WeightQuantizer(nn.Module):
     """Weight fake quantization, per output channel or per tensor.
@@ -70,7 +73,15 @@ class WeightQuantizer(nn.Module):
         return self.minmax_qparams(w)
 
     def minmax_qparams(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-        """The min/max grid of ``w``."""
+        """The min/max grid of ``w``.
+
+        A symmetric per-channel step is at least ``STEP_FLOOR`` (2^-12) times the layer's largest
+        channel step. Trained networks have dead channels (EfficientNet-Lite0: weights ~1e-9, BatchNorm
+        variance 0) whose own step would be ~1e-11; an integer runtime adds the bias on the grid
+        ``s_x * s_w``, and on such a step it overflows int32. At the floor such a channel's weights
+        all round to code 0, so it computes only its bias whatever its step: the floor changes its
+        bias grid and nothing else. Live channels are far above it (ResNet-20's smallest is 2^-8).
+        """
         w = w.detach()
         if self.spec.granularity is Granularity.PER_CHANNEL:
             flat = w.reshape(w.shape[0], -1)
@@ -80,7 +91,10 @@ class WeightQuantizer(nn.Module):
             lo, hi = w.min(), w.max()
         if self.spec.deploy:  # signed codes even for all-positive weights: int8 storage
             lo = torch.minimum(lo, -hi.abs())
-        return choose_qparams(lo, hi, self.spec.bits, self.spec.symmetric)
+        scale, zero_point, qmin, qmax = choose_qparams(lo, hi, self.spec.bits, self.spec.symmetric)
+        if self.spec.symmetric and self.spec.granularity is Granularity.PER_CHANNEL:
+            scale = torch.maximum(scale, scale.max() * STEP_FLOOR)
+        return scale, zero_point, qmin, qmax
 
     @torch.no_grad()
     def store(self, w: torch.Tensor) -> None:

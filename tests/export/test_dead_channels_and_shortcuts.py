@@ -1,0 +1,110 @@
+"""Deploy-protocol sites that real zoo models need: dead channels (EfficientNet-Lite0) and projection shortcuts
+without BatchNorm (MLPerf Tiny ResNet-8)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import RESNET20_WEIGHTS, require_shared
+from torch import nn
+
+from dfq.export.api import export
+from dfq.export.verify import verify
+from dfq.models import create_model
+from dfq.quant import QuantConfig, calibrate, quantize_affine, quantize_model
+from dfq.quant.quantizer import STEP_FLOOR, WeightQuantizer
+from dfq.quant.spec import Granularity, QuantSpec
+
+pytest.importorskip("onnxruntime")
+SHAPE = (3, 8, 8)
+DEPLOY = QuantConfig(wbits=8, abits=8, protocol="deploy")
+
+
+class DeadChannel(nn.Module):
+    """Conv-BN-ReLU whose channel 0 is dead as in Lite0's checkpoint: weights ~1e-9, BatchNorm variance 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4, eps=1e-3)
+        self.relu = nn.ReLU()
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(4, 5)
+        with torch.no_grad():
+            self.conv.weight[0] = torch.randn(3, 3, 3) * 3e-9
+            self.bn.running_var[0], self.bn.running_mean[0], self.bn.bias[0] = 0.0, 0.0, 2.5
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.relu(self.bn(self.conv(x)))), 1))
+
+
+class ProjectionShortcut(nn.Module):
+    """ResNet-8's block: a 1x1 strided conv with bias and no BatchNorm added to a conv-BN branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.bn1, self.relu1 = nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU()
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.sc, self.relu2 = nn.Conv2d(3, 8, 1, 2), nn.ReLU()
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        return self.fc(torch.flatten(self.pool(self.relu2(self.sc(x) + y)), 1))
+
+
+def _calibrated(model: nn.Module, config: QuantConfig = DEPLOY) -> tuple[nn.Module, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    q = quantize_model(model.eval(), config)
+    calibrate(q, [torch.randn(8, *SHAPE, generator=g)])
+    return q.eval(), [torch.randn(8, *SHAPE, generator=g) for _ in range(2)]
+
+
+def test_step_floor_is_relative_to_the_largest_channel_step():
+    w = torch.tensor([[1.0, -0.5], [1e-6, 0.0], [-2e-3, 1e-3]])
+    scale = WeightQuantizer(QuantSpec(8, True, Granularity.PER_CHANNEL, deploy=True)).qparams(w)[0].flatten()
+    torch.testing.assert_close(scale, torch.tensor([1 / 127, STEP_FLOOR / 127, 2e-3 / 127]))
+
+
+def test_dead_channel_exports_with_zero_codes_and_exact_parity(tmp_path):
+    torch.manual_seed(0)
+    q, batches = _calibrated(DeadChannel())
+    codes = quantize_affine(q.conv.weight, *q.conv.weight_quantizer.qparams(q.conv.weight), divide=True)
+    assert codes[0].abs().max() == 0 and codes[1:].abs().max() == 127
+    result = export(q, tmp_path / "m.onnx", {"input_size": list(SHAPE)}, verify_batches=batches)
+    assert result["integer_ops"]["QLinearConv"] == 1 and not result["float_ops"]
+    parity = result["verify"]
+    assert parity["top1_agreement"] == 1.0 and parity["logits_max_abs_error"] < 1e-5
+    assert all(s["max_lsb"] == 0 for s in parity["sites"]), parity["sites"]
+
+
+def test_step_floor_never_binds_on_resnet20():
+    """Deploy-protocol ResNet-20 results are those from before the floor: every channel is far above it."""
+    require_shared(RESNET20_WEIGHTS)
+    model = create_model("resnet20a_cifar10", weights=RESNET20_WEIGHTS)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d | nn.Linear):
+            top = m.weight.detach().abs().flatten(1).amax(1)
+            assert top.min() / top.max() > 8 * STEP_FLOOR
+
+
+def test_projection_shortcut_gets_an_output_site_and_runs_on_integer_kernels(tmp_path):
+    torch.manual_seed(0)
+    q, batches = _calibrated(ProjectionShortcut())
+    assert q.sc.output_quantizer is not None and q.conv2.output_quantizer is None  # bn2 carries conv2's site
+    assert q.bn2.output_quantizer is not None
+    result = export(q, tmp_path / "m.onnx", {"input_size": list(SHAPE)}, verify_batches=batches)
+    assert result["integer_ops"]["QLinearConv"] == 3 and result["integer_ops"]["QLinearAdd"] == 1
+    assert not result["float_ops"], result["float_ops"]
+    sites = {s["site"]: s for s in result["verify"]["sites"]}
+    assert "sc.output_quantizer" in sites
+    assert all(s["mismatch"] == 0 for s in sites.values()), sites
+
+
+def test_float_ops_count_onnxruntimes_fused_convs(tmp_path):
+    """Without residual sites the shortcut runs in float, fused with its Add (ONNX Runtime's FusedConv)."""
+    torch.manual_seed(0)
+    q, batches = _calibrated(ProjectionShortcut(), QuantConfig(wbits=8, abits=8, protocol="deploy",
+                                                                quantize_residual=False))  # fmt: skip
+    assert q.sc.output_quantizer is None
+    result = export(q, tmp_path / "m.onnx", {"input_size": list(SHAPE)})
+    assert sum(n for op, n in result["float_ops"].items() if "Conv" in op) >= 1, result
+    assert verify(q, SHAPE, batches)["top1_agreement"] == 1.0
