@@ -46,7 +46,7 @@ def load_quantized(path: str | Path) -> tuple[nn.Module, RunConfig]:
         path = path / CHECKPOINT_NAME
     payload = load_payload(path, _FORMAT, "dfq quantized checkpoint")
     config = resolve_config(payload["config"])  # earlier layouts migrated
-    model = quantize_model(create_model(config.model), config.quant, inplace=True)
+    model = quantize_model(config.create_method().float_model(create_model(config.model)), config.quant, inplace=True)
     problem = state_dict_mismatch(model.state_dict(), payload["state_dict"])
     if problem:
         raise DFQError(f"checkpoint {path} does not match model '{config.model}': {problem}")

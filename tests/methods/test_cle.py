@@ -255,3 +255,25 @@ def test_config_validation(key):
         CLEConfig(**{key: 0})
     with pytest.raises(DFQError, match=r"cle\.calib_lr"):
         CLEConfig(calib_lr=0)
+
+
+def test_a_cle_run_directory_reloads_and_evaluates_as_quantized(tmp_path, random_weights, capsys):
+    """Q is built on the folded architecture; `dfq eval RUN` rebuilds that architecture from the method."""
+    import json
+
+    import numpy as np
+
+    from dfq.cli import main
+
+    data = tmp_path / "tiny.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, images=rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8), labels=np.arange(8) % 10)
+    run = tmp_path / "run"
+    argv = ["quantize", "resnet20a_cifar10", "--method", "cle", "--wbits", "8", "--abits", "8", "--protocol", "deploy",
+            "--set", "method.calib_steps=2", "--set", "method.calib_samples=4", "--weights", str(random_weights),
+            "--data", str(data), "--out", str(run), "--json", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert main(["eval", str(run), "--data", str(data), "--json", "--no-progress"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["top1"] == summary["top1"] and again["method"] == "cle"

@@ -92,6 +92,11 @@ class Method(ABC):
         """Quantization settings this method needs unless the user chose them (``QuantConfig`` keys)."""
         return {}
 
+    def float_model(self, teacher: nn.Module) -> nn.Module:
+        """The float architecture this method's Q is built on, rebuilt when a saved Q is loaded (its weights do not
+        matter there); the teacher's own unless the method rewrites it (``cle`` folds BatchNorm into convolutions)."""
+        return teacher
+
     def check_launch(self, dist: DistContext) -> None:
         """Refuse a launch this method cannot run on (by default: anything but one process)."""
         if dist.active:

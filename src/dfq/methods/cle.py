@@ -99,6 +99,11 @@ class CLE(Method):
     config_cls = CLEConfig
     description = "DFQ (ICCV'19): BN folding, cross-layer equalization, bias absorption and correction"
 
+    def float_model(self, teacher: nn.Module) -> nn.Module:
+        p = split_activation_sites(copy.deepcopy(teacher)).eval()
+        fold_batchnorm(p)  # every BatchNorm that follows a convolution becomes an Identity, the convolution gets a bias
+        return p
+
     def quantize(self, teacher: nn.Module, quant: QuantConfig, ctx: MethodContext) -> tuple[nn.Module, dict[str, Any]]:
         c = self.config
         p, expectations, summary = prepare_float(teacher, c)
