@@ -1,6 +1,7 @@
 """The fast post-training methods (`cle`, `zeroq`) at 8 bits on the CIFAR-10 models, deploy protocol.
 
-Usage: python benchmarks/fast_methods.py [--methods cle zeroq] [--bits 8]
+Usage: python benchmarks/fast_methods.py [--methods cle zeroq] [--bits 8] [--models M ...] [--set KEY=VALUE ...]
+       [--append]
 Writes benchmarks/results/fast_methods.json: per model, method and bit-width the final top-1 on the lossless 4-class
 set (and JPEG-75 for ResNet-20), the full-precision top-1 beside it, and the data-free seconds.
 """
@@ -8,11 +9,12 @@ set (and JPEG-75 for ResNet-20), the full-precision top-1 beside it, and the dat
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
 
-from _common import JPEG, LOSSLESS, SHARED_DATA, WEIGHTS, cli_top1, run_cli, write_result
+from _common import JPEG, LOSSLESS, RESULTS, SHARED_DATA, WEIGHTS, cli_top1, run_cli, write_result
 
 MODELS = {
     "resnet20a_cifar10": (WEIGHTS, {"lossless": LOSSLESS, "jpeg75": JPEG}),
@@ -24,6 +26,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=["cle", "zeroq"])
     parser.add_argument("--bits", type=int, nargs="+", default=[8])
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--set", dest="settings", nargs="*", default=[], help="method settings passed to --set")
+    parser.add_argument("--append", action="store_true", help="keep the rows already in the result file")
     args = parser.parse_args()
     paths = [*(w for w, _ in MODELS.values()), LOSSLESS, JPEG]
     missing = [str(p) for p in paths if not p.is_file()]
@@ -32,20 +37,25 @@ def main() -> int:
         return 0
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for model, (weights, sets) in MODELS.items():
+        for model in args.models:
+            weights, sets = MODELS[model]
             fp = cli_top1([model, "--weights", str(weights)], sets)
             for method in args.methods:
                 for bits in args.bits:
                     out = Path(tmp) / f"{model}-{method}-{bits}"
                     cmd = ["quantize", model, "--method", method, "--wbits", str(bits), "--abits", str(bits),
                            "--protocol", "deploy", "--weights", str(weights), "--out", str(out)]  # fmt: skip
+                    cmd += [arg for item in args.settings for arg in ("--set", item)]
                     summary = run_cli(cmd)
                     top1 = cli_top1([str(out)], sets)
                     row = {"model": model, "method": method, "bits": bits, "protocol": "deploy",
                            "seconds": summary["seconds"], "top1": top1, "fp_top1": fp,
-                           "command": "dfq " + " ".join(cmd[:-2])}  # fmt: skip
+                           "settings": args.settings, "command": "dfq " + " ".join(cmd)}  # fmt: skip
                     print(row, flush=True)
                     rows.append(row)
+    path = RESULTS / "fast_methods.json"
+    if args.append and path.is_file():
+        rows = [*json.loads(path.read_text())["rows"], *rows]
     print(f"wrote {write_result('fast_methods', {'rows': rows})}")
     return 0
 
