@@ -3,7 +3,7 @@
 Importing this package registers the built-in methods. Each owns its math only; none sees real data.
 """
 
-from dfq.methods import adadfq, cle, gdfq, recon, zaq, zeroq  # noqa: F401  (registers methods)
+from dfq.methods import adadfq, cle, gdfq, recon, squant, zaq, zeroq  # noqa: F401  (registers methods)
 from dfq.methods.adadfq import AdaDFQConfig, AdaSGConfig
 from dfq.methods.base import (
     DEFAULT_METHOD,
@@ -20,6 +20,7 @@ from dfq.methods.cle import CLEConfig
 from dfq.methods.game import GameConfig, GameMethod, Outputs
 from dfq.methods.gdfq import GDFQConfig
 from dfq.methods.recon import ReconConfig
+from dfq.methods.squant import SQuantConfig
 from dfq.methods.zaq import ZAQConfig
 from dfq.methods.zeroq import ZeroQConfig
 
@@ -36,6 +37,7 @@ __all__ = [
     "MethodContext",
     "Outputs",
     "ReconConfig",
+    "SQuantConfig",
     "ZAQConfig",
     "ZeroQConfig",
     "create_method",
