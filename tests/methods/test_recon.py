@@ -900,3 +900,31 @@ def test_label_weight_pushes_each_image_toward_its_assigned_class() -> None:
     assert assigned[5.0] > assigned[0.0] + 0.05
     with pytest.raises(DFQError, match="label_weight"):
         ReconConfig(label_weight=-1.0)
+
+
+class _ChannelSplit(nn.Module):
+    """ShuffleNet-V2's unit: split the channels, transform one half, concatenate."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+        self.c2, self.b2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = F.relu(self.b1(self.c1(x))).chunk(2, dim=1)
+        return self.fc(torch.cat([a, F.relu(self.b2(self.c2(b)))], 1).mean((2, 3)))
+
+
+def test_units_never_cut_at_a_tuple() -> None:
+    """A chunk's result is a tuple read by indexing: no unit may end there (it crashed on shufflenet_v2)."""
+    torch.manual_seed(0)
+    q = quantize_model(_ChannelSplit().eval(), _stored())
+    calibrate(q, [torch.randn(4, *SHAPE, generator=_gen(3))])
+    chain = units(q)
+    x = torch.randn(3, *SHAPE, generator=_gen(4))
+    y = x
+    for unit in chain:
+        y = unit(y)
+        assert isinstance(y, torch.Tensor)
+    assert len(chain) == 3 and torch.equal(y, q(x))

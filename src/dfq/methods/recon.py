@@ -20,6 +20,7 @@ BRECQ/QDrop, built for a small compute budget:
 from __future__ import annotations
 
 import math
+import operator
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -224,6 +225,11 @@ def _live_partition(q: nn.Module, graph: fx.Graph) -> dict[fx.Node, int]:
 _WEIGHTED = (nn.Conv2d, nn.Linear)
 
 
+def _is_container(n: fx.Node) -> bool:
+    """A node whose every reader indexes it (``chunk``/``split`` results): a tuple, not a tensor to cut at."""
+    return bool(n.users) and all(u.op == "call_function" and u.target is operator.getitem for u in n.users)
+
+
 def _single_live_points(graph: fx.Graph) -> tuple[list[fx.Node], list[int]]:
     """The computing nodes in order, and the positions after which only that node's output is still needed."""
     nodes = [n for n in graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
@@ -245,7 +251,7 @@ def _single_live_points(graph: fx.Graph) -> tuple[list[fx.Node], list[int]]:
             live += 1
             expiring[used_until] = expiring.get(used_until, 0) + 1
         live -= expiring.pop(i, 0)
-        if live == 1 and used_until > i:
+        if live == 1 and used_until > i and not _is_container(n):
             ends.append(i)
     return nodes, ends
 
