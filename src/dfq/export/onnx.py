@@ -28,7 +28,20 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from dfq.errors import DFQError, UnsupportedLayerError
-from dfq.quant import ActMode, ActQuantizer, QuantConv2d, QuantLinear, QuantReLU
+from dfq.export.onnx_attrs import (
+    INT32_LIMIT,
+    active,
+    check_container_bits,
+    conv_attrs,
+    is_spatial_mean,
+    layer_bias,
+    onnx_pads,
+    pair,
+    pool_attrs,
+    signed_codes,
+    slice_inputs,
+)
+from dfq.quant import ActQuantizer, QuantConv2d, QuantLinear, QuantReLU
 from dfq.quant.functional import quantize_affine
 from dfq.quant.graph import ADD_FUNCTIONS, ADD_METHODS, following_batchnorm, trace
 from dfq.quant.modules import batchnorm_affine, bias_grid, folded_weight_scale
@@ -37,7 +50,6 @@ __all__ = ["OPSET", "build_onnx", "write_onnx"]
 
 OPSET = 17
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-_INT32_LIMIT = 2**31 - 1
 
 
 def _onnx():
@@ -114,13 +126,13 @@ class _Builder:
     # -- quantization sites ----------------------------------------------------------------
     def quantize_site(self, value: _Value, aq: ActQuantizer, site: str, code_cap: int | None = None) -> _Value:
         """``value`` quantized by ``aq``; ``code_cap`` lowers the largest code (a ReLU6 folded in)."""
-        if not _active(aq):
+        if not active(aq):
             return value
         if int(aq.num_updates) == 0:
             raise DFQError(f"cannot export: activation quantizer {site} was never calibrated")
         if not aq.spec.symmetric:
             raise DFQError(f"cannot export {site}: asymmetric activations; quantize with --protocol deploy")
-        _check_container_bits(aq.spec.bits, site)
+        check_container_bits(aq.spec.bits, site)
         scale, _, qmin, qmax = aq.qparams()
         # Every activation is uint8 (signed grids offset by 128), since ONNX Runtime fuses
         # convolutions only when their input and output share a type.
@@ -143,7 +155,7 @@ class _Builder:
         x = self.value(node.args[0])
         if isinstance(layer, QuantConv2d | QuantLinear) and layer.input_quantizer is not None:
             x = self.quantize_site(x, layer.input_quantizer, f"{name}.input_quantizer")
-        bias = _bias(layer).double()
+        bias = layer_bias(layer).double()
         gain = torch.ones(layer.weight.shape[0], dtype=torch.float64)
         if bn is not None:
             gain, shift = batchnorm_affine(bn)
@@ -155,7 +167,7 @@ class _Builder:
             grid = layer.accumulator_grid(gain) if integer and x.q is not None else None
             inputs.append(self.bias_input(name, bias, grid))
         if isinstance(layer, nn.Conv2d):
-            out = self.op("Conv", inputs, f"{name}_out", **_conv_attrs(layer, name))
+            out = self.op("Conv", inputs, f"{name}_out", **conv_attrs(layer, name))
         else:
             out = self.op("Gemm", inputs, f"{name}_out", transB=1)
         return _Value(float_name=out)
@@ -171,8 +183,8 @@ class _Builder:
     def integer_weight(self, name: str, layer: QuantConv2d | QuantLinear, gain: torch.Tensor) -> str:
         """int8 codes of the quantized weight; a folded gain only rescales (and maybe negates) them."""
         wq = layer.weight_quantizer
-        _check_container_bits(wq.spec.bits, name)
-        codes = _signed_codes(layer, gain)
+        check_container_bits(wq.spec.bits, name)
+        codes = signed_codes(layer, gain)
         w = self.const(f"{name}_weight_q", codes.numpy().astype(np.int8))
         s = self.const(f"{name}_weight_scale", folded_weight_scale(layer.weight_step(), gain).float().numpy())
         z = self.const(f"{name}_weight_zp", np.zeros(codes.shape[0], np.int8))
@@ -183,7 +195,7 @@ class _Builder:
         if grid is None:
             return self.const(f"{name}_bias", bias.float().numpy())
         codes, step = bias_grid(bias, *grid)
-        if codes.abs().max() > _INT32_LIMIT:
+        if codes.abs().max() > INT32_LIMIT:
             raise DFQError(f"cannot export {name}: its bias does not fit in int32 on the accumulator grid")
         b = self.const(f"{name}_bias_q", codes.numpy().astype(np.int32))
         s = self.const(f"{name}_bias_scale", step.numpy())
@@ -262,12 +274,12 @@ class _Builder:
         if isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1:
             return self.grid_op(self.value(node.args[0]), "Flatten", f"{name}_out", axis=1)
         if isinstance(m, nn.MaxPool2d):
-            return self.grid_op(self.value(node.args[0]), "MaxPool", f"{name}_out", **_pool_attrs(m, name))
+            return self.grid_op(self.value(node.args[0]), "MaxPool", f"{name}_out", **pool_attrs(m, name))
         if isinstance(m, nn.AvgPool2d):
-            attrs = _pool_attrs(m, name)
+            attrs = pool_attrs(m, name)
             attrs["count_include_pad"] = int(m.count_include_pad)
             return _Value(self.op("AveragePool", [self.as_float(self.value(node.args[0]))], f"{name}_out", **attrs))
-        if isinstance(m, nn.AdaptiveAvgPool2d) and _pair(m.output_size) == (1, 1):
+        if isinstance(m, nn.AdaptiveAvgPool2d) and pair(m.output_size) == (1, 1):
             return _Value(self.op("GlobalAveragePool", [self.as_float(self.value(node.args[0]))], f"{name}_out"))
         raise UnsupportedLayerError(f"cannot export layer {name} ({type(m).__name__}) to ONNX")
 
@@ -276,7 +288,7 @@ class _Builder:
         is the ReLU and ReLU6 is a cap on the codes, so no float op stays between a convolution
         and its output quantizer (ONNX Runtime then fuses them into one integer kernel)."""
         aq, site = m.act_quantizer, f"{name}.act_quantizer"
-        if not _active(aq) or aq.qparams()[2] < 0:
+        if not active(aq) or aq.qparams()[2] < 0:
             return self.quantize_site(self.activation(x, m.act, name), aq, site)
         cap = None
         if isinstance(m.act, nn.ReLU6):  # codes of min(x, 6): at most the code of 6 (monotonic rounding)
@@ -290,6 +302,8 @@ class _Builder:
 
     def call_function(self, node: fx.Node) -> _Value | str:
         t = node.target
+        if t in _FUNCTIONS:
+            return _FUNCTIONS[t](self, node)
         if t in ADD_FUNCTIONS:
             return self.add(node)
         if t is operator.getitem:
@@ -318,7 +332,7 @@ class _Builder:
             return self.flatten(node, node.args[1:], node.kwargs)
         if t == "contiguous":
             return self.value(node.args[0])
-        if t == "mean" and _is_spatial_mean(node):
+        if t == "mean" and is_spatial_mean(node):
             pooled = self.op("GlobalAveragePool", [self.as_float(self.value(node.args[0]))], f"{node.name}_pool")
             return _Value(self.op("Flatten", [pooled], f"{node.name}_out", axis=1))
         if t in ("relu", "relu_"):
@@ -343,14 +357,14 @@ class _Builder:
         source, index = node.args
         if self.values.get(source) == "shape" and index == 0:
             return "batch"
-        slices = _slice_inputs(node.name, index)
+        slices = slice_inputs(node.name, index)
         if not slices["axes"]:
             return self.value(source)
         extra = [self.const(f"{node.name}_{k}", np.array(v, np.int64)) for k, v in slices.items()]
         return self.grid_op(self.value(source), "Slice", f"{node.name}_out", extra)
 
     def pad(self, node: fx.Node) -> _Value:
-        pads_name = self.const(f"{node.name}_pads", np.array(_onnx_pads(node), np.int64))
+        pads_name = self.const(f"{node.name}_pads", np.array(onnx_pads(node), np.int64))
         x = self.value(node.args[0])
         if x.q is not None:  # pad with the code of 0.0, the zero point
             return self.grid_op(x, "Pad", f"{node.name}_out", [pads_name, x.q.zp_name], mode="constant")
@@ -363,95 +377,34 @@ class _Builder:
         return helper.make_graph(self.nodes, "dfq", [x], [y], self.initializers)
 
 
-def _slice_inputs(name: str, index: Any) -> dict[str, list[int]]:
-    """ONNX Slice's starts/ends/axes/steps for a Python index made of slices (full slices skipped)."""
-    index = index if isinstance(index, tuple) else (index,)
-    if not all(isinstance(i, slice) for i in index):
-        raise UnsupportedLayerError(f"cannot export the indexing {name}: only slices are supported")
-    out: dict[str, list[int]] = {"starts": [], "ends": [], "axes": [], "steps": []}
-    for axis, s in enumerate(index):
-        if s != slice(None):
-            out["starts"].append(s.start or 0)
-            out["ends"].append(s.stop if s.stop is not None else _INT32_LIMIT)
-            out["axes"].append(axis)
-            out["steps"].append(s.step or 1)
-    return out
+def _functional_pool(b: _Builder, node: fx.Node) -> _Value:
+    """``F.adaptive_avg_pool2d(x, 1)``, ``F.avg_pool2d`` and ``F.max_pool2d`` (torchvision's MobileNetV2, Inception)
+    exported as their module forms are: the call's own arguments build the module whose attributes ONNX needs."""
+    if node.target is F.max_pool2d:  # on the integer tensor where there is one, as the module form
+        pool = nn.MaxPool2d(*node.args[1:], **node.kwargs)
+        return b.grid_op(b.value(node.args[0]), "MaxPool", f"{node.name}_out", **pool_attrs(pool, node.name))
+    x = b.as_float(b.value(node.args[0]))
+    if node.target is F.adaptive_avg_pool2d:
+        size = node.kwargs.get("output_size", node.args[1] if len(node.args) > 1 else None)
+        if pair(size) != (1, 1):
+            raise UnsupportedLayerError(f"cannot export {node.name}: adaptive average pooling to {size}, only to 1x1")
+        return _Value(b.op("GlobalAveragePool", [x], f"{node.name}_out"))
+    pool = nn.AvgPool2d(*node.args[1:], **node.kwargs)
+    if pool.divisor_override is not None:
+        raise UnsupportedLayerError(f"cannot export {node.name}: average pooling with divisor_override")
+    attrs = {**pool_attrs(pool, node.name), "count_include_pad": int(pool.count_include_pad)}
+    return _Value(b.op("AveragePool", [x], f"{node.name}_out", **attrs))
 
 
-def _onnx_pads(node: fx.Node) -> list[int]:
-    """ONNX Pad's (begins..., ends...) of an NCHW ``F.pad`` call; only zero padding exports."""
-    pads = list(node.args[1] if len(node.args) > 1 else node.kwargs["pad"])
-    value = node.kwargs.get("value", node.args[3] if len(node.args) > 3 else None)
-    mode = node.kwargs.get("mode", node.args[2] if len(node.args) > 2 else "constant")
-    if mode != "constant" or value:
-        raise UnsupportedLayerError(f"cannot export {node.name}: only zero padding is supported")
-    rank = 4
-    begin, end = [0] * rank, [0] * rank
-    for i in range(len(pads) // 2):  # F.pad lists (begin, end) pairs from the last dim backwards
-        begin[rank - 1 - i], end[rank - 1 - i] = pads[2 * i], pads[2 * i + 1]
-    return begin + end
+def _concat(b: _Builder, node: fx.Node) -> _Value:
+    """``torch.cat`` of dequantized tensors: exact in float; the layer that reads it quantizes its own input."""
+    tensors = node.kwargs.get("tensors", node.args[0])
+    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
+    return _Value(b.op("Concat", [b.as_float(b.value(t)) for t in tensors], f"{node.name}_out", axis=int(dim)))
 
 
-def _signed_codes(layer: QuantConv2d | QuantLinear, gain: torch.Tensor) -> torch.Tensor:
-    """The weight's integer codes, negated where a folded BatchNorm gain is negative, zero where it is 0."""
-    wq = layer.weight_quantizer
-    codes = quantize_affine(layer.weight.detach(), *wq.qparams(layer.weight), divide=wq.spec.deploy).double()
-    sign = torch.where(gain < 0, -1.0, 1.0).double()
-    codes = codes * sign.reshape(-1, *([1] * (codes.dim() - 1)))
-    codes[gain == 0] = 0  # BatchNorm gamma of 0: the channel is its bias
-    return codes
-
-
-def _is_spatial_mean(node: fx.Node) -> bool:
-    """``x.mean((2, 3))`` (or ``dim=[-2, -1]``) without keepdim: global average pooling of NCHW."""
-    dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-    keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
-    return isinstance(dims, tuple | list) and sorted(d % 4 for d in dims) == [2, 3] and not keep
-
-
-def _active(aq: ActQuantizer) -> bool:
-    return aq.get_mode() is not ActMode.DISABLED and not aq.spec.is_noop
-
-
-def _check_container_bits(bits: int, where: str) -> None:
-    if bits > 8:
-        raise DFQError(f"cannot export {where}: {bits}-bit quantization; ONNX export supports 2 to 8 bits")
-
-
-def _bias(layer: nn.Module) -> torch.Tensor:
-    if layer.bias is not None:
-        return layer.bias.detach()
-    return torch.zeros(layer.weight.shape[0])
-
-
-def _pair(v: Any) -> tuple[int, int]:
-    return tuple(v) if isinstance(v, tuple | list) else (v, v)  # type: ignore[return-value]
-
-
-def _conv_attrs(conv: nn.Conv2d, name: str) -> dict[str, Any]:
-    if isinstance(conv.padding, str) or conv.padding_mode != "zeros":
-        raise UnsupportedLayerError(f"cannot export {name}: only numeric zero padding is supported")
-    ph, pw = _pair(conv.padding)
-    return {
-        "kernel_shape": list(_pair(conv.kernel_size)),
-        "strides": list(_pair(conv.stride)),
-        "pads": [ph, pw, ph, pw],
-        "dilations": list(_pair(conv.dilation)),
-        "group": conv.groups,
-    }
-
-
-def _pool_attrs(pool: nn.MaxPool2d | nn.AvgPool2d, name: str) -> dict[str, Any]:
-    if getattr(pool, "return_indices", False) or _pair(getattr(pool, "dilation", 1)) != (1, 1):
-        raise UnsupportedLayerError(f"cannot export {name}: pooling with indices or dilation")
-    ph, pw = _pair(pool.padding)
-    stride = pool.stride if pool.stride is not None else pool.kernel_size
-    return {
-        "kernel_shape": list(_pair(pool.kernel_size)),
-        "strides": list(_pair(stride)),
-        "pads": [ph, pw, ph, pw],
-        "ceil_mode": int(pool.ceil_mode),
-    }
+_FUNCTIONS: dict[Any, Any] = {F.adaptive_avg_pool2d: _functional_pool, F.avg_pool2d: _functional_pool,
+                              F.max_pool2d: _functional_pool, torch.cat: _concat, torch.concat: _concat}  # fmt: skip
 
 
 def build_onnx(

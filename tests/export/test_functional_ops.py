@@ -1,0 +1,40 @@
+"""Functional pooling and concatenation (torchvision's MobileNetV2, Inception, DenseNet, GoogLeNet) export exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dfq
+from dfq.quant import QuantConfig, calibrate, quantize_model
+
+
+class _Functional(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn_a = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.b, self.bn_b = nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+        self.c, self.bn_c = nn.Conv2d(8, 6, 3, padding=1), nn.BatchNorm2d(6)
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.relu(self.bn_a(self.a(x)))
+        b = F.relu(self.bn_b(self.b(F.avg_pool2d(x, 3, stride=1, padding=1))))
+        y = F.max_pool2d(torch.cat([a, b], 1), kernel_size=2, stride=2)
+        y = F.relu(self.bn_c(self.c(y)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, (1, 1)), 1))
+
+
+def test_functional_pools_and_cat_export_with_exact_parity(tmp_path):
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = _Functional().eval()
+    q = quantize_model(model, QuantConfig(wbits=8, abits=8, protocol="deploy"))
+    calibrate(q, [torch.randn(16, 3, 8, 8)])
+    batches = [torch.randn(16, 3, 8, 8)]
+    report = dfq.export_onnx(q, tmp_path / "f.onnx", example_inputs=batches[0], verify=batches)
+    assert report["integer_ops"].get("QLinearConv", 0) == 3
+    assert report["verify"]["top1_agreement"] == 1.0
+    assert max(s["max_lsb"] for s in report["verify"]["sites"]) <= 1
