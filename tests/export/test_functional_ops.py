@@ -38,3 +38,25 @@ def test_functional_pools_and_cat_export_with_exact_parity(tmp_path):
     assert report["integer_ops"].get("QLinearConv", 0) == 3
     assert report["verify"]["top1_agreement"] == 1.0
     assert max(s["max_lsb"] for s in report["verify"]["sites"]) <= 1
+
+
+class _Asserting(nn.Module):
+    """timm's layers check ``torch._assert(x.ndim == 4, ...)`` inside forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        torch._assert(x.ndim == 4, "expected NCHW")
+        return self.fc(F.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+def test_shape_asserts_are_checks_not_graph_nodes(tmp_path):
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    q = quantize_model(_Asserting().eval(), QuantConfig(wbits=8, abits=8, protocol="deploy"))
+    calibrate(q, [torch.randn(16, 3, 8, 8)])
+    batches = [torch.randn(8, 3, 8, 8)]
+    report = dfq.export_onnx(q, tmp_path / "a.onnx", example_inputs=batches[0], verify=batches)
+    assert report["verify"]["top1_agreement"] == 1.0 and report["integer_ops"]["QLinearConv"] == 1

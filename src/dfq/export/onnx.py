@@ -318,6 +318,8 @@ class _Builder:
             return self.activation(self.value(node.args[0]), nn.ReLU6(), node.name)
         if t is getattr and node.args[1] == "shape":
             return "shape"
+        if t is getattr:
+            return _static_check(self, node)
         raise UnsupportedLayerError(f"cannot export the call {getattr(t, '__name__', t)} ({node.name}) to ONNX")
 
     def call_method(self, node: fx.Node) -> _Value | str:
@@ -403,7 +405,18 @@ def _concat(b: _Builder, node: fx.Node) -> _Value:
     return _Value(b.op("Concat", [b.as_float(b.value(t)) for t in tensors], f"{node.name}_out", axis=int(dim)))
 
 
-_FUNCTIONS: dict[Any, Any] = {F.adaptive_avg_pool2d: _functional_pool, F.avg_pool2d: _functional_pool,
+def _static_check(b: _Builder, node: fx.Node) -> str:
+    """timm's ``torch._assert(x.ndim == 4, ...)``: a check on the traced shapes, which held when Q ran; as
+    ``torch.onnx`` does with asserts, nothing of it enters the graph."""
+    if node.target is getattr and node.args[1] != "ndim":
+        raise UnsupportedLayerError(f"cannot export the attribute .{node.args[1]} ({node.name}) to ONNX")
+    if node.target is operator.eq and not any(b.values.get(a) == "static" for a in node.args):
+        raise UnsupportedLayerError(f"cannot export the comparison {node.name} to ONNX")
+    return "static"
+
+
+_FUNCTIONS: dict[Any, Any] = {torch._assert: _static_check, operator.eq: _static_check,
+F.adaptive_avg_pool2d: _functional_pool, F.avg_pool2d: _functional_pool,
                               F.max_pool2d: _functional_pool, torch.cat: _concat, torch.concat: _concat}  # fmt: skip
 
 
