@@ -75,12 +75,13 @@ class WeightQuantizer(nn.Module):
     def minmax_qparams(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """The min/max grid of ``w``.
 
-        A symmetric per-channel step is at least ``STEP_FLOOR`` (2^-12) times the layer's largest
-        channel step. Trained networks have dead channels (EfficientNet-Lite0: weights ~1e-9, BatchNorm
-        variance 0) whose own step would be ~1e-11; an integer runtime adds the bias on the grid
-        ``s_x * s_w``, and on such a step it overflows int32. At the floor such a channel's weights
-        all round to code 0, so it computes only its bias whatever its step: the floor changes its
-        bias grid and nothing else. Live channels are far above it (ResNet-20's smallest is 2^-8).
+        A dead channel of a symmetric per-channel grid, one whose weights all lie below half of
+        ``STEP_FLOOR`` (2^-12) times the layer's largest step, gets that floor as its step. Trained
+        networks have such channels (EfficientNet-Lite0: weights ~1e-9, BatchNorm variance 0) whose own
+        step would be ~1e-11; an integer runtime adds the bias on the grid ``s_x * s_w``, and on such a
+        step it overflows int32. On the floor their weights round to code 0, so the channel computes
+        only its bias, as it practically did. Every other channel keeps its own step (ResNet-20's
+        smallest is 2^-8 of its largest).
         """
         w = w.detach()
         if self.spec.granularity is Granularity.PER_CHANNEL:
@@ -93,7 +94,8 @@ class WeightQuantizer(nn.Module):
             lo = torch.minimum(lo, -hi.abs())
         scale, zero_point, qmin, qmax = choose_qparams(lo, hi, self.spec.bits, self.spec.symmetric)
         if self.spec.symmetric and self.spec.granularity is Granularity.PER_CHANNEL:
-            scale = torch.maximum(scale, scale.max() * STEP_FLOOR)
+            floor = scale.max() * STEP_FLOOR
+            scale = torch.where(torch.maximum(lo.abs(), hi.abs()) < floor / 2, floor, scale)
         return scale, zero_point, qmin, qmax
 
     @torch.no_grad()
