@@ -84,47 +84,49 @@ def worker(name: str, size: int, part: str) -> None:
 
     import dfq
 
-    t0 = time.perf_counter()
-    try:
-        p = _prepare(name, size)
-    except Exception as e:
-        _emit("build", {**_error(e), "seconds": time.perf_counter() - t0})
+    ok, p = _step("build", lambda: _prepare(name, size), report_ok=False)
+    if not ok:
         return
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(2))
     if part == "recon":
-        t0 = time.perf_counter()
-        try:
-            cfg = dfq.methods.ReconConfig(num_samples=8, synth_batch=8, synth_steps=2, iters=2, batch_size=4)
-            dfq.quantize(p, dfq.QuantConfig(wbits=4, abits=4, protocol="deploy"), cfg, example_inputs=x,
-                         progress=False)  # fmt: skip
-            _emit("recon", {"ok": True, "seconds": time.perf_counter() - t0})
-        except Exception as e:
-            _emit("recon", {**_error(e), "seconds": time.perf_counter() - t0})
+        cfg = dfq.methods.ReconConfig(num_samples=8, synth_batch=8, synth_steps=2, iters=2, batch_size=4)
+        _step("recon", lambda: dfq.quantize(p, dfq.QuantConfig(wbits=4, abits=4, protocol="deploy"), cfg,
+                                            example_inputs=x, progress=False))  # fmt: skip
         return
+    method = dfq.methods.ZeroQConfig(num_samples=4, steps=2)
+    ok, result = _step("zeroq", lambda: dfq.quantize(p, dfq.QuantConfig(wbits=8, abits=8, protocol="deploy"), method,
+                                                     example_inputs=x, progress=False))  # fmt: skip
+    if ok:
+        batch = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(3))
+        _step("export", lambda: _export(result, batch), report_ok=False)
+
+
+def _step(step: str, fn, report_ok: bool = True) -> tuple[bool, object]:
+    """Run one step, reporting its time and either success or the error's one line; returns (ok, its value)."""
     t0 = time.perf_counter()
     try:
-        method = dfq.methods.ZeroQConfig(num_samples=4, steps=2)
-        result = dfq.quantize(p, dfq.QuantConfig(wbits=8, abits=8, protocol="deploy"), method, example_inputs=x,
-                              progress=False)  # fmt: skip
-        _emit("zeroq", {"ok": True, "seconds": time.perf_counter() - t0})
+        value = fn()
     except Exception as e:
-        _emit("zeroq", {**_error(e), "seconds": time.perf_counter() - t0})
-        return
+        _emit(step, {**_error(e), "seconds": time.perf_counter() - t0})
+        return False, None
+    if report_ok:
+        _emit(step, {"ok": True, "seconds": time.perf_counter() - t0})
+    return True, value
+
+
+def _export(result, batch) -> None:
+    import dfq
+
     t0 = time.perf_counter()
-    batch = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(3))
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            r = dfq.export_onnx(result, Path(tmp) / "q.onnx", verify=[batch])
-        v = r.get("verify", {})
-        sites = v.get("sites", [])
-        worst = max(sites, key=lambda s: s["max_lsb"]) if sites else None
-        _emit("export", {"ok": True, "seconds": time.perf_counter() - t0, "bytes": r["bytes"],
-                         "integer_ops": r["integer_ops"], "float_ops": r["float_ops"],
-                         "top1_agreement": v.get("top1_agreement"),
-                         "logits_max_abs_error": v.get("logits_max_abs_error"),
-                         "sites": len(sites), "worst_site": worst})  # fmt: skip
-    except Exception as e:
-        _emit("export", {**_error(e), "seconds": time.perf_counter() - t0})
+    with tempfile.TemporaryDirectory() as tmp:
+        r = dfq.export_onnx(result, Path(tmp) / "q.onnx", verify=[batch])
+    v = r.get("verify", {})
+    sites = v.get("sites", [])
+    worst = max(sites, key=lambda s: s["max_lsb"]) if sites else None
+    _emit("export", {"ok": True, "seconds": time.perf_counter() - t0, "bytes": r["bytes"],
+                     "integer_ops": r["integer_ops"], "float_ops": r["float_ops"],
+                     "top1_agreement": v.get("top1_agreement"), "logits_max_abs_error": v.get("logits_max_abs_error"),
+                     "sites": len(sites), "worst_site": worst})  # fmt: skip
 
 
 def run_part(name: str, size: int, part: str, timeout: float) -> dict:

@@ -578,17 +578,24 @@ def test_units_of_resnet20_chain_to_the_whole_model() -> None:
         assert torch.equal(y, q(x))
 
 
-def test_units_of_a_skip_across_blocks_cut_where_one_tensor_is_live() -> None:
-    """A skip from two blocks back is no chain of blocks; the dataflow cut keeps the skip inside one unit."""
+def _cut(model: nn.Module) -> tuple[list[nn.Module], torch.Tensor, torch.Tensor]:
+    """Q of ``model`` calibrated and cut into units; the units run in turn, and Q itself, on the same inputs."""
     torch.manual_seed(0)
-    q = quantize_model(LongSkipNet().eval(), _stored())
+    q = quantize_model(model.eval(), _stored())
     calibrate(q, [torch.randn(4, *SHAPE, generator=_gen(3))])
     chain = units(q)
     x = torch.randn(3, *SHAPE, generator=_gen(4))
     y = x
     for unit in chain:
         y = unit(y)
-    assert len(chain) == 3 and torch.equal(y, q(x))  # stem, block + merge (the skip is live across it), head
+        assert isinstance(y, torch.Tensor)  # never a tuple between units
+    return chain, y, q(x)
+
+
+def test_units_of_a_skip_across_blocks_cut_where_one_tensor_is_live() -> None:
+    """A skip from two blocks back is no chain of blocks; the dataflow cut keeps the skip inside one unit."""
+    chain, y, expected = _cut(LongSkipNet())
+    assert len(chain) == 3 and torch.equal(y, expected)  # stem, block + merge (the skip is live across it), head
 
 
 class _Vgg(nn.Module):
@@ -621,15 +628,8 @@ class _Dense(nn.Module):
 @pytest.mark.parametrize(("model", "expected"), [(_Vgg, 3), (_Dense, 4)])
 def test_units_of_chains_and_concatenations_hold_one_weighted_layer_each(model: type, expected: int) -> None:
     """Without residual blocks the model is not one unit (as it used to be): one weighted layer per unit."""
-    torch.manual_seed(0)
-    q = quantize_model(model().eval(), _stored())
-    calibrate(q, [torch.randn(4, *SHAPE, generator=_gen(3))])
-    chain = units(q)
-    x = torch.randn(3, *SHAPE, generator=_gen(4))
-    y = x
-    for unit in chain:
-        y = unit(y)
-    assert len(chain) == expected and torch.equal(y, q(x))
+    chain, y, reference = _cut(model())
+    assert len(chain) == expected and torch.equal(y, reference)
     weighted = [sum(isinstance(m, nn.Conv2d | nn.Linear) for m in unit.modules()) for unit in chain]
     assert weighted == [1] * expected
 
@@ -918,13 +918,5 @@ class _ChannelSplit(nn.Module):
 
 def test_units_never_cut_at_a_tuple() -> None:
     """A chunk's result is a tuple read by indexing: no unit may end there (it crashed on shufflenet_v2)."""
-    torch.manual_seed(0)
-    q = quantize_model(_ChannelSplit().eval(), _stored())
-    calibrate(q, [torch.randn(4, *SHAPE, generator=_gen(3))])
-    chain = units(q)
-    x = torch.randn(3, *SHAPE, generator=_gen(4))
-    y = x
-    for unit in chain:
-        y = unit(y)
-        assert isinstance(y, torch.Tensor)
-    assert len(chain) == 3 and torch.equal(y, q(x))
+    chain, y, expected = _cut(_ChannelSplit())
+    assert len(chain) == 3 and torch.equal(y, expected)
