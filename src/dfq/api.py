@@ -27,6 +27,7 @@ from dfq.checkpoint import save_quantized
 from dfq.config import RunConfig, load_yaml, resolve_config
 from dfq.distributed import DistContext
 from dfq.errors import DFQError
+from dfq.generators import InputStats
 from dfq.methods import DEFAULT_METHOD, Method, MethodContext, create_method, method_of_config
 from dfq.methods.base import Evaluator
 from dfq.models import create_model
@@ -102,9 +103,21 @@ def quantize(
     input_size, num_classes = describe(model, example_inputs)
     dist = DistContext.current(device)
     chosen.check_launch(dist)
+    quant, input_stats = from_preprocessing(model, quant)
     ctx = MethodContext(input_size, num_classes, seed, evaluate=evaluate, progress=progress, dist=dist, resume=resume,
-                        run_dir=None if run_dir is None else Path(run_dir))  # fmt: skip
+                        run_dir=None if run_dir is None else Path(run_dir), input_stats=input_stats)  # fmt: skip
     return _quantize(model, quant, chosen, ctx)
+
+
+def from_preprocessing(model: nn.Module, quant: QuantConfig) -> tuple[QuantConfig, InputStats | None]:
+    """What a zoo model's preprocessing record gives a run: the input range the deploy protocol's input quantizer
+    keeps (unless ``quant`` names one), and where synthetic images must lie (``None``: standardised inputs)."""
+    info = getattr(model, "dfq_info", None)
+    if info is None:
+        return quant, None
+    if quant.protocol == "deploy" and quant.input_range is None:
+        quant = dataclasses.replace(quant, input_range=info.input_range())
+    return quant, info.input_stats()
 
 
 def _method(method: str | Any) -> Method:
@@ -196,8 +209,9 @@ def run(
         config.model, pretrained=config.weights is None, weights=config.weights, progress=progress and dist.main
     )
     input_size, num_classes = describe(p)
-    if not resume:  # config.yaml records what this launch fixed (the noise streams of a game)
-        config = dataclasses.replace(config, method=method.for_launch(dist.world_size))
+    quant, input_stats = from_preprocessing(p, config.quant)
+    if not resume:  # config.yaml records what this launch fixed (the noise streams of a game, the input range)
+        config = dataclasses.replace(config, method=method.for_launch(dist.world_size), quant=quant)
         method = config.create_method()
     evaluate = evaluate if dist.main else None
     if dist.main:
@@ -210,7 +224,7 @@ def run(
         fp = evaluate(p)
         summary.update(fp_top1=fp["top1"], fp_top5=fp["top5"], n=fp["n"])
     ctx = MethodContext(input_size, num_classes, config.seed, evaluate=evaluate, run_dir=out, resume=resume,
-                        progress=progress, dist=dist, model_name=config.model)  # fmt: skip
+                        progress=progress, dist=dist, model_name=config.model, input_stats=input_stats)  # fmt: skip
     result = _quantize(p, config.quant, method, ctx)
     summary.update(result.summary)
     if dist.main:

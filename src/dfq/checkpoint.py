@@ -28,11 +28,14 @@ _FORMAT = "dfq-quantized-v1"
 
 
 def save_quantized(path: str | Path, model: nn.Module, config: RunConfig, **extra: Any) -> Path:
-    """Atomically write ``model``'s state with everything needed to rebuild it."""
+    """Atomically write ``model``'s state with everything needed to rebuild it, and how to feed it (the
+    preprocessing record of a zoo model)."""
+    info = getattr(model, "dfq_info", None)
     payload = {
         "format": _FORMAT,
         "dfq_version": dfq.__version__,
         "config": config.to_dict(),
+        **({"preprocessing": info.preprocessing()} if info is not None else {}),
         "state_dict": model.state_dict(),
         **extra,
     }

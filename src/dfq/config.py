@@ -207,6 +207,9 @@ def _coerce(hint: Any, value: Any, name: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, {} if value is None else value, name)  # "section:" with every key commented out
     origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType) and value is not None and len(args) == 2 and type(None) in args:
+        return _coerce(next(a for a in args if a is not type(None)), value, name)  # X | None, given a value
     if origin is dict and typing.get_args(hint)[1] is LayerOverride:
         if not isinstance(value, dict):
             raise DFQError(f"config key '{name}' must be a mapping of layer pattern -> bits")

@@ -17,7 +17,7 @@ from conftest import CIFAR10_4CLASS, RESNET20_WEIGHTS, require_shared
 from dfq.checkpoint import load_quantized
 from dfq.cli import main
 from dfq.models import create_model
-from dfq.quant import QuantLinear, QuantReLU, act_quantizers
+from dfq.quant import QuantActivation, QuantLinear, act_quantizers
 
 MODEL = "resnet20a_cifar10"
 TINY = ["--set", "method.synth_steps=2", "--set", "method.num_samples=4", "--set", "method.iters=2", "--no-progress"]
@@ -170,7 +170,7 @@ def test_default_method_is_recon_and_its_flags_reach_the_config(
     summary = _last_json(out)
     assert (summary["method"], summary["wbits"], summary["abits"]) == ("recon", 4, 4)
     assert {"synthesize_s", "reconstruct_s"} <= summary.keys()
-    assert summary["seconds"] >= summary["synthesize_s"] + summary["reconstruct_s"] - 1e-3
+    assert summary["seconds"] >= summary["synthesize_s"] + summary["reconstruct_s"] - 2e-3  # each rounded to 1 ms
     recon = yaml.safe_load((run_dir / "config.yaml").read_text())["method"]
     assert recon["name"] == "recon"
     assert (recon["synth_steps"], recon["iters"], recon["num_samples"]) == (2, 2, 4)
@@ -236,7 +236,7 @@ def test_overrides_reach_config_and_reloaded_model(
     assert model.layer1[0].conv1.weight_quantizer.spec.bits == 6
     assert model.layer1[0].conv2.weight_quantizer.spec.bits == 4
     assert model.layer3[2].conv2.weight_quantizer.spec.bits == 4
-    assert isinstance(model.layer3[2].relu2, QuantReLU)
+    assert isinstance(model.layer3[2].relu2, QuantActivation)
     act_bits = {name: q.spec.bits for name, q in act_quantizers(model)}
     assert act_bits.pop("layer3.2.relu2.act_quantizer") == 6
     assert set(act_bits.values()) == {4}

@@ -269,6 +269,9 @@ def test_metadata_of_a_deploy_run_and_of_a_zoo_model(deploy_run, random_weights,
     assert (meta["wbits"], meta["abits"], meta["num_classes"], meta["input_size"]) == (4, 4, 10, [3, 32, 32])
     assert meta["class_names"] == list(CIFAR10_CLASSES)
     assert len(meta["mean"]) == 3 and len(meta["std"]) == 3
+    # the preprocessing record: pixels 0 and 255 after ImageNet's mean/std, CIFAR images used as they are
+    assert meta["input_range"] == pytest.approx([-0.485 / 0.229, (1 - 0.406) / 0.225])
+    assert (meta["crop_fraction"], meta["interpolation"]) == (1.0, "bicubic")
 
     fp, fmeta = load_target(MODEL, weights=str(random_weights))
     assert all(k in fmeta for k in META_KEYS)
@@ -334,8 +337,8 @@ def test_uncalibrated_deploy_model_names_the_site():
 
 
 def test_unsupported_float_layer():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).eval()
-    with pytest.raises(UnsupportedLayerError, match="GELU"):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.PReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).eval()
+    with pytest.raises(UnsupportedLayerError, match="PReLU"):
         build_onnx(model, SHAPE)
 
 

@@ -60,3 +60,69 @@ def test_shape_asserts_are_checks_not_graph_nodes(tmp_path):
     batches = [torch.randn(8, 3, 8, 8)]
     report = dfq.export_onnx(q, tmp_path / "a.onnx", example_inputs=batches[0], verify=batches)
     assert report["verify"]["top1_agreement"] == 1.0 and report["integer_ops"]["QLinearConv"] == 1
+
+
+class _ShuffleUpsample(nn.Module):
+    """ShuffleNet's split and channel shuffle (shapes from ``x.size()``), HRNet's nearest upsampling into an
+    addition, and VGG's adaptive pooling to a fixed size larger than its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn0 = nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8)
+        self.branch, self.bn1 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.low, self.bn2 = nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8)
+        self.up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.pool = nn.AdaptiveAvgPool2d(7)
+        self.fc = nn.Linear(8 * 7 * 7, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn0(self.stem(x)))
+        keep, work = x.chunk(2, dim=1)
+        x = torch.cat((keep, F.relu(self.bn1(self.branch(work)))), dim=1)
+        batch, channels, height, width = x.size()
+        x = x.view(batch, 2, channels // 2, height, width)
+        x = torch.transpose(x, 1, 2).contiguous().view(batch, -1, height, width)
+        x = F.relu(x + self.up(self.bn2(self.low(x))))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def test_shuffle_split_upsample_and_adaptive_pooling_export_with_exact_parity(tmp_path):
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    q = quantize_model(_ShuffleUpsample().eval(), QuantConfig(wbits=8, abits=8, protocol="deploy"))
+    calibrate(q, [torch.randn(16, 3, 8, 8)])
+    batches = [torch.randn(16, 3, 8, 8), torch.randn(3, 3, 8, 8)]  # the batch stays dynamic
+    report = dfq.export_onnx(q, tmp_path / "s.onnx", example_inputs=batches[0], verify=batches)
+    assert report["integer_ops"].get("QLinearConv", 0) == 3
+    assert report["verify"]["top1_agreement"] == 1.0
+    assert max(s["max_lsb"] for s in report["verify"]["sites"]) <= 1
+
+
+class _ListBlock(nn.Module):
+    """HRNet's pattern: a block taking a list of tensors (not traceable alone) that reuses one ReLU module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = nn.ModuleList(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)) for _ in range(2))
+        self.act = nn.ReLU()
+
+    def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        for i, conv in enumerate(self.convs):
+            xs[i] = conv(xs[i])
+        return [self.act(x) for x in xs]
+
+
+class _TwoBranches(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.block, self.fc = nn.Conv2d(3, 4, 3, padding=1), _ListBlock(), nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.block([self.stem(x), self.stem(x) * 0.5])
+        return self.fc((a + b).mean((2, 3)))
+
+
+def test_a_reused_activation_in_an_untraceable_block_gets_one_site_per_use():
+    q = quantize_model(_TwoBranches().eval(), QuantConfig(wbits=8, abits=8))
+    sites = [n for n, m in q.named_modules() if type(m).__name__ == "QuantActivation"]
+    assert len(sites) == 2, sites

@@ -33,10 +33,10 @@ def test_calibration_on_non_finite_inputs_names_the_site():
         calibrate(q, [x])
 
 
-class _SiLUNet(nn.Module):
+class _PReLUNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.conv, self.bn, self.act = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.SiLU()
+        self.conv, self.bn, self.act = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.PReLU()
         self.fc = nn.Linear(4, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -50,8 +50,8 @@ def test_an_unsupported_layer_is_refused_before_the_synthesis(method, monkeypatc
 
     monkeypatch.setattr("dfq.methods.zeroq.distill_inputs", never)
     monkeypatch.setattr("dfq.methods.recon.synthesize_pool", never)
-    with pytest.raises(UnsupportedLayerError, match=r"act \(SiLU\)"):
-        dfq.quantize(_SiLUNet().eval(), QuantConfig(), method, example_inputs=EXAMPLE)
+    with pytest.raises(UnsupportedLayerError, match=r"act \(PReLU\)"):
+        dfq.quantize(_PReLUNet().eval(), QuantConfig(), method, example_inputs=EXAMPLE)
 
 
 class _LibraryLinear(nn.Linear):

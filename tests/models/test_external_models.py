@@ -19,7 +19,7 @@ import torch
 import dfq
 from dfq.cli import main
 from dfq.compat import import_timm, import_torchvision
-from dfq.errors import DFQError, UnsupportedLayerError
+from dfq.errors import DFQError
 from dfq.models import create_model, get_model_info
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -76,12 +76,20 @@ def test_quantize_a_torchvision_model() -> None:
 
 
 @needs_tv
-def test_unsupported_activations_are_refused_by_name() -> None:
-    """MobileNetV3's Hardswish and EfficientNet's SiLU are outside the protocol: one line naming the layers."""
-    with pytest.raises(UnsupportedLayerError) as err:
-        dfq.quantize(create_model("tv:mobilenet_v3_small"), dfq.QuantConfig(wbits=8, abits=8), method=TINY_ZEROQ,
-                     example_inputs=torch.randn(1, 3, 64, 64), progress=False)  # fmt: skip
-    assert "features.0.2 (Hardswish)" in str(err.value) and "\n" not in str(err.value)
+def test_mobilenet_v3_quantizes_and_exports_on_integer_kernels(tmp_path: Path) -> None:
+    """Hardswish, squeeze-excitation with Hardsigmoid gates: every convolution runs on an integer kernel."""
+    torch.manual_seed(0)
+    model = create_model("tv:mobilenet_v3_small")
+    x = torch.randn(8, 3, 64, 64)
+    model.train()(x)  # BatchNorm statistics of these inputs (random init makes activations vanish)
+    result = dfq.quantize(model.eval(), dfq.QuantConfig(wbits=8, abits=8, protocol="deploy"), method=TINY_ZEROQ,
+                          example_inputs=x[:1], progress=False)  # fmt: skip
+    acts = {type(m.act).__name__ for m in result.model.modules() if hasattr(m, "act_quantizer")}
+    assert {"Hardswish", "Hardsigmoid", "ReLU"} <= acts
+    exported = dfq.export_onnx(result, tmp_path / "m.onnx", verify=[x])
+    convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    assert exported["integer_ops"]["QLinearConv"] == convs and "Conv" not in exported["float_ops"]
+    assert exported["verify"]["top1_agreement"] == 1.0
 
 
 @needs_timm

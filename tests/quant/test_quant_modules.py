@@ -13,10 +13,10 @@ from dfq.quant import (
     ActMode,
     ActQuantizer,
     LayerOverride,
+    QuantActivation,
     QuantConfig,
     QuantConv2d,
     QuantLinear,
-    QuantReLU,
     QuantSpec,
     act_quantizers,
     calibrate,
@@ -94,7 +94,7 @@ def test_conversion_swaps_exactly_the_expected_layers():
     relus = {n for n, m in fp.named_modules() if isinstance(m, nn.ReLU)}
     assert {n for n, m in q.named_modules() if isinstance(m, QuantConv2d)} == convs
     assert {n for n, m in q.named_modules() if isinstance(m, QuantLinear)} == {"linear"}
-    assert {n for n, m in q.named_modules() if isinstance(m, QuantReLU)} == relus
+    assert {n for n, m in q.named_modules() if isinstance(m, QuantActivation)} == relus
     assert len(relus) == 19  # stem + 2 per block x 9 blocks: every site has its own quantizer
     assert all(isinstance(m, nn.BatchNorm2d) for n, m in q.named_modules() if n.endswith(("bn1", "bn2")))
     assert not any(isinstance(m, QuantConv2d) for m in fp.modules())  # the float model is untouched
@@ -260,7 +260,7 @@ class WithLayerNorm(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(3, 4, 3)
         self.norm = nn.LayerNorm(4)
-        self.act = nn.GELU()
+        self.act = nn.PReLU()  # learned slopes
         self.head = nn.Linear(4, 2)
 
     def forward(self, x):
@@ -268,22 +268,22 @@ class WithLayerNorm(nn.Module):
 
 
 def test_unsupported_layers_are_reported_by_name():
-    with pytest.raises(UnsupportedLayerError, match=r"norm \(LayerNorm\).*act \(GELU\)"):
+    with pytest.raises(UnsupportedLayerError, match=r"norm \(LayerNorm\).*act \(PReLU\)"):
         quantize_model(WithLayerNorm(), QuantConfig())
 
 
-class FunctionalGelu(nn.Module):
+class FunctionalSoftplus(nn.Module):
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(4, 2)
 
     def forward(self, x):
-        return self.fc(F.gelu(x))
+        return self.fc(F.softplus(x))
 
 
 def test_unsupported_functional_call_is_reported():
-    with pytest.raises(UnsupportedLayerError, match="gelu"):
-        quantize_model(FunctionalGelu(), QuantConfig())
+    with pytest.raises(UnsupportedLayerError, match="softplus"):
+        quantize_model(FunctionalSoftplus(), QuantConfig())
 
 
 class Untraceable(nn.Module):
@@ -302,7 +302,7 @@ def test_untraceable_model_falls_back_to_module_swap_with_a_warning():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         q = quantize_model(Untraceable(), QuantConfig())
-    assert isinstance(q.relu, QuantReLU) and isinstance(q.fc, QuantLinear)
+    assert isinstance(q.relu, QuantActivation) and isinstance(q.fc, QuantLinear)
     assert any("could not trace" in str(w.message) for w in caught)
 
 

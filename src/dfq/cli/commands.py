@@ -67,7 +67,8 @@ def _make_evaluator(args: argparse.Namespace, info: Any):
 
     if args.eval_batch_size < 1:
         raise DFQError(f"the evaluation batch size must be >= 1, got {args.eval_batch_size}")
-    dataset = open_dataset(args.data, image_size=info.input_size[-1])
+    dataset = open_dataset(args.data, image_size=info.input_size[-1], crop_fraction=info.crop_fraction,
+                           interpolation=info.interpolation)
     if dataset.num_classes > info.num_classes:
         raise DFQError(
             f"{args.data} has {dataset.num_classes} classes but model '{info.name}' predicts {info.num_classes}"
@@ -139,7 +140,8 @@ def _load_onnx(path: Path) -> tuple[nn.Module, str, dict[str, Any]]:
         raise DFQError(f"{path} lacks dfq metadata ({', '.join(missing)}); export it with `dfq export`")
     model.dfq_info = ModelInfo(  # type: ignore[assignment]
         meta["model"], meta["dataset"], int(meta["num_classes"]), tuple(meta["input_size"]),
-        tuple(meta["mean"]), tuple(meta["std"]),
+        tuple(meta["mean"]), tuple(meta["std"]), crop_fraction=float(meta.get("crop_fraction", 0.875)),
+        interpolation=str(meta.get("interpolation", "bilinear")),
     )  # fmt: skip
     bits = {k: meta[k] for k in ("wbits", "abits", "method", "protocol") if k in meta}
     return model, f"{meta['model']} (ONNX Runtime)", {**bits, "runtime": "onnxruntime"}
@@ -179,7 +181,8 @@ def _verify_batches(args: argparse.Namespace, model: nn.Module) -> list[torch.Te
         from dfq.data import make_loader, open_dataset
 
         info = model.dfq_info
-        dataset = open_dataset(args.data, image_size=info.input_size[-1])
+        dataset = open_dataset(args.data, image_size=info.input_size[-1], crop_fraction=info.crop_fraction,
+                           interpolation=info.interpolation)
         loader = make_loader(dataset, info.mean, info.std, batch_size=args.eval_batch_size, limit=args.limit or 1000)
         return [x for x, _ in loader]
     g = torch.Generator().manual_seed(0)

@@ -44,11 +44,14 @@ _EXPECTED = (
 )
 
 
-def open_dataset(path: str | Path, *, image_size: int = 224) -> ImageDataset:
+def open_dataset(
+    path: str | Path, *, image_size: int = 224, crop_fraction: float = 0.875, interpolation: str = "bilinear"
+) -> ImageDataset:
     """Open the evaluation set at ``path``, detecting its format.
 
     ``image_size`` is the center-crop size for image folders (resized first to
-    ``round(image_size / 0.875)``); array formats keep their stored size.
+    ``round(image_size / crop_fraction)`` with ``interpolation``: the model's preprocessing record);
+    array formats keep their stored size.
     """
     path = Path(path).expanduser()
     if image_size < 1:
@@ -63,7 +66,7 @@ def open_dataset(path: str | Path, *, image_size: int = 224) -> ImageDataset:
     try:
         dataset = open_cifar(path)
         if dataset is None and path.is_dir():
-            dataset = open_image_folder(path, image_size)
+            dataset = open_image_folder(path, image_size, crop_fraction, interpolation)
     except OSError as e:  # unreadable folders or files met while detecting the format
         raise DFQError(f"{e.filename or path}: cannot read ({e.strerror or e})") from e
     if dataset is None:

@@ -20,22 +20,26 @@ from dfq.errors import DFQError
 __all__ = ["IMAGE_EXTENSIONS", "ImageFolderDataset", "open_image_folder", "resize_center_crop"]
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"})
-# Crop/resize ratio of the standard ImageNet evaluation (224 of 256).
-_CROP_FRACTION = 0.875
+_INTERPOLATIONS = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
 
 
-def resize_center_crop(image: Image.Image, image_size: int) -> Image.Image:
-    """Resize the shorter side to ``round(image_size / 0.875)`` (bilinear), then center-crop a square.
+def resize_center_crop(
+    image: Image.Image, image_size: int, crop_fraction: float = 0.875, interpolation: str = "bilinear"
+) -> Image.Image:
+    """Resize the shorter side to ``round(image_size / crop_fraction)``, then center-crop a square (the standard
+    ImageNet evaluation by default: 224 of 256, bilinear).
 
     Output sizes and crop offsets are computed as torchvision does, so pixels match its transform.
     """
-    resize = round(image_size / _CROP_FRACTION)
+    if interpolation not in _INTERPOLATIONS:
+        raise DFQError(f"interpolation must be one of {', '.join(_INTERPOLATIONS)}, got {interpolation!r}")
+    resize = round(image_size / crop_fraction)
     width, height = image.size
     if width <= height:
         new_w, new_h = resize, int(resize * height / width)
     else:
         new_w, new_h = int(resize * width / height), resize
-    image = image.resize((new_w, new_h), Image.BILINEAR)
+    image = image.resize((new_w, new_h), _INTERPOLATIONS[interpolation])
     top = round((new_h - image_size) / 2.0)
     left = round((new_w - image_size) / 2.0)
     return image.crop((left, top, left + image_size, top + image_size))
@@ -48,8 +52,12 @@ def _images_under(folder: Path) -> list[Path]:
 class ImageFolderDataset(ImageDataset):
     """Class-folder images; class ``i`` is the ``i``-th subfolder name in sorted order."""
 
-    def __init__(self, root: Path, classes: list[str], samples: list[tuple[Path, int]], image_size: int) -> None:
+    def __init__(
+        self, root: Path, classes: list[str], samples: list[tuple[Path, int]], image_size: int,
+        crop_fraction: float = 0.875, interpolation: str = "bilinear",
+    ) -> None:  # fmt: skip
         self.root = root
+        self.crop = (crop_fraction, interpolation)
         self.samples = samples
         self.name = f"imagefolder-{root.name}"
         self.num_classes = len(classes)
@@ -63,7 +71,7 @@ class ImageFolderDataset(ImageDataset):
         path, label = self.samples[index]
         try:
             with Image.open(path) as image:
-                image = resize_center_crop(image.convert("RGB"), self.image_size[0])
+                image = resize_center_crop(image.convert("RGB"), self.image_size[0], *self.crop)
         # UnidentifiedImageError and truncated files are OSErrors; PIL raises SyntaxError for broken PNG
         # chunks while decoding and DecompressionBombError for absurd declared sizes.
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
@@ -71,7 +79,9 @@ class ImageFolderDataset(ImageDataset):
         return torch.from_numpy(np.array(image)).permute(2, 0, 1).contiguous(), label
 
 
-def open_image_folder(root: Path, image_size: int) -> ImageFolderDataset | None:
+def open_image_folder(
+    root: Path, image_size: int, crop_fraction: float = 0.875, interpolation: str = "bilinear"
+) -> ImageFolderDataset | None:
     """Index ``root`` as class folders of images, or return None if no subfolder holds images.
 
     Hidden folders are ignored. A class folder without images is an error, since
@@ -85,4 +95,4 @@ def open_image_folder(root: Path, image_size: int) -> ImageFolderDataset | None:
         if not files:
             raise DFQError(f"{root / name}: class folder has no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
     samples = [(path, label) for label, files in enumerate(per_class) for path in files]
-    return ImageFolderDataset(root, classes, samples, image_size)
+    return ImageFolderDataset(root, classes, samples, image_size, crop_fraction, interpolation)

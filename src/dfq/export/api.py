@@ -45,12 +45,12 @@ def load_target(target: str | Path, weights: str | None = None, progress: bool =
 
 def describe_model(model: nn.Module, input_size: tuple[int, ...], extra: dict[str, Any]) -> dict[str, Any]:
     """The metadata an exported file carries: dfq's version, the input size and, for zoo models, the dataset,
-    classes and normalisation (what ``dfq eval model.onnx`` needs), plus ``extra``."""
+    classes and preprocessing record (what ``dfq eval model.onnx`` needs), plus ``extra``."""
     meta: dict[str, Any] = {"dfq_version": dfq.__version__, "input_size": list(input_size)}
     info = getattr(model, "dfq_info", None)
     if info is not None:
-        meta.update(model=info.name, dataset=info.dataset, num_classes=info.num_classes, mean=list(info.mean),
-                    std=list(info.std))  # fmt: skip
+        preprocessing = {**info.preprocessing(), "input_size": list(input_size)}  # the size exported
+        meta.update(model=info.name, dataset=info.dataset, num_classes=info.num_classes, **preprocessing)
         if info.dataset == "cifar10":
             meta["class_names"] = list(CIFAR10_CLASSES)
     return {**meta, **extra}

@@ -17,8 +17,6 @@ The graph is built from the model's torch.fx dataflow with ``onnx.helper`` rathe
 from __future__ import annotations
 
 import json
-import operator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,23 +26,28 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from dfq.errors import DFQError, UnsupportedLayerError
+from dfq.export.activations import emit_activation
+from dfq.export.functions import FUNCTIONS, METHODS, static_check
 from dfq.export.onnx_attrs import (
     INT32_LIMIT,
     active,
     check_container_bits,
     conv_attrs,
     is_spatial_mean,
+    keeps_dims,
     layer_bias,
-    onnx_pads,
     pair,
     pool_attrs,
     signed_codes,
-    slice_inputs,
+    upsample_scales,
 )
-from dfq.quant import ActQuantizer, QuantConv2d, QuantLinear, QuantReLU
+from dfq.export.shapes import BATCH, adaptive_avg_pool, node_shapes, shape_attr
+from dfq.export.values import QTensor, Value
+from dfq.quant import ActQuantizer, QuantActivation, QuantConv2d, QuantLinear
 from dfq.quant.functional import quantize_affine
 from dfq.quant.graph import ADD_FUNCTIONS, ADD_METHODS, following_batchnorm, trace
 from dfq.quant.modules import batchnorm_affine, bias_grid, folded_weight_scale
+from dfq.quant.prepare import ACTIVATIONS, RELUS
 
 __all__ = ["OPSET", "build_onnx", "write_onnx"]
 
@@ -60,27 +63,10 @@ def _onnx():
     return onnx
 
 
-@dataclass
-class _QTensor:
-    """An integer tensor and the per-tensor grid it lives on."""
-
-    name: str
-    scale: float
-    scale_name: str
-    zp_name: str
-
-
-@dataclass
-class _Value:
-    """What an fx node computed: a float tensor, an integer one, or both."""
-
-    float_name: str | None = None
-    q: _QTensor | None = None
-
-
 class _Builder:
-    def __init__(self, model: nn.Module, expose_sites: bool) -> None:
+    def __init__(self, model: nn.Module, expose_sites: bool, shapes: dict[fx.Node, tuple[int, ...]]) -> None:
         self.onnx = _onnx()
+        self.shapes = shapes
         self.helper = self.onnx.helper
         self.model = model
         self.modules = dict(model.named_modules())
@@ -88,7 +74,7 @@ class _Builder:
         self.nodes: list[Any] = []
         self.initializers: list[Any] = []
         self.site_outputs: list[str] = []
-        self.values: dict[fx.Node, _Value | str] = {}
+        self.values: dict[fx.Node, Any] = {}  # a tensor (Value), a tuple of them, a dimension or a marker
         self._names: set[str] = set()
 
     # -- small helpers -------------------------------------------------------------------
@@ -109,7 +95,7 @@ class _Builder:
         self.nodes.append(self.helper.make_node(op_type, inputs, [out], name=out, **attrs))
         return out
 
-    def as_float(self, value: _Value, name: str | None = None) -> str:
+    def as_float(self, value: Value, name: str | None = None) -> str:
         """The float tensor of ``value``, dequantizing it (once) if needed."""
         if value.float_name is None:
             q = value.q
@@ -117,14 +103,14 @@ class _Builder:
             value.float_name = self.op("DequantizeLinear", [q.name, q.scale_name, q.zp_name], name or f"{q.name}_dq")
         return value.float_name
 
-    def value(self, arg: Any) -> _Value:
+    def value(self, arg: Any) -> Value:
         v = self.values.get(arg) if isinstance(arg, fx.Node) else None
-        if not isinstance(v, _Value):
+        if not isinstance(v, Value):
             raise UnsupportedLayerError(f"cannot export: expected a tensor, got {arg!r}")
         return v
 
     # -- quantization sites ----------------------------------------------------------------
-    def quantize_site(self, value: _Value, aq: ActQuantizer, site: str, code_cap: int | None = None) -> _Value:
+    def quantize_site(self, value: Value, aq: ActQuantizer, site: str, code_cap: int | None = None) -> Value:
         """``value`` quantized by ``aq``; ``code_cap`` lowers the largest code (a ReLU6 folded in)."""
         if not active(aq):
             return value
@@ -144,13 +130,13 @@ class _Builder:
         if (qmin + zp, qmax + zp) != (0, 255):
             lo, hi = self.const(f"{site}_qmin", np.uint8(qmin + zp)), self.const(f"{site}_qmax", np.uint8(qmax + zp))
             q = self.op("Clip", [q, lo, hi], f"{site}_clip")
-        out = _Value(q=_QTensor(q, float(scale), scale_name, zp_name))
+        out = Value(q=QTensor(q, float(scale), scale_name, zp_name))
         if self.expose_sites:  # named after its PyTorch module, for parity reports
             self.site_outputs.append(self.as_float(out, site))
         return out
 
     # -- layers ----------------------------------------------------------------------------
-    def weighted(self, node: fx.Node, layer: nn.Conv2d | nn.Linear, bn: nn.BatchNorm2d | None) -> _Value:
+    def weighted(self, node: fx.Node, layer: nn.Conv2d | nn.Linear, bn: nn.BatchNorm2d | None) -> Value:
         name = str(node.target)
         x = self.value(node.args[0])
         if isinstance(layer, QuantConv2d | QuantLinear) and layer.input_quantizer is not None:
@@ -170,7 +156,7 @@ class _Builder:
             out = self.op("Conv", inputs, f"{name}_out", **conv_attrs(layer, name))
         else:
             out = self.op("Gemm", inputs, f"{name}_out", transB=1)
-        return _Value(float_name=out)
+        return Value(float_name=out)
 
     def float_weight(self, name: str, layer: nn.Module, gain: torch.Tensor) -> str:
         wq = getattr(layer, "weight_quantizer", None)
@@ -202,7 +188,7 @@ class _Builder:
         z = self.const(f"{name}_bias_zp", np.zeros(len(codes), np.int32))
         return self.op("DequantizeLinear", [b, s, z], f"{name}_bias", axis=0)
 
-    def batchnorm(self, node: fx.Node, bn: nn.BatchNorm2d) -> _Value:
+    def batchnorm(self, node: fx.Node, bn: nn.BatchNorm2d) -> Value:
         if bn.running_var is None:
             raise UnsupportedLayerError(f"cannot export {node.target}: a BatchNorm without running statistics")
         gain, shift = batchnorm_affine(bn)
@@ -212,22 +198,19 @@ class _Builder:
         zero_mean = self.const(f"{name}_mean", np.zeros(len(gain), np.float32))
         one_var = self.const(f"{name}_var", np.ones(len(gain), np.float32))
         b = self.const(f"{name}_bias", shift.float().numpy())
-        return _Value(self.op("BatchNormalization", [x, scale, b, zero_mean, one_var], f"{name}_out", epsilon=0.0))
+        return Value(self.op("BatchNormalization", [x, scale, b, zero_mean, one_var], f"{name}_out", epsilon=0.0))
 
-    def activation(self, x: _Value, act: nn.Module, hint: str) -> _Value:
-        if isinstance(act, nn.ReLU6):
-            lo, hi = self.const(f"{hint}_lo", np.float32(0)), self.const(f"{hint}_hi", np.float32(6))
-            return _Value(self.op("Clip", [self.as_float(x), lo, hi], f"{hint}_out"))
-        return _Value(self.op("Relu", [self.as_float(x)], f"{hint}_out"))
+    def activation(self, x: Value, act: nn.Module, hint: str) -> Value:
+        return Value(emit_activation(self.op, self.const, self.as_float(x), act, hint))
 
-    def grid_op(self, x: _Value, op_type: str, hint: str, extra: list[str] | None = None, **attrs: Any) -> _Value:
+    def grid_op(self, x: Value, op_type: str, hint: str, extra: list[str] | None = None, **attrs: Any) -> Value:
         """An op that moves values: on the integer tensor when there is one (no rounding involved)."""
         extra = extra or []
         if x.q is not None:
             q = x.q
             out = self.op(op_type, [q.name, *extra], hint, **attrs)
-            return _Value(q=_QTensor(out, q.scale, q.scale_name, q.zp_name))
-        return _Value(self.op(op_type, [self.as_float(x), *extra], hint, **attrs))
+            return Value(q=QTensor(out, q.scale, q.scale_name, q.zp_name))
+        return Value(self.op(op_type, [self.as_float(x), *extra], hint, **attrs))
 
     # -- graph walk ------------------------------------------------------------------------
     def build(self, graph: fx.Graph, input_shape: tuple[int, ...]) -> Any:
@@ -237,7 +220,7 @@ class _Builder:
                 continue
             if node.op == "placeholder":
                 self._names.add(INPUT_NAME)
-                self.values[node] = _Value(INPUT_NAME)
+                self.values[node] = Value(INPUT_NAME)
             elif node.op == "output":
                 out = self.as_float(self.value(node.args[0]))
                 self.nodes.append(self.helper.make_node("Identity", [out], [OUTPUT_NAME], name=OUTPUT_NAME))
@@ -251,7 +234,7 @@ class _Builder:
                 raise UnsupportedLayerError(f"cannot export: the model reads the tensor attribute {node.target}")
         return self.graph(input_shape)
 
-    def call_module(self, node: fx.Node, folded: set[fx.Node]) -> _Value:
+    def call_module(self, node: fx.Node, folded: set[fx.Node]) -> Value:
         name, m = str(node.target), self.modules[str(node.target)]
         if isinstance(m, nn.Conv2d | nn.Linear):
             bn = following_batchnorm(node, self.modules) if isinstance(m, nn.Conv2d) else None
@@ -260,12 +243,12 @@ class _Builder:
                 return self.output_site(out, m, name)
             folded.add(bn[0])
             self.values[bn[0]] = self.output_site(out, bn[1], str(bn[0].target))
-            return _Value()
+            return Value()
         if isinstance(m, nn.BatchNorm2d):
             return self.output_site(self.batchnorm(node, m), m, name)
-        if isinstance(m, QuantReLU):
-            return self.relu_site(self.value(node.args[0]), m, name)
-        if isinstance(m, nn.ReLU | nn.ReLU6):
+        if isinstance(m, QuantActivation):
+            return self.activation_site(self.value(node.args[0]), m, name)
+        if isinstance(m, ACTIVATIONS):
             return self.activation(self.value(node.args[0]), m, name)
         if isinstance(m, ActQuantizer):
             return self.quantize_site(self.value(node.args[0]), m, name)
@@ -275,41 +258,44 @@ class _Builder:
             return self.grid_op(self.value(node.args[0]), "Flatten", f"{name}_out", axis=1)
         if isinstance(m, nn.MaxPool2d):
             return self.grid_op(self.value(node.args[0]), "MaxPool", f"{name}_out", **pool_attrs(m, name))
+        if isinstance(m, nn.Upsample):
+            scales = self.const(f"{name}_scales", np.array(upsample_scales(m, name), np.float32))
+            return self.grid_op(self.value(node.args[0]), "Resize", f"{name}_out", ["", scales], mode="nearest",
+                                coordinate_transformation_mode="asymmetric", nearest_mode="floor")  # fmt: skip
         if isinstance(m, nn.AvgPool2d):
             attrs = pool_attrs(m, name)
             attrs["count_include_pad"] = int(m.count_include_pad)
-            return _Value(self.op("AveragePool", [self.as_float(self.value(node.args[0]))], f"{name}_out", **attrs))
+            return Value(self.op("AveragePool", [self.as_float(self.value(node.args[0]))], f"{name}_out", **attrs))
         if isinstance(m, nn.AdaptiveAvgPool2d) and pair(m.output_size) == (1, 1):
-            return _Value(self.op("GlobalAveragePool", [self.as_float(self.value(node.args[0]))], f"{name}_out"))
+            return Value(self.op("GlobalAveragePool", [self.as_float(self.value(node.args[0]))], f"{name}_out"))
+        if isinstance(m, nn.AdaptiveAvgPool2d):
+            return adaptive_avg_pool(self, node, m.output_size)
         raise UnsupportedLayerError(f"cannot export layer {name} ({type(m).__name__}) to ONNX")
 
-    def relu_site(self, x: _Value, m: QuantReLU, name: str) -> _Value:
-        """A ReLU/ReLU6 and its quantizer. On an unsigned grid the quantizer's saturation at code 0
-        is the ReLU and ReLU6 is a cap on the codes, so no float op stays between a convolution
-        and its output quantizer (ONNX Runtime then fuses them into one integer kernel)."""
+    def activation_site(self, x: Value, m: QuantActivation, name: str) -> Value:
+        """An activation and its quantizer. On an unsigned grid the quantizer's saturation at code 0
+        is a ReLU and ReLU6 is a cap on the codes, so no float op stays between a convolution
+        and its output quantizer (ONNX Runtime then fuses them into one integer kernel); other
+        activations run in float between the two."""
         aq, site = m.act_quantizer, f"{name}.act_quantizer"
-        if not active(aq) or aq.qparams()[2] < 0:
+        if not active(aq) or aq.qparams()[2] < 0 or not isinstance(m.act, RELUS):
             return self.quantize_site(self.activation(x, m.act, name), aq, site)
         cap = None
         if isinstance(m.act, nn.ReLU6):  # codes of min(x, 6): at most the code of 6 (monotonic rounding)
             cap = int(quantize_affine(torch.tensor(6.0), *aq.qparams(), divide=aq.spec.deploy))
         return self.quantize_site(x, aq, site, code_cap=cap)
 
-    def output_site(self, out: _Value, m: nn.Module, name: str) -> _Value:
+    def output_site(self, out: Value, m: nn.Module, name: str) -> Value:
         """A residual site on a BatchNorm (folded) or on a layer's own output (QLinearConv's output grid)."""
         oq = getattr(m, "output_quantizer", None)
         return self.quantize_site(out, oq, f"{name}.output_quantizer") if isinstance(oq, ActQuantizer) else out
 
-    def call_function(self, node: fx.Node) -> _Value | str:
+    def call_function(self, node: fx.Node) -> Value | str:
         t = node.target
-        if t in _FUNCTIONS:
-            return _FUNCTIONS[t](self, node)
+        if t in FUNCTIONS:
+            return FUNCTIONS[t](self, node)
         if t in ADD_FUNCTIONS:
             return self.add(node)
-        if t is operator.getitem:
-            return self.getitem(node)
-        if t is F.pad:
-            return self.pad(node)
         if t is torch.flatten:
             return self.flatten(node, node.args[1:], node.kwargs)
         if t in (F.relu, torch.relu):
@@ -317,17 +303,17 @@ class _Builder:
         if t is F.relu6:
             return self.activation(self.value(node.args[0]), nn.ReLU6(), node.name)
         if t is getattr and node.args[1] == "shape":
-            return "shape"
+            return shape_attr(self, node)
         if t is getattr:
-            return _static_check(self, node)
+            return static_check(self, node)
         raise UnsupportedLayerError(f"cannot export the call {getattr(t, '__name__', t)} ({node.name}) to ONNX")
 
-    def call_method(self, node: fx.Node) -> _Value | str:
+    def call_method(self, node: fx.Node) -> Value | str:
         t = node.target
         if t in ADD_METHODS:
             return self.add(node)
         if t == "size" and node.args[1:] == (0,):
-            return "batch"
+            return BATCH
         if t in ("view", "reshape") and len(node.args) == 3 and node.args[2] == -1 and self._is_batch(node.args[1]):
             return self.grid_op(self.value(node.args[0]), "Flatten", f"{node.name}_out", axis=1)
         if t == "flatten":
@@ -336,88 +322,32 @@ class _Builder:
             return self.value(node.args[0])
         if t == "mean" and is_spatial_mean(node):
             pooled = self.op("GlobalAveragePool", [self.as_float(self.value(node.args[0]))], f"{node.name}_pool")
-            return _Value(self.op("Flatten", [pooled], f"{node.name}_out", axis=1))
+            return Value(pooled if keeps_dims(node) else self.op("Flatten", [pooled], f"{node.name}_out", axis=1))
         if t in ("relu", "relu_"):
             return self.activation(self.value(node.args[0]), nn.ReLU(), node.name)
+        if t in METHODS:
+            return METHODS[t](self, node)
         raise UnsupportedLayerError(f"cannot export the method call .{t}() ({node.name}) to ONNX")
 
     def _is_batch(self, arg: Any) -> bool:
-        return isinstance(arg, fx.Node) and self.values.get(arg) == "batch"
+        return isinstance(arg, fx.Node) and self.values.get(arg) == BATCH
 
-    def add(self, node: fx.Node) -> _Value:
+    def add(self, node: fx.Node) -> Value:
         a, b = node.args[:2]
-        return _Value(self.op("Add", [self.as_float(self.value(a)), self.as_float(self.value(b))], f"{node.name}_out"))
+        return Value(self.op("Add", [self.as_float(self.value(a)), self.as_float(self.value(b))], f"{node.name}_out"))
 
-    def flatten(self, node: fx.Node, args: tuple, kwargs: dict) -> _Value:
+    def flatten(self, node: fx.Node, args: tuple, kwargs: dict) -> Value:
         start = kwargs.get("start_dim", args[0] if args else 0)
         end = kwargs.get("end_dim", args[1] if len(args) > 1 else -1)
         if (start, end) != (1, -1):
             raise UnsupportedLayerError(f"cannot export flatten({start}, {end}) ({node.name}); only flatten(1)")
         return self.grid_op(self.value(node.args[0]), "Flatten", f"{node.name}_out", axis=1)
 
-    def getitem(self, node: fx.Node) -> _Value | str:
-        source, index = node.args
-        if self.values.get(source) == "shape" and index == 0:
-            return "batch"
-        slices = slice_inputs(node.name, index)
-        if not slices["axes"]:
-            return self.value(source)
-        extra = [self.const(f"{node.name}_{k}", np.array(v, np.int64)) for k, v in slices.items()]
-        return self.grid_op(self.value(source), "Slice", f"{node.name}_out", extra)
-
-    def pad(self, node: fx.Node) -> _Value:
-        pads_name = self.const(f"{node.name}_pads", np.array(onnx_pads(node), np.int64))
-        x = self.value(node.args[0])
-        if x.q is not None:  # pad with the code of 0.0, the zero point
-            return self.grid_op(x, "Pad", f"{node.name}_out", [pads_name, x.q.zp_name], mode="constant")
-        return self.grid_op(x, "Pad", f"{node.name}_out", [pads_name], mode="constant")
-
     def graph(self, input_shape: tuple[int, ...]) -> Any:
         helper, tp = self.helper, self.onnx.TensorProto
         x = helper.make_tensor_value_info(INPUT_NAME, tp.FLOAT, ["batch", *input_shape])
         y = helper.make_tensor_value_info(OUTPUT_NAME, tp.FLOAT, ["batch", None])
         return helper.make_graph(self.nodes, "dfq", [x], [y], self.initializers)
-
-
-def _functional_pool(b: _Builder, node: fx.Node) -> _Value:
-    """``F.adaptive_avg_pool2d(x, 1)``, ``F.avg_pool2d`` and ``F.max_pool2d`` (torchvision's MobileNetV2, Inception)
-    exported as their module forms are: the call's own arguments build the module whose attributes ONNX needs."""
-    if node.target is F.max_pool2d:  # on the integer tensor where there is one, as the module form
-        pool = nn.MaxPool2d(*node.args[1:], **node.kwargs)
-        return b.grid_op(b.value(node.args[0]), "MaxPool", f"{node.name}_out", **pool_attrs(pool, node.name))
-    x = b.as_float(b.value(node.args[0]))
-    if node.target is F.adaptive_avg_pool2d:
-        size = node.kwargs.get("output_size", node.args[1] if len(node.args) > 1 else None)
-        if pair(size) != (1, 1):
-            raise UnsupportedLayerError(f"cannot export {node.name}: adaptive average pooling to {size}, only to 1x1")
-        return _Value(b.op("GlobalAveragePool", [x], f"{node.name}_out"))
-    pool = nn.AvgPool2d(*node.args[1:], **node.kwargs)
-    if pool.divisor_override is not None:
-        raise UnsupportedLayerError(f"cannot export {node.name}: average pooling with divisor_override")
-    attrs = {**pool_attrs(pool, node.name), "count_include_pad": int(pool.count_include_pad)}
-    return _Value(b.op("AveragePool", [x], f"{node.name}_out", **attrs))
-
-
-def _concat(b: _Builder, node: fx.Node) -> _Value:
-    """``torch.cat`` of dequantized tensors: exact in float; the layer that reads it quantizes its own input."""
-    tensors = node.kwargs.get("tensors", node.args[0])
-    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else 0)
-    return _Value(b.op("Concat", [b.as_float(b.value(t)) for t in tensors], f"{node.name}_out", axis=int(dim)))
-
-
-def _static_check(b: _Builder, node: fx.Node) -> str:
-    """timm's ``torch._assert(x.ndim == 4, ...)``: a check on the traced shapes, which held when Q ran; as
-    ``torch.onnx`` does with asserts, nothing of it enters the graph."""
-    if node.target is getattr and node.args[1] != "ndim":
-        raise UnsupportedLayerError(f"cannot export the attribute .{node.args[1]} ({node.name}) to ONNX")
-    if node.target is operator.eq and not any(b.values.get(a) == "static" for a in node.args):
-        raise UnsupportedLayerError(f"cannot export the comparison {node.name} to ONNX")
-    return "static"
-
-
-_FUNCTIONS: dict[Any, Any] = {torch._assert: _static_check, operator.eq: _static_check,
-F.adaptive_avg_pool2d: _functional_pool, F.avg_pool2d: _functional_pool,
-                              F.max_pool2d: _functional_pool, torch.cat: _concat, torch.concat: _concat}  # fmt: skip
 
 
 def build_onnx(
@@ -433,9 +363,10 @@ def build_onnx(
     """
     onnx = _onnx()
     model = model.eval()
-    builder = _Builder(model, expose_sites)
+    traced = trace(model, "ONNX export")
+    builder = _Builder(model, expose_sites, node_shapes(model, traced, tuple(input_shape)))
     with torch.no_grad():
-        graph = builder.build(trace(model, "ONNX export"), tuple(input_shape))
+        graph = builder.build(traced, tuple(input_shape))
     proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET)], producer_name="dfq")
     proto.ir_version = min(proto.ir_version, 9)  # readable by older runtimes
     for key, val in (metadata or {}).items():

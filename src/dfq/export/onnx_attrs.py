@@ -54,10 +54,14 @@ def signed_codes(layer: QuantConv2d | QuantLinear, gain: torch.Tensor) -> torch.
 
 
 def is_spatial_mean(node: fx.Node) -> bool:
-    """``x.mean((2, 3))`` (or ``dim=[-2, -1]``) without keepdim: global average pooling of NCHW."""
+    """``x.mean((2, 3))`` (or ``dim=[-2, -1]``): global average pooling of NCHW."""
     dims = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
-    keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
-    return isinstance(dims, tuple | list) and sorted(d % 4 for d in dims) == [2, 3] and not keep
+    return isinstance(dims, tuple | list) and sorted(d % 4 for d in dims) == [2, 3]
+
+
+def keeps_dims(node: fx.Node) -> bool:
+    """Whether a reduction keeps the reduced dimensions (``keepdim=True``: squeeze-excitation's pooling)."""
+    return bool(node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False))
 
 
 def active(aq: ActQuantizer) -> bool:
@@ -102,3 +106,12 @@ def pool_attrs(pool: nn.MaxPool2d | nn.AvgPool2d, name: str) -> dict[str, Any]:
         "pads": [ph, pw, ph, pw],
         "ceil_mode": int(pool.ceil_mode),
     }
+
+
+def upsample_scales(m: nn.Upsample, name: str) -> list[float]:
+    """ONNX Resize's scales of a nearest ``nn.Upsample`` by a scale factor (PyTorch's nearest: floor of the
+    asymmetric source coordinate, which ONNX Resize reproduces exactly)."""
+    if m.mode != "nearest" or m.scale_factor is None:
+        raise UnsupportedLayerError(f"cannot export {name}: only nearest upsampling by a scale factor")
+    fy, fx = pair(m.scale_factor)
+    return [1.0, 1.0, float(fy), float(fx)]

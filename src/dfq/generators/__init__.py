@@ -10,13 +10,14 @@ from dfq.generators.nets import (
     create_generator,
     list_generators,
 )
-from dfq.generators.synthesis import LatentDecoder, distill_inputs, synthesize_pool
+from dfq.generators.synthesis import InputStats, LatentDecoder, distill_inputs, synthesize_pool, to_input_space
 
 __all__ = [
     "BNStatsLoss",
     "CifarGenerator",
     "ConditionalBatchNorm2d",
     "ImageNetGenerator",
+    "InputStats",
     "LatentDecoder",
     "UnconditionalGenerator",
     "create_generator",
@@ -24,4 +25,5 @@ __all__ = [
     "list_generators",
     "lowpass",
     "synthesize_pool",
+    "to_input_space",
 ]

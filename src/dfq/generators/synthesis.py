@@ -26,7 +26,21 @@ from dfq.generators.bns import BNStatsLoss
 from dfq.generators.filters import lowpass as lowpass_filter
 from dfq.utils.state import no_param_grads
 
-__all__ = ["LatentDecoder", "distill_inputs", "synthesize_pool"]
+__all__ = ["InputStats", "LatentDecoder", "distill_inputs", "synthesize_pool", "to_input_space"]
+
+InputStats = tuple[tuple[float, ...], tuple[float, ...]]  # per-channel mean and std of typical model inputs
+
+
+def to_input_space(z: torch.Tensor, stats: InputStats | None) -> torch.Tensor:
+    """Standardised images ``z`` (what every synthesizer and generator makes: mean 0, std 1) as model inputs,
+    ``z * std + mean`` per channel; ``None``: the model takes standardised inputs (the usual mean/std
+    normalisation), ``z`` unchanged. A model fed raw pixels (ResNet-8: mean ~125, std ~63) needs the shift:
+    its BatchNorm statistics alone barely move noise that starts near 0, and the images would neither span
+    the input range nor calibrate it."""
+    if stats is None:
+        return z
+    mean, std = (torch.tensor(v, dtype=z.dtype, device=z.device).view(1, -1, 1, 1) for v in stats)
+    return z * std + mean
 
 
 @contextlib.contextmanager
@@ -57,15 +71,17 @@ def distill_inputs(
     generator: torch.Generator | None = None,
     progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
+    input_stats: InputStats | None = None,
 ) -> torch.Tensor:
-    """ZeroQ's distilled inputs: ``num_samples`` Gaussian images optimised with Adam against the BNS loss."""
+    """ZeroQ's distilled inputs: ``num_samples`` Gaussian images optimised with Adam against the BNS loss
+    (standardised pixels are optimised, fed through :func:`to_input_space` with ``input_stats``)."""
     device = next(teacher.parameters()).device
     x = torch.randn((num_samples, *input_size), generator=generator).to(device).requires_grad_()
     opt = torch.optim.Adam([x], lr=lr)
     with _frozen(teacher), BNStatsLoss(teacher) as bns, tqdm(range(steps), desc="distil", disable=not progress) as bar:
         for step in bar:
             opt.zero_grad(set_to_none=True)
-            teacher(x)
+            teacher(to_input_space(x, input_stats))
             loss = _finite(bns.loss(), step)
             loss.backward()
             opt.step()
@@ -74,7 +90,7 @@ def distill_inputs(
                 bar.set_postfix(bns=f"{value:.4f}")
                 if on_step:
                     on_step(step, value)
-    return x.detach()
+    return to_input_space(x.detach(), input_stats)
 
 
 class LatentDecoder(nn.Module):
@@ -137,10 +153,12 @@ def synthesize_pool(
     label_weight: float = 0.0,
     generator: torch.Generator,
     progress: bool = True,
+    input_stats: InputStats | None = None,
 ) -> torch.Tensor:
     """``num_samples`` images, ``batch`` at a time, each batch's latents and decoder optimised for ``steps``
     Adam steps (cosine learning rate from ``lr``) against P's BNS loss, plus ``label_weight`` times P's
-    cross-entropy to a label assigned in turn (a class-balanced pool; 0: BNS only, as Genie)."""
+    cross-entropy to a label assigned in turn (a class-balanced pool; 0: BNS only, as Genie). The decoder
+    makes standardised images, mapped by :func:`to_input_space` with ``input_stats``."""
     batches = []
     starts = range(0, num_samples, batch)
     bar = tqdm(total=len(starts) * steps, desc="synthesize", disable=not progress)
@@ -153,7 +171,7 @@ def synthesize_pool(
             for _ in range(steps):
                 opt.zero_grad(set_to_none=True)
                 with _Swing(teacher, generator) if swing else contextlib.nullcontext():
-                    logits = teacher(decoder())
+                    logits = teacher(to_input_space(decoder(), input_stats))
                 loss = bns.loss()
                 if label_weight:
                     labels = torch.arange(start, start + n) % logits.shape[1]
@@ -165,6 +183,6 @@ def synthesize_pool(
                 bar.update()
             bar.set_postfix(bns=f"{loss.item():.4f}")
             with torch.no_grad():
-                batches.append(decoder())  # batch statistics, as optimised
+                batches.append(to_input_space(decoder(), input_stats))  # batch statistics, as optimised
     pool = torch.cat(batches)
     return lowpass_filter(pool, lowpass) if lowpass else pool

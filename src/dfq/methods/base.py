@@ -20,6 +20,7 @@ from torch import nn
 
 from dfq.distributed import DistContext
 from dfq.errors import DFQError
+from dfq.generators import InputStats
 from dfq.quant import QuantConfig
 from dfq.registry import Registry
 
@@ -54,6 +55,8 @@ class MethodContext:
         progress: show progress bars.
         dist: this process's place in a data-parallel run, and its device.
         model_name: the teacher's registry name, for messages (how to resume).
+        input_stats: per-channel mean and std of typical inputs, where the model does not take standardised
+            ones (raw pixels); synthesizers map their images there (``dfq.generators.to_input_space``).
     """
 
     input_size: tuple[int, ...]
@@ -66,6 +69,7 @@ class MethodContext:
     progress: bool = True
     dist: DistContext = field(default_factory=DistContext.current)
     model_name: str = "MODEL"
+    input_stats: InputStats | None = None
 
 
 class Method(ABC):

@@ -111,7 +111,7 @@ class CLE(Method):
         summary["bias_corrected"] = correct_bias(q, expectations)
         images = distill_inputs(
             teacher, ctx.input_size, c.calib_samples, steps=c.calib_steps, lr=c.calib_lr, generator=ctx.generator,
-            progress=ctx.progress,
+            input_stats=ctx.input_stats, progress=ctx.progress,
         )  # fmt: skip
         calibrate(q, [images])
         return q, summary

@@ -103,5 +103,6 @@ class GameMethod(Method):
             progress=ctx.progress,
             dist=ctx.dist,
             model_name=ctx.model_name,
+            input_stats=ctx.input_stats,
         )
         return trainer.run(resume=ctx.resume)

@@ -143,7 +143,7 @@ def _site_inputs(q: nn.Module, x: torch.Tensor) -> dict[ActQuantizer, torch.Tens
     hooks = [
         m.register_forward_pre_hook(lambda mod, args: store.__setitem__(mod, args[0].detach()))
         for m in q.modules()
-        if isinstance(m, ActQuantizer) and m.get_mode() is not ActMode.DISABLED and not m.spec.is_noop
+        if isinstance(m, ActQuantizer) and m.get_mode() is not ActMode.DISABLED and not m.spec.is_noop and not m.fixed
     ]
     try:
         q(x)
@@ -364,7 +364,7 @@ class Recon(Method):
         pool = synthesize_pool(
             teacher, ctx.input_size, c.num_samples, batch=c.synth_batch, steps=c.synth_steps, lr=c.synth_lr,
             swing=c.swing, lowpass=c.lowpass, label_weight=c.label_weight, generator=ctx.generator,
-            progress=ctx.progress,
+            input_stats=ctx.input_stats, progress=ctx.progress,
         )  # fmt: skip
         synthesized = time.perf_counter()
         q = reconstruct(teacher, quant, c, pool, generator=ctx.generator, progress=ctx.progress)

@@ -163,7 +163,7 @@ class SQuant(Method):
             flips, elements, layers = flips + n, elements + w.numel(), layers + 1
         images = distill_inputs(
             teacher, ctx.input_size, c.calib_samples, steps=c.calib_steps, lr=c.calib_lr, generator=ctx.generator,
-            progress=ctx.progress,
+            input_stats=ctx.input_stats, progress=ctx.progress,
         )  # fmt: skip
         calibrate(q, [images])
         return q, {"layers": layers, "flipped": flips, "flipped_fraction": round(flips / max(elements, 1), 6)}

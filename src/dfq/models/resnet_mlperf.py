@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfq.models._registry import ModelInfo, register_model
+from dfq.models._registry import CIFAR10_MEAN, CIFAR10_STD, ModelInfo, register_model
 
 __all__ = ["ResNet8MLPerf"]
 
@@ -79,6 +79,8 @@ class ResNet8MLPerf(nn.Module):
         # Raw pixels: dfq scales to [0, 1] first, so std 1/255 undoes that.
         mean=(0.0, 0.0, 0.0),
         std=(1 / 255,) * 3,
+        pixel_mean=CIFAR10_MEAN,  # so synthetic images start around 125, where real pixels lie, not around 0
+        pixel_std=CIFAR10_STD,
         weights={},  # published only as Keras .h5, which dfq cannot read: pass the converted .pt with --weights
         description=(
             "CIFAR-10 ResNet-8 of MLPerf Tiny (Banbury et al. 2021; github.com/mlcommons/tiny "

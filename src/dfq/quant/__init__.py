@@ -16,7 +16,7 @@ from dfq.quant.api import (
     weight_quantizers,
 )
 from dfq.quant.functional import choose_qparams, dequantize_affine, fake_quantize, quantize_affine, round_ste
-from dfq.quant.modules import QuantBatchNorm2d, QuantConv2d, QuantLinear, QuantReLU
+from dfq.quant.modules import QuantActivation, QuantBatchNorm2d, QuantConv2d, QuantLinear
 from dfq.quant.quantizer import ActMode, ActQuantizer, WeightQuantizer
 from dfq.quant.spec import Granularity, QuantSpec
 
@@ -26,11 +26,11 @@ __all__ = [
     "ActQuantizer",
     "Granularity",
     "LayerOverride",
+    "QuantActivation",
     "QuantBatchNorm2d",
     "QuantConfig",
     "QuantConv2d",
     "QuantLinear",
-    "QuantReLU",
     "QuantSpec",
     "WeightQuantizer",
     "act_quantizers",

@@ -1,23 +1,27 @@
 """Turn a float model into a fake-quantized copy, and drive its quantizers.
 
 The papers' protocol (GDFQ, ECCV 2020, and its successors): every Conv2d/Linear gets a weight
-quantizer (first and last layer included), every ReLU/ReLU6 is followed by an
-activation quantizer, the input image is not quantized, BatchNorm stays
+quantizer (first and last layer included), every activation (the papers' ReLU/ReLU6, and
+SiLU, Hardswish, Sigmoid gates, ... of other CNNs: ``dfq.quant.prepare.ACTIVATIONS``) is
+followed by an activation quantizer, the input image is not quantized, BatchNorm stays
 unfolded.
 
 The deploy protocol is what an integer runtime executes: symmetric per-channel
 weights (so BatchNorm folds into the per-channel scales at export without moving
 any weight off its grid), symmetric per-tensor activations (unsigned after a
-ReLU), an input quantizer on every Conv2d/Linear whose input is not already on a
-grid (the image at ``input_bits``, pooled features), and, with
+ReLU, signed where an activation goes negative), a quantizer on the input of every activation
+outside the ReLU family (the BatchNorm or layer output it reads, so that the layer before it
+runs on an integer kernel and the activation in float between two grids), an input quantizer on every Conv2d/Linear
+whose input is not already on a grid (the image at ``input_bits``, pooled features,
+products such as a squeeze-excitation's ``x * gate``), and, with
 ``quantize_residual``, a quantizer on each BatchNorm output that enters a
 residual addition (on the Conv2d/Linear output itself where no BatchNorm follows
 it, e.g. ResNet-8's 1x1 projection shortcuts), so both inputs of such an addition
 are on grids and the layers before it run on integer kernels. BatchNorm stays
 unfolded during training (Q's BatchNorm runs with fixed statistics), the export folds it.
 
-Models that apply activations functionally (``F.relu`` in
-``forward``) or reuse one ReLU module at several sites are rewritten with
+Models that apply activations functionally (``F.relu`` or ``x.sigmoid()`` in
+``forward``) or reuse one activation module at several sites are rewritten with
 ``torch.fx`` so that every activation site is its own module.
 """
 
@@ -35,8 +39,15 @@ from torch import fx, nn
 
 from dfq.errors import DFQError
 from dfq.quant.graph import ADD_FUNCTIONS, ADD_METHODS, following_batchnorm, producer_chain, trace
-from dfq.quant.modules import QuantBatchNorm2d, QuantConv2d, QuantLinear, QuantReLU
-from dfq.quant.prepare import ACTIVATIONS, check_supported, set_submodule, split_activation_sites
+from dfq.quant.modules import QuantActivation, QuantBatchNorm2d, QuantConv2d, QuantLinear
+from dfq.quant.prepare import (
+    ACTIVATIONS,
+    RELUS,
+    check_supported,
+    set_submodule,
+    split_activation_sites,
+    unfuse_norm_act,
+)
 from dfq.quant.quantizer import OBSERVERS, ActMode, ActQuantizer, WeightQuantizer
 from dfq.quant.spec import Granularity, QuantSpec, check_bits
 
@@ -77,7 +88,7 @@ class QuantConfig:
             integer runtime executes; implies symmetric per-channel weights and symmetric
             activations, see the module docstring).
         wbits: weight bit-width of every Conv2d/Linear (2-8; 16/32 as no-op checks).
-        abits: bit-width of every activation quantizer (after each ReLU/ReLU6).
+        abits: bit-width of every activation quantizer (after each activation).
         weight_granularity: "per_channel" (the papers') or "per_tensor"; ``None``: the protocol's.
         weight_symmetric: symmetric weights instead of the papers' asymmetric min/max; ``None``: the
             protocol's (asymmetric for "paper", symmetric for "deploy", which allows nothing else).
@@ -100,6 +111,10 @@ class QuantConfig:
             BRECQ, QDrop and Genie do; ``None``: every layer at ``wbits``/``abits`` (the DFQ
             papers' protocol). ``overrides`` still win where they match.
         input_bits: deploy protocol: bit-width of the model input (images are 8-bit data).
+        input_range: deploy protocol: the range of valid model inputs, ``(low, high)`` (the image range after the
+            model's preprocessing: ``(0, 255)`` for raw pixels, about ``(-2.1, 2.6)`` for ImageNet's mean/std); the
+            input quantizer keeps it instead of a range observed on synthetic images, which need not span real
+            pixels. ``None``: observed. ``dfq.quantize`` fills it from a zoo model's preprocessing.
         quantize_residual: deploy protocol: quantize the BatchNorm outputs (or Conv2d/Linear outputs that
             no BatchNorm follows) that enter residual additions, so the convolutions before them run on
             integer kernels too.
@@ -117,6 +132,7 @@ class QuantConfig:
     weight_scales: str | None = None
     ends_bits: int | None = None
     input_bits: int = 8
+    input_range: tuple[float, float] | None = None
     quantize_residual: bool = True
 
     def __post_init__(self) -> None:
@@ -128,6 +144,10 @@ class QuantConfig:
         check_bits(self.input_bits, "input_bits")
         if self.ends_bits is not None:
             check_bits(self.ends_bits, "ends_bits")
+        if self.input_range is not None:
+            lo, hi = self.input_range = tuple(float(v) for v in self.input_range)  # type: ignore[assignment]
+            if not lo < hi:
+                raise DFQError(f"input_range must be (low, high) with low < high, got {list(self.input_range)}")
         if self.weight_granularity not in {g.value for g in Granularity}:
             raise DFQError(f"weight_granularity must be per_channel or per_tensor, got {self.weight_granularity!r}")
         if self.weight_scales not in (None, "minmax", "stored"):
@@ -157,7 +177,10 @@ class QuantConfig:
         return replace(self, **values)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if self.input_range is not None:
+            out["input_range"] = list(self.input_range)  # YAML has lists, not tuples
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> QuantConfig:
@@ -188,12 +211,12 @@ def quantize_model(model: nn.Module, config: QuantConfig, *, inplace: bool = Fal
         >>> from dfq.models import create_model
         >>> q = quantize_model(create_model("resnet20a_cifar10"), QuantConfig(wbits=4, abits=4))
         >>> type(q.conv1).__name__, type(q.layer1[0].relu1).__name__
-        ('QuantConv2d', 'QuantReLU')
+        ('QuantConv2d', 'QuantActivation')
     """
     info = getattr(model, "dfq_info", None)
     config = config.resolved()
     model = model if inplace else copy.deepcopy(model)
-    model = split_activation_sites(model)
+    model = split_activation_sites(unfuse_norm_act(model))
     check_supported(model)
     if config.ends_bits is not None:
         ends = end_overrides(model, config.ends_bits)
@@ -276,7 +299,7 @@ def _quantized_version(name: str, module: nn.Module, config: QuantConfig) -> nn.
         return cls.from_float(module, _weight_quantizer(spec, module.weight, config.weight_scales == "stored"))
     if isinstance(module, ACTIVATIONS):
         spec = QuantSpec(abits, config.act_symmetric, Granularity.PER_TENSOR, deploy=deploy)
-        return QuantReLU.from_float(module, ActQuantizer(spec, config.act_observer, config.act_momentum))
+        return QuantActivation.from_float(module, ActQuantizer(spec, config.act_observer, config.act_momentum))
     return None
 
 
@@ -290,8 +313,11 @@ def _weight_quantizer(spec: QuantSpec, weight: torch.Tensor, stored: bool) -> We
     return wq
 
 
-def _deploy_act_quantizer(bits: int, config: QuantConfig) -> ActQuantizer:
-    return ActQuantizer(QuantSpec(bits, symmetric=True, deploy=True), config.act_observer, config.act_momentum)
+def _deploy_act_quantizer(
+    bits: int, config: QuantConfig, fixed_range: tuple[float, float] | None = None
+) -> ActQuantizer:
+    spec = QuantSpec(bits, symmetric=True, deploy=True)
+    return ActQuantizer(spec, config.act_observer, config.act_momentum, fixed_range=fixed_range)
 
 
 def _add_deploy_sites(model: nn.Module, config: QuantConfig) -> None:
@@ -303,14 +329,17 @@ def _add_deploy_sites(model: nn.Module, config: QuantConfig) -> None:
     graph = trace(model, "the deploy protocol")
     modules = dict(model.named_modules())
     nodes = list(graph.nodes)
-    if config.quantize_residual:
-        for node in nodes:
-            if (node.op == "call_function" and node.target in ADD_FUNCTIONS) or (
-                node.op == "call_method" and node.target in ADD_METHODS
-            ):
-                for arg in node.args[:2]:
-                    if isinstance(arg, fx.Node):
-                        _quantize_residual_input(model, producer_chain(arg, modules), modules, config)
+    for node in nodes:
+        adds = (node.op == "call_function" and node.target in ADD_FUNCTIONS) or (
+            node.op == "call_method" and node.target in ADD_METHODS
+        )
+        if adds and config.quantize_residual:
+            for arg in node.args[:2]:
+                if isinstance(arg, fx.Node):
+                    _quantize_output(model, producer_chain(arg, modules), modules, config)
+        act = modules.get(str(node.target)) if node.op == "call_module" else None
+        if isinstance(act, QuantActivation) and not isinstance(act.act, RELUS):  # it runs in float between grids
+            _quantize_output(model, producer_chain(node.args[0], modules), modules, config)
     for node in nodes:
         layer = modules.get(str(node.target)) if node.op == "call_module" else None
         if isinstance(layer, QuantConv2d | QuantLinear):
@@ -323,8 +352,11 @@ def _prepare_integer_layer(
     source = producer_chain(node.args[0], modules)
     site = layer.input_quantizer or _site(source, modules)
     if site is None:
-        bits = config.input_bits if source.op == "placeholder" else config.bits_for(str(node.target))[1]
-        site = layer.input_quantizer = _deploy_act_quantizer(bits, config)
+        if source.op == "placeholder":
+            site = _deploy_act_quantizer(config.input_bits, config, config.input_range)
+        else:
+            site = _deploy_act_quantizer(config.bits_for(str(node.target))[1], config)
+        layer.input_quantizer = site
     follower = following_batchnorm(node, modules) if isinstance(layer, QuantConv2d) else None
     if follower is not None:
         name, bn = str(follower[0].target), follower[1]
@@ -335,9 +367,10 @@ def _prepare_integer_layer(
     layer.set_input_site(site, bn_follows=follower is not None)
 
 
-def _quantize_residual_input(model: nn.Module, source: fx.Node, modules: dict, config: QuantConfig) -> None:
+def _quantize_output(model: nn.Module, source: fx.Node, modules: dict, config: QuantConfig) -> None:
     """Quantize the BatchNorm, or the Conv2d/Linear with no BatchNorm after it, that computes one input of a
-    residual addition.
+    residual addition or of an activation outside the ReLU family (which an integer runtime runs in float
+    between a dequantized input and a quantized output, so the layer before it runs on an integer kernel).
 
     Inputs computed by anything else (a previous addition, as in MobileNetV2) stay
     in float: the export is still exact, the runtime just adds them in float.
@@ -356,7 +389,7 @@ def _quantize_residual_input(model: nn.Module, source: fx.Node, modules: dict, c
 def _site(node: fx.Node, modules: dict) -> ActQuantizer | None:
     """The activation quantizer whose output ``node`` is, if any."""
     m = modules.get(str(node.target)) if node.op == "call_module" else None
-    if isinstance(m, QuantReLU):
+    if isinstance(m, QuantActivation):
         return m.act_quantizer
     if isinstance(m, QuantBatchNorm2d | QuantConv2d | QuantLinear):
         return m.output_quantizer

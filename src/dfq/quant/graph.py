@@ -15,12 +15,12 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from dfq.errors import UnsupportedLayerError
-from dfq.quant.modules import QuantBatchNorm2d, QuantConv2d, QuantLinear, QuantReLU
+from dfq.quant.modules import QuantActivation, QuantBatchNorm2d, QuantConv2d, QuantLinear
 from dfq.quant.quantizer import ActQuantizer
 
 __all__ = ["ADD_FUNCTIONS", "ADD_METHODS", "following_batchnorm", "is_grid_preserving", "producer_chain", "trace"]
 
-_DFQ_LEAVES = (QuantConv2d, QuantLinear, QuantReLU, QuantBatchNorm2d, ActQuantizer)
+_DFQ_LEAVES = (QuantConv2d, QuantLinear, QuantActivation, QuantBatchNorm2d, ActQuantizer)
 
 ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
 ADD_METHODS = ("add", "add_")
@@ -54,7 +54,8 @@ def trace(model: nn.Module, why: str) -> fx.Graph:
 def is_grid_preserving(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     """Whether ``node`` passes its first input's values through unchanged or zero-padded."""
     if node.op == "call_module":
-        return isinstance(modules[str(node.target)], _GRID_MODULES)
+        m = modules[str(node.target)]
+        return isinstance(m, _GRID_MODULES) or (isinstance(m, nn.Upsample) and m.mode == "nearest")
     if node.op == "call_function":
         if node.target is F.pad:
             return _pad_is_zero(node)

@@ -73,7 +73,7 @@ class QuantizerLearning:
 
     def __init__(self, weights: Iterable[tuple[nn.Module, WeightQuantizer]], acts: Iterable[ActQuantizer]) -> None:
         self.weights = list(weights)
-        self.acts = list(acts)
+        self.acts = [aq for aq in acts if not aq.fixed]  # a range known without data is not learned
 
     def begin(self, *, rounding: bool) -> LearnedParameters:
         """Make the activation steps trainable, and either each weight's rounding and step (``rounding``:

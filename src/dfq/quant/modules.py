@@ -1,9 +1,9 @@
 """Quantized layers built from float ones with ``from_float``.
 
 ``QuantConv2d`` / ``QuantLinear`` fake-quantize their weight on every forward
-(the float "latent" weight is what the optimizer updates). ``QuantReLU`` is the
-activation site of the papers' protocol: the float ReLU/ReLU6 followed by an
-activation quantizer. The deploy protocol adds two kinds of sites: an input
+(the float "latent" weight is what the optimizer updates). ``QuantActivation`` is the
+activation site of the papers' protocol: the float activation (ReLU, SiLU, a
+Sigmoid gate, ...) followed by an activation quantizer. The deploy protocol adds two kinds of sites: an input
 quantizer on a layer whose input is not already on a grid (the image, a pooled
 feature) and an output quantizer on a layer that feeds a residual addition
 (``QuantBatchNorm2d``, or the Conv2d/Linear itself when no BatchNorm follows it, as
@@ -26,10 +26,10 @@ from dfq.quant.quantizer import ActMode, ActQuantizer, WeightQuantizer
 from dfq.quant.spec import Granularity
 
 __all__ = [
+    "QuantActivation",
     "QuantBatchNorm2d",
     "QuantConv2d",
     "QuantLinear",
-    "QuantReLU",
     "batchnorm_affine",
     "bias_grid",
     "folded_weight_scale",
@@ -233,8 +233,8 @@ class QuantBatchNorm2d(nn.BatchNorm2d):
         return codes * step.double() - shift
 
 
-class QuantReLU(nn.Module):
-    """``act_quantizer(act(x))`` where ``act`` is the original ReLU or ReLU6 module."""
+class QuantActivation(nn.Module):
+    """``act_quantizer(act(x))`` where ``act`` is the original activation module (ReLU, SiLU, Sigmoid, ...)."""
 
     def __init__(self, act: nn.Module, act_quantizer: ActQuantizer) -> None:
         super().__init__()
@@ -242,7 +242,7 @@ class QuantReLU(nn.Module):
         self.act_quantizer = act_quantizer
 
     @classmethod
-    def from_float(cls, act: nn.Module, act_quantizer: ActQuantizer) -> QuantReLU:
+    def from_float(cls, act: nn.Module, act_quantizer: ActQuantizer) -> QuantActivation:
         return cls(act, act_quantizer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

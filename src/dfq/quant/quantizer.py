@@ -195,12 +195,19 @@ class ActQuantizer(nn.Module):
 
     ``reduce_range``: maps a batch's ``(min, max)`` to the range to observe; a data-parallel run
     sets it to the min/max over all processes, so every process observes the global batch.
+
+    ``fixed_range``: a range known without data (the model input's, from its preprocessing: 0..255 for raw
+    pixels). The quantizer starts calibrated on it and keeps it: observing does not move it, and the methods
+    neither clip nor learn it (``fixed`` is True).
     """
 
     drop_prob: float = 0.0
     reduce_range: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
 
-    def __init__(self, spec: QuantSpec, observer: str = "ema", momentum: float = 0.9) -> None:
+    def __init__(
+        self, spec: QuantSpec, observer: str = "ema", momentum: float = 0.9,
+        fixed_range: tuple[float, float] | None = None,
+    ) -> None:  # fmt: skip
         super().__init__()
         if observer not in OBSERVERS:
             raise DFQError(f"unknown activation observer '{observer}'; choose one of {', '.join(OBSERVERS)}")
@@ -216,6 +223,14 @@ class ActQuantizer(nn.Module):
         self.register_buffer("raw_hi", torch.zeros(()))
         self.register_buffer("beta_t", torch.ones(()))  # momentum ** num_updates
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+        self.fixed = fixed_range is not None
+        if fixed_range is not None:
+            lo, hi = fixed_range
+            if not lo < hi:
+                raise DFQError(f"a fixed activation range needs low < high, got [{lo}, {hi}]")
+            self.lo.fill_(lo)
+            self.hi.fill_(hi)
+            self.num_updates.fill_(1)
 
     def set_mode(self, mode: ActMode) -> None:
         self.mode.fill_(int(mode))
@@ -287,7 +302,9 @@ class ActQuantizer(nn.Module):
 
     @torch.no_grad()
     def observe(self, x: torch.Tensor) -> None:
-        """Fold one batch's min/max into the range."""
+        """Fold one batch's min/max into the range (a fixed range stays as it is)."""
+        if self.fixed:
+            return
         b_lo, b_hi = x.detach().min().float(), x.detach().max().float()
         if self.reduce_range is not None:
             b_lo, b_hi = self.reduce_range(b_lo, b_hi)

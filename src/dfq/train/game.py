@@ -22,7 +22,7 @@ from torch import nn
 
 from dfq.distributed import DistContext, bns_loss, local_batchnorms, sync_batchnorms
 from dfq.errors import DFQError
-from dfq.generators import create_generator
+from dfq.generators import InputStats, create_generator, to_input_space
 from dfq.quant import ActMode, QuantConfig, act_quantizers, quantize_model
 from dfq.train.average import weight_average
 from dfq.train.finite import check_finite, check_grads
@@ -49,14 +49,17 @@ class Game:
         dist: this process's place in a data-parallel run and its device (default: the initialised process
             group, else one process on the CPU).
         clock: the run's global iteration (the β schedule of ``plugins.adaround`` reads it).
+        input_stats: where G's standardised images are mapped for a model that takes raw pixels
+            (:func:`dfq.generators.to_input_space`).
     """
 
     def __init__(
         self, method: Any, teacher: nn.Module, quant: QuantConfig, *, num_classes: int,
         input_size: tuple[int, int, int], seed: int = 0, dist: DistContext | None = None,
-        clock: Callable[[], int] = lambda: 0,
+        clock: Callable[[], int] = lambda: 0, input_stats: InputStats | None = None,
     ) -> None:  # fmt: skip
         self.dist = dist or DistContext.current()
+        self.input_stats = input_stats
         self.device = self.dist.device
         if method.config.train.shards is None:  # fixed by the launch (GameMethod.quantize does it first)
             method.config = method.for_launch(self.dist.world_size)
@@ -117,7 +120,7 @@ class Game:
         """One step of G on a fresh batch; returns the batch (for Q's step) and G's losses."""
         m = self.method
         z, y = self.sample()
-        x = self._g_train(z, y)
+        x = to_input_space(self._g_train(z, y), self.input_stats)
         p_logits, bns, p_feats = self.teacher_forward(x, m.uses_bns)
         q_logits, q_feats = None, None
         if m.generator_uses_student:
@@ -139,7 +142,7 @@ class Game:
     def fresh_batch(self) -> Outputs:
         """A new batch from G (no gradient to G) with P's outputs, for a Q step of its own."""
         z, y = self.sample()
-        x = self.generator(z, y)
+        x = to_input_space(self.generator(z, y), self.input_stats)
         p_logits, _, p_feats = self.teacher_forward(x, bns=False)
         return Outputs(x, y, p_logits, p_feats=p_feats)
 
@@ -206,7 +209,7 @@ class Game:
         own (through Q's STE) and Q only its own. Returns the logs."""
         m = self.method
         z, y = self.sample()
-        x = self.generator(z, y)
+        x = to_input_space(self.generator(z, y), self.input_stats)
         p_logits, bns, p_feats = self.teacher_forward(x, m.uses_bns)
         q_logits, q_feats = self.student_forward(x)
         with _float32(self.device):

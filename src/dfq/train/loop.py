@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from dfq.distributed import DistContext
 from dfq.errors import DFQError
+from dfq.generators import InputStats
 from dfq.quant import ActMode, QuantConfig, act_quantizers
 from dfq.train.finite import Diverged, check_finite
 from dfq.train.game import Game
@@ -51,7 +52,8 @@ class Trainer:
 
     Args:
         method: the game (its config holds ``train``, ``generator`` and ``plugins``).
-        teacher, quant, num_classes, input_size, seed, dist: as :class:`~dfq.train.game.Game` takes them.
+        teacher, quant, num_classes, input_size, seed, dist, input_stats: as :class:`~dfq.train.game.Game` takes
+            them.
         run_dir: where checkpoints and metrics go (``None``: nothing on disk).
         evaluate: callback returning ``{"top1": ...}`` (and ``"top5"``) for Q on real data.
         progress: show a progress bar (rank 0).
@@ -62,11 +64,11 @@ class Trainer:
         self, method: Any, teacher: nn.Module, quant: QuantConfig, *, num_classes: int,
         input_size: tuple[int, int, int], seed: int = 0, run_dir: str | Path | None = None,
         evaluate: Evaluator | None = None, progress: bool = True, dist: DistContext | None = None,
-        model_name: str = "MODEL",
+        model_name: str = "MODEL", input_stats: InputStats | None = None,
     ) -> None:  # fmt: skip
         self.state = TrainState()
         self.game = Game(method, teacher, quant, num_classes=num_classes, input_size=input_size, seed=seed,
-                         dist=dist, clock=self._global_iteration)  # fmt: skip
+                         dist=dist, clock=self._global_iteration, input_stats=input_stats)  # fmt: skip
         self.dist, self.train, self.quant, self.seed = self.game.dist, self.game.train, quant, seed
         self.files = RunFiles(run_dir, self.dist)
         self.evaluate, self.progress, self.model_name = evaluate, progress, model_name
