@@ -7,7 +7,6 @@ install message for a missing library is checked either way.
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -154,13 +153,3 @@ def test_plain_import_workaround_in_a_fresh_interpreter() -> None:
     code = "from dfq.compat import import_torchvision; print(type(import_torchvision().models.resnet18()).__name__)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0 and proc.stdout.strip() == "ResNet", proc.stderr
-
-
-@needs_tv
-def test_readme_own_model_example_runs() -> None:
-    readme = (ROOT / "README.md").read_text()
-    block = re.search(r"## Your own model\n.*?```python\n(.*?)```", readme, re.S).group(1)
-    namespace: dict = {}
-    exec(compile(block, "README.md", "exec"), namespace)
-    q = namespace["q"]
-    assert q.summary["method"] == "zeroq" and q.input_size == (3, 64, 64)

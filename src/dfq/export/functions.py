@@ -20,7 +20,7 @@ from dfq.export.values import Value
 if TYPE_CHECKING:
     from dfq.export.onnx import _Builder
 
-__all__ = ["FUNCTIONS", "METHODS", "static_check"]
+__all__ = ["BY_NAME", "FUNCTIONS", "METHODS", "static_check"]
 
 
 def getitem(b: _Builder, node: fx.Node) -> Any:
@@ -91,7 +91,21 @@ def static_check(b: _Builder, node: fx.Node) -> str:
     return "static"
 
 
+def eval_identity(b: _Builder, node: fx.Node) -> Value:
+    """Dropout and stochastic depth (``F.dropout``, torchvision's ``stochastic_depth``) called with the module's
+    ``training`` flag: the identity in the evaluation mode the export traces."""
+    index = {"stochastic_depth": 3}.get(getattr(node.target, "__name__", ""), 2)
+    training = node.kwargs.get("training", node.args[index] if len(node.args) > index else True)
+    if training is not False:
+        raise UnsupportedLayerError(f"cannot export {node.name}: {node.target.__name__} in training mode")
+    return b.value(node.args[0])
+
+
+# Library functions matched by name, so that exporting does not import their library.
+BY_NAME: dict[str, Any] = {"stochastic_depth": eval_identity}
+
 FUNCTIONS: dict[Any, Any] = {
+    F.dropout: eval_identity,
     torch._assert: static_check, operator.eq: static_check, operator.getitem: getitem, F.pad: pad,
     F.adaptive_avg_pool2d: _functional_pool, F.avg_pool2d: _functional_pool, F.max_pool2d: _functional_pool,
     torch.cat: _concat, torch.concat: _concat, operator.mul: _mul, torch.mul: _mul, **shapes.FUNCTIONS,

@@ -27,7 +27,7 @@ from torch import fx, nn
 
 from dfq.errors import DFQError, UnsupportedLayerError
 from dfq.export.activations import emit_activation
-from dfq.export.functions import FUNCTIONS, METHODS, static_check
+from dfq.export.functions import BY_NAME, FUNCTIONS, METHODS, static_check
 from dfq.export.onnx_attrs import (
     INT32_LIMIT,
     active,
@@ -294,6 +294,8 @@ class _Builder:
         t = node.target
         if t in FUNCTIONS:
             return FUNCTIONS[t](self, node)
+        if getattr(t, "__name__", None) in BY_NAME:
+            return BY_NAME[t.__name__](self, node)
         if t in ADD_FUNCTIONS:
             return self.add(node)
         if t is torch.flatten:

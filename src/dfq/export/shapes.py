@@ -102,6 +102,19 @@ def chunk(b: _Builder, node: fx.Node) -> tuple[Any, ...]:
     return _split(b, b.value(node.args[0]), sizes, dim, node.name)
 
 
+def split(b: _Builder, node: fx.Node) -> tuple[Any, ...]:
+    """``x.split(size_or_sizes, dim)`` (CSPNet's halves)."""
+    dims = _dims(b, node, node.args[0])
+    sizes = node.kwargs.get("split_size_or_sections", node.args[1] if len(node.args) > 1 else None)
+    sizes = node.kwargs.get("split_size", sizes)
+    dim = int(node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 0)) % len(dims)
+    if dim == 0:
+        raise UnsupportedLayerError(f"cannot export {node.name}: a split along the batch")
+    if isinstance(sizes, int):
+        sizes = [min(sizes, dims[dim] - i) for i in range(0, dims[dim], sizes)]
+    return _split(b, b.value(node.args[0]), [int(v) for v in sizes], dim, node.name)
+
+
 def _split(b: _Builder, x: Value, sizes: list[int], axis: int, hint: str) -> tuple[Value, ...]:
     """ONNX Split of ``x`` into ``sizes`` along ``axis``, on its integer tensor when it has one."""
     outs = [b.fresh(f"{hint}_{i}") for i in range(len(sizes))]
@@ -139,6 +152,6 @@ def _bins(size: int, out: int) -> np.ndarray:
     return a
 
 
-METHODS = {"size": size, "view": reshape, "reshape": reshape, "transpose": transpose, "chunk": chunk}
-FUNCTIONS = {torch.transpose: transpose, torch.chunk: chunk, torch.reshape: reshape,
+METHODS = {"size": size, "view": reshape, "reshape": reshape, "transpose": transpose, "chunk": chunk, "split": split}
+FUNCTIONS = {torch.transpose: transpose, torch.chunk: chunk, torch.split: split, torch.reshape: reshape,
              operator.floordiv: arithmetic, operator.sub: arithmetic}  # fmt: skip

@@ -38,7 +38,7 @@ import torch
 from torch import fx, nn
 
 from dfq.errors import DFQError
-from dfq.quant.graph import ADD_FUNCTIONS, ADD_METHODS, following_batchnorm, producer_chain, trace
+from dfq.quant.graph import ADD_FUNCTIONS, ADD_METHODS, CONCAT_FUNCTIONS, following_batchnorm, producer_chain, trace
 from dfq.quant.modules import QuantActivation, QuantBatchNorm2d, QuantConv2d, QuantLinear
 from dfq.quant.prepare import (
     ACTIVATIONS,
@@ -116,8 +116,8 @@ class QuantConfig:
             input quantizer keeps it instead of a range observed on synthetic images, which need not span real
             pixels. ``None``: observed. ``dfq.quantize`` fills it from a zoo model's preprocessing.
         quantize_residual: deploy protocol: quantize the BatchNorm outputs (or Conv2d/Linear outputs that
-            no BatchNorm follows) that enter residual additions, so the convolutions before them run on
-            integer kernels too.
+            no BatchNorm follows) that enter residual additions and concatenations, so the convolutions before
+            them run on integer kernels too.
     """
 
     protocol: str = "paper"
@@ -337,6 +337,10 @@ def _add_deploy_sites(model: nn.Module, config: QuantConfig) -> None:
             for arg in node.args[:2]:
                 if isinstance(arg, fx.Node):
                     _quantize_output(model, producer_chain(arg, modules), modules, config)
+        if node.op == "call_function" and node.target in CONCAT_FUNCTIONS and config.quantize_residual:
+            for arg in node.kwargs.get("tensors", node.args[0] if node.args else ()):
+                if isinstance(arg, fx.Node):
+                    _quantize_output(model, producer_chain(arg, modules), modules, config)
         act = modules.get(str(node.target)) if node.op == "call_module" else None
         if isinstance(act, QuantActivation) and not isinstance(act.act, RELUS):  # it runs in float between grids
             _quantize_output(model, producer_chain(node.args[0], modules), modules, config)
@@ -369,8 +373,9 @@ def _prepare_integer_layer(
 
 def _quantize_output(model: nn.Module, source: fx.Node, modules: dict, config: QuantConfig) -> None:
     """Quantize the BatchNorm, or the Conv2d/Linear with no BatchNorm after it, that computes one input of a
-    residual addition or of an activation outside the ReLU family (which an integer runtime runs in float
-    between a dequantized input and a quantized output, so the layer before it runs on an integer kernel).
+    residual addition, of a concatenation, or of an activation outside the ReLU family (which an integer
+    runtime runs in float between a dequantized input and a quantized output), so that the layer runs on an
+    integer kernel.
 
     Inputs computed by anything else (a previous addition, as in MobileNetV2) stay
     in float: the export is still exact, the runtime just adds them in float.

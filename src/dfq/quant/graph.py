@@ -18,7 +18,15 @@ from dfq.errors import UnsupportedLayerError
 from dfq.quant.modules import QuantActivation, QuantBatchNorm2d, QuantConv2d, QuantLinear
 from dfq.quant.quantizer import ActQuantizer
 
-__all__ = ["ADD_FUNCTIONS", "ADD_METHODS", "following_batchnorm", "is_grid_preserving", "producer_chain", "trace"]
+__all__ = [
+    "ADD_FUNCTIONS",
+    "ADD_METHODS",
+    "CONCAT_FUNCTIONS",
+    "following_batchnorm",
+    "is_grid_preserving",
+    "producer_chain",
+    "trace",
+]
 
 _DFQ_LEAVES = (QuantConv2d, QuantLinear, QuantActivation, QuantBatchNorm2d, ActQuantizer)
 
@@ -31,6 +39,9 @@ ADD_METHODS = ("add", "add_")
 _GRID_MODULES = (nn.Identity, nn.Dropout, nn.Flatten, nn.MaxPool2d)
 _GRID_FUNCTIONS = (operator.getitem, torch.flatten, torch.reshape, F.pad, F.max_pool2d)
 _GRID_METHODS = ("view", "reshape", "flatten", "contiguous")
+# Dropout and stochastic depth: the identity in evaluation, where the grids matter (export, integer runtimes).
+_EVAL_IDENTITIES = ("dropout", "stochastic_depth")
+CONCAT_FUNCTIONS = (torch.cat, torch.concat)
 
 
 class _Tracer(fx.Tracer):
@@ -59,7 +70,7 @@ def is_grid_preserving(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     if node.op == "call_function":
         if node.target is F.pad:
             return _pad_is_zero(node)
-        return node.target in _GRID_FUNCTIONS
+        return node.target in _GRID_FUNCTIONS or getattr(node.target, "__name__", None) in _EVAL_IDENTITIES
     if node.op == "call_method":
         return node.target in _GRID_METHODS
     return False
