@@ -95,19 +95,23 @@ def synthesize(
         seed: seed of the synthesis.
 
     Returns:
-        a float32 tensor (N, C, H, W) in the model's normalised input space.
+        a float32 tensor (N, C, H, W) in the model's input space (after its normalisation; for a zoo model,
+        around the input statistics its preprocessing record gives).
     """
     if synthesizer not in SYNTHESIZERS:
         raise DFQError(f"unknown synthesizer '{synthesizer}'; available: {', '.join(SYNTHESIZERS)}")
     if num_samples < 1:
         raise DFQError(f"num_samples must be >= 1, got {num_samples}")
     input_size, _ = describe(model, example_inputs)
+    info = getattr(model, "dfq_info", None)
+    stats = info.input_stats() if info is not None else None  # raw-pixel models: images where their pixels lie
     seed_everything(seed)
     generator = torch.Generator().manual_seed(seed)
     if synthesizer == "pixels":
         return distill_inputs(model, input_size, num_samples, steps=steps or 500, generator=generator,
-                              progress=progress)  # fmt: skip
-    return synthesize_pool(model, input_size, num_samples, steps=steps or 150, generator=generator, progress=progress)
+                              progress=progress, input_stats=stats)  # fmt: skip
+    return synthesize_pool(model, input_size, num_samples, steps=steps or 150, generator=generator, progress=progress,
+                           input_stats=stats)  # fmt: skip
 
 
 def save_pool(images: torch.Tensor, path: str | Path, model: nn.Module | None = None) -> Path:

@@ -63,8 +63,8 @@ def test_shape_asserts_are_checks_not_graph_nodes(tmp_path):
 
 
 class _ShuffleUpsample(nn.Module):
-    """ShuffleNet's split and channel shuffle (shapes from ``x.size()``), HRNet's nearest upsampling into an
-    addition, and VGG's adaptive pooling to a fixed size larger than its input."""
+    """ShuffleNet's split and channel shuffle (shapes from ``x.size()``), CSPNet's ``split``, HRNet's nearest
+    upsampling into an addition, functional dropout, and VGG's adaptive pooling to a size larger than its input."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -83,6 +83,8 @@ class _ShuffleUpsample(nn.Module):
         x = x.view(batch, 2, channels // 2, height, width)
         x = torch.transpose(x, 1, 2).contiguous().view(batch, -1, height, width)
         x = F.relu(x + self.up(self.bn2(self.low(x))))
+        left, right = x.split([3, 5], dim=1)
+        x = torch.cat((right, F.dropout(left, 0.2, training=self.training)), dim=1)
         return self.fc(torch.flatten(self.pool(x), 1))
 
 

@@ -106,3 +106,11 @@ def test_image_folders_are_cropped_as_the_record_says(interpolation: str) -> Non
     assert np.array_equal(np.asarray(out), np.asarray(resized.crop((left, top, left + 224, top + 224))))
     with pytest.raises(DFQError, match="interpolation"):
         resize_center_crop(image, 224, interpolation="lanczos")
+
+
+@pytest.mark.parametrize("synthesizer", ["pixels", "decoder"])
+def test_public_synthesis_of_a_raw_pixel_model_lies_where_its_pixels_do(synthesizer: str) -> None:
+    torch.manual_seed(0)
+    images = dfq.synthesize(create_model("resnet8_mlperf_cifar10"), 4, synthesizer=synthesizer, steps=1,
+                            progress=False)  # fmt: skip
+    assert 100 < float(images.mean()) < 150  # standardised images would sit near 0

@@ -148,3 +148,16 @@ def test_norm_act_composites_become_batchnorm_and_a_site(tmp_path) -> None:
     assert result["integer_ops"]["QLinearConv"] == 1 and result["verify"]["top1_agreement"] == 1.0
     with pytest.raises(UnsupportedLayerError, match=r"1 \(OddNorm\).*own forward"):
         quantize_model(nn.Sequential(nn.Conv2d(3, 4, 3), OddNorm(4)), QuantConfig())
+
+
+def test_cle_keeps_the_activation_of_a_norm_act_composite() -> None:
+    """A BatchNormAct2d folds into its convolution like a BatchNorm, and its activation stays (the function is kept)."""
+    torch.manual_seed(0)
+    p = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), NormAct(8), nn.Conv2d(8, 8, 1), nn.AdaptiveAvgPool2d(1),
+                      nn.Flatten(), nn.Linear(8, 4)).eval()  # fmt: skip
+    result = dfq.quantize(p, QuantConfig(wbits=32, abits=32), dfq.methods.CLEConfig(calib_steps=1, calib_samples=2),
+                          example_inputs=torch.randn(1, 3, 8, 8), progress=False)  # fmt: skip
+    assert result.summary["folded_bn"] == 1
+    x = torch.randn(4, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(result.model(x), p(x), rtol=1e-4, atol=1e-5)

@@ -47,7 +47,7 @@ from dfq.quant.equalize import (
     fold_batchnorm,
     input_expectations,
 )
-from dfq.quant.prepare import split_activation_sites
+from dfq.quant.prepare import split_activation_sites, unfuse_norm_act
 
 __all__ = ["CLE", "CLEConfig", "prepare_float"]
 
@@ -83,7 +83,7 @@ class CLEConfig:
 def prepare_float(teacher: nn.Module, config: CLEConfig) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """The folded, equalized, bias-absorbed float copy of ``teacher`` (function kept, see the module docstring),
     the expected inputs E[x] per layer for bias correction, and a summary of what was done."""
-    p = split_activation_sites(copy.deepcopy(teacher)).eval()
+    p = split_activation_sites(unfuse_norm_act(copy.deepcopy(teacher))).eval()
     stats = fold_batchnorm(p)
     pairs = find_pairs(p) if config.equalize or config.absorb_bias else []
     passes = equalize(p, pairs, stats, config.iterations) if config.equalize else 0
@@ -100,7 +100,7 @@ class CLE(Method):
     description = "DFQ (ICCV'19): BN folding, cross-layer equalization, bias absorption and correction"
 
     def float_model(self, teacher: nn.Module) -> nn.Module:
-        p = split_activation_sites(copy.deepcopy(teacher)).eval()
+        p = split_activation_sites(unfuse_norm_act(copy.deepcopy(teacher))).eval()
         fold_batchnorm(p)  # every BatchNorm that follows a convolution becomes an Identity, the convolution gets a bias
         return p
 

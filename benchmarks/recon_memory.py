@@ -1,0 +1,60 @@
+"""Peak memory of ``recon`` at 224 px: pool activations in memory against memory-mapped files (``memory_mb``).
+
+torchvision's ResNet-18 at random weights (BatchNorm statistics from one train-mode forward), W4A4 deploy, a pool of
+``--samples`` images at 224x224 with short synthesis and reconstruction (memory, not accuracy, is measured). Each
+setting runs in its own process, which reports its peak resident set size (``ru_maxrss``) and its wall time.
+
+Usage: python benchmarks/recon_memory.py [--samples 256] [--settings 100000 1024 256]
+Writes benchmarks/results/recon_memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+from _common import write_result
+
+
+def child(samples: int, memory_mb: int) -> None:
+    import torch
+
+    import dfq
+
+    torch.manual_seed(0)
+    p = dfq.create_model("tv:resnet18")
+    p.train()(torch.randn(16, 3, 224, 224))
+    config = dfq.methods.ReconConfig(num_samples=samples, synth_batch=32, synth_steps=1, iters=2, batch_size=8,
+                                     memory_mb=memory_mb)  # fmt: skip
+    start = time.perf_counter()
+    dfq.quantize(p.eval(), dfq.QuantConfig(wbits=4, abits=4, protocol="deploy"), config, progress=False)
+    seconds = time.perf_counter() - start
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"memory_mb": memory_mb, "peak_rss_mb": round(peak_mb), "seconds": round(seconds, 1)}))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=256)
+    parser.add_argument("--settings", type=int, nargs="+", default=[100000, 1024, 256])
+    parser.add_argument("--child", type=int)
+    args = parser.parse_args()
+    if args.child is not None:
+        child(args.samples, args.child)
+        return 0
+    rows = []
+    for memory_mb in args.settings:
+        cmd = [sys.executable, __file__, "--samples", str(args.samples), "--child", str(memory_mb)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        rows.append(json.loads(out))
+        print(rows[-1], flush=True)
+    write_result("recon_memory", {"model": "tv:resnet18", "input": 224, "samples": args.samples, "rows": rows})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
