@@ -4,19 +4,23 @@ For each model: P exported to float ONNX, then
 - OpenVINO NNCF (``nncf.quantize`` on the ONNX model, its default INT8 preset) calibrated on 300 inputs with no data
   behind them: standard-normal noise in the model's input space (NNCF's and ONNX Runtime's documented stand-in) and
   uniformly random pixels put through the model's preprocessing (the fairest noise: the input range is right);
+- Qualcomm AIMET (``aimet-torch``): cross-layer equalization, then its quantization simulation (per-channel weights,
+  ``post_training_tf_enhanced`` ranges) calibrated on the uniform-pixel noise, at W8A8, W4A8 and W4A4 (its simulated
+  accuracy, evaluated in PyTorch: AIMET's no-data recipe, the one production tool here with sub-8-bit settings);
 - dfq data-free at W8A8 (``zeroq``, deploy protocol) and at 4 bits (``recon``), for which NNCF has no counterpart (its
   post-training quantization of convolutions is INT8 only);
 each evaluated on the real set with ONNX Runtime (NNCF's models, dfq's export) and PyTorch (dfq's Q), top-1 beside
 the full-precision model's.
 
 Usage: python benchmarks/production_tools.py [--only resnet8|lite0|resnet20] [--lite0-samples 8 --lite0-steps 25]
-       [--no-4bit]
+       [--no-4bit] [--aimet]
 Writes benchmarks/results/production_tools.json after each model, keeping the rows of models it does not redo.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import tempfile
@@ -28,6 +32,7 @@ import torch
 from _common import LOSSLESS, RESULTS, SHARED_DATA, WEIGHTS, command, write_result
 
 import dfq
+from dfq.compat import import_torchvision
 from dfq.data import open_dataset
 from dfq.data.loader import make_loader
 from dfq.evaluate import evaluate
@@ -70,6 +75,32 @@ def nncf_row(fp_onnx: Path, info, kind: str, loader: list, tmp: Path) -> dict:
             "runtime": "onnxruntime"}  # fmt: skip
 
 
+def aimet_row(p, info, wbits: int, abits: int, loader: list) -> dict:
+    import_torchvision()  # aimet-torch imports torchvision (a CUDA wheel beside the CPU torch here)
+    import aimet_torch
+    from aimet_torch.cross_layer_equalization import equalize_model
+    from aimet_torch.nn import QuantizationMixin
+    from aimet_torch.quantsim import QuantizationSimModel
+
+    model = copy.deepcopy(p).eval()
+    for m in model.modules():  # a model's own parameter-free leaves (ResNet-20's PadShortcut): left unquantized
+        if not type(m).__module__.startswith("torch.nn") and not any(True for _ in m.children()):
+            QuantizationMixin.ignore(type(m))
+    dummy = torch.zeros(1, *info.input_size)
+    calib = torch.from_numpy(noise_inputs(info, "uniform-pixels", CALIBRATION))
+    config = Path(aimet_torch.__file__).parent / "common" / "quantsim_config" / "default_config_per_channel.json"
+    t = time.perf_counter()
+    equalize_model(model, dummy_input=dummy)
+    sim = QuantizationSimModel(model, dummy, quant_scheme="tf_enhanced", default_output_bw=abits,
+                               default_param_bw=wbits, config_file=str(config))  # fmt: skip
+    with torch.no_grad():
+        sim.compute_encodings(lambda m, _: [m(b) for b in calib.split(50)], None)
+    seconds = round(time.perf_counter() - t, 1)
+    return {"tool": f"AIMET {aimet_torch.__version__} CLE", "calibration": f"{CALIBRATION} uniform-pixels inputs",
+            "quant": f"W{wbits}A{abits} (simulated)", "seconds": seconds,
+            "top1": evaluate(sim.model.eval(), loader, progress=False)["top1"], "runtime": "pytorch (simulated)"}
+
+
 def dfq_row(p, bits: int, abits: int, method, loader: list, tmp: Path) -> dict:
     t = time.perf_counter()
     result = dfq.quantize(p, dfq.QuantConfig(wbits=bits, abits=abits, protocol="deploy"), method, seed=0,
@@ -93,6 +124,9 @@ def run_model(key: str, args: argparse.Namespace, tmp: Path) -> dict:
     for kind in ("gaussian", "uniform-pixels"):
         rows.append(nncf_row(fp_onnx, info, kind, loader, tmp))
         print(rows[-1], flush=True)
+    for wbits, abits in ((8, 8), (4, 8), (4, 4)) if args.aimet else ():
+        rows.append(aimet_row(p, info, wbits, abits, loader))
+        print(rows[-1], flush=True)
     lite = key == "lite0"
     zq = dfq.methods.ZeroQConfig(num_samples=args.lite0_samples, steps=args.lite0_steps) if lite else \
         dfq.methods.ZeroQConfig()  # fmt: skip
@@ -110,6 +144,7 @@ def main() -> int:
     parser.add_argument("--lite0-samples", type=int, default=8)
     parser.add_argument("--lite0-steps", type=int, default=25)
     parser.add_argument("--no-4bit", action="store_true", help="skip the 4-bit dfq rows (the slow ones)")
+    parser.add_argument("--aimet", action="store_true", help="add AIMET's rows (pip install aimet-torch)")
     args = parser.parse_args()
     keys = [args.only] if args.only else list(MODELS)
     previous = RESULTS / "production_tools.json"

@@ -6,8 +6,8 @@ full-precision model P, the PyTorch Q and the ONNX Runtime model on the whole re
 image by image (Q with P, ONNX with Q). EfficientNet-Lite0's ZeroQ settings are cut to fit about ten minutes on a
 2-core CPU (one Adam step on 32 images at 224x224 takes ~18 s there); they are recorded with the results.
 
-Usage: python benchmarks/zoo_deploy.py [--only resnet8|lite0|lite0-w4a8] [--lite0-samples 16] [--lite0-steps 50]
-       [--recon KEY=VALUE ...]   (lite0-w4a8: recon W4A8 with these ReconConfig settings)
+Usage: python benchmarks/zoo_deploy.py [--only resnet8|lite0|lite0-recon] [--lite0-samples 16] [--lite0-steps 50]
+       [--recon KEY=VALUE ...] [--abits 8]   (lite0-recon: recon W4A<abits> with these ReconConfig settings)
 Writes benchmarks/results/zoo_deploy.json after each setting (so a cut run keeps what finished), keeping the
 rows of settings this run does not redo.
 """
@@ -67,13 +67,14 @@ def agreement(a: torch.Tensor, b: torch.Tensor) -> float:
     return round(100.0 * float((a == b).float().mean()), 3)
 
 
-def run_setting(key: str, bits: int, abits: int, method, verify_images: int, tmp: Path) -> dict:
+def run_setting(key: str, bits: int, abits: int, method, verify_images: int, tmp: Path, ends: int | None) -> dict:
     name, weights, data = MODELS[key]
     p = create_model(name, weights=weights).eval()
     info = p.dfq_info
     loader = list(make_loader(open_dataset(data), info.mean, info.std, batch_size=50))
     t = time.perf_counter()
-    result = dfq.quantize(p, dfq.QuantConfig(wbits=bits, abits=abits, protocol="deploy"), method, seed=0,
+    quant = dfq.QuantConfig(wbits=bits, abits=abits, protocol="deploy", ends_bits=ends)
+    result = dfq.quantize(p, quant, method, seed=0,
                           progress=False)  # fmt: skip
     data_free_s = round(time.perf_counter() - t, 1)
     verify_batches = list(torch.cat([x for x, _ in loader])[:verify_images].split(16))
@@ -85,7 +86,7 @@ def run_setting(key: str, bits: int, abits: int, method, verify_images: int, tmp
     worst = max(parity["sites"], key=lambda s: s["max_lsb"])
     return {
         "model": name, "weights": weights.name, "data": data.name, "images": len(fp_preds),
-        "quant": f"W{bits}A{abits} deploy", "method": result.method_name,
+        "quant": f"W{bits}A{abits} deploy" + (f", ends {ends}-bit" if ends else ""), "method": result.method_name,
         "method_config": dataclasses.asdict(result.method), "data_free_seconds": data_free_s,
         "top1_fp": fp_top1, "top1_q_pytorch": q_top1, "top1_q_onnx": onnx_top1,
         "agreement_q_with_fp": agreement(q_preds, fp_preds), "agreement_onnx_with_q": agreement(onnx_preds, q_preds),
@@ -100,8 +101,10 @@ def run_setting(key: str, bits: int, abits: int, method, verify_images: int, tmp
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=[*sorted(MODELS), "lite0-w4a8"])
-    parser.add_argument("--recon", nargs="*", default=[], help="ReconConfig KEY=VALUE settings for lite0-w4a8")
+    parser.add_argument("--only", choices=[*sorted(MODELS), "lite0-recon"])
+    parser.add_argument("--recon", nargs="*", default=[], help="ReconConfig KEY=VALUE settings for lite0-recon")
+    parser.add_argument("--abits", type=int, default=8, help="activation bits of lite0-recon (weights: 4)")
+    parser.add_argument("--ends-bits", type=int, help="lite0-recon: first and last layers at these bits")
     parser.add_argument("--lite0-samples", type=int, default=16)
     parser.add_argument("--lite0-steps", type=int, default=50)
     args = parser.parse_args()
@@ -111,17 +114,18 @@ def main() -> int:
     if args.only in (None, "lite0"):
         zq = dfq.methods.ZeroQConfig(num_samples=args.lite0_samples, steps=args.lite0_steps)
         settings.append(("lite0", 8, 8, zq, 16))
-    if args.only == "lite0-w4a8":
+    if args.only == "lite0-recon":
         recon = dfq.methods.ReconConfig(**{k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in args.recon)})
-        settings.append(("lite0", 4, 8, recon, 16))
+        settings.append(("lite0", 4, args.abits, recon, 16))
     previous = RESULTS / "zoo_deploy.json"
-    redo = {(MODELS[key][0], f"W{bits}A{abits} deploy") for key, bits, abits, _, _ in settings}
+    suffix = f", ends {args.ends_bits}-bit" if args.ends_bits and args.only == "lite0-recon" else ""
+    redo = {(MODELS[key][0], f"W{bits}A{abits} deploy{suffix}") for key, bits, abits, _, _ in settings}
     rows = [r for r in json.loads(previous.read_text())["rows"] if (r["model"], r["quant"]) not in redo] \
         if previous.is_file() else []  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         for key, bits, abits, method, n_verify in settings:
             print(f"{key} W{bits}A{abits} {type(method).__name__}", flush=True)
-            row = run_setting(key, bits, abits, method, n_verify, Path(tmp))
+            row = run_setting(key, bits, abits, method, n_verify, Path(tmp), args.ends_bits if suffix else None)
             row["command"] = " ".join([Path(sys.executable).name, *sys.argv])
             rows.append(row)
             print(row, flush=True)
