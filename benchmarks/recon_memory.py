@@ -7,7 +7,7 @@ too, although the OS can write them back and evict them) and its wall time. With
 a cgroup-v1 memory cgroup of that limit (root only), which shows what completes under the limit and the cgroup's peak.
 
 Usage: python benchmarks/recon_memory.py [--samples 256] [--settings 100000 1024 256] [--limit-mb 3000]
-Writes benchmarks/results/recon_memory.json.
+Writes benchmarks/results/recon_memory.json (with ``--limit-mb``: recon_memory_cgroup.json).
 """
 
 from __future__ import annotations
@@ -75,7 +75,8 @@ def main() -> int:
         cmd = [sys.executable, __file__, "--samples", str(args.samples), "--child", str(memory_mb)]
         rows.append(run_child(cmd, memory_mb, args.limit_mb))
         print(rows[-1], flush=True)
-    write_result("recon_memory", {"model": "tv:resnet18", "input": 224, "samples": args.samples,
+    name = "recon_memory" if args.limit_mb is None else "recon_memory_cgroup"
+    write_result(name, {"model": "tv:resnet18", "input": 224, "samples": args.samples,
                                   "cgroup_limit_mb": args.limit_mb, "rows": rows})  # fmt: skip
     return 0
 

@@ -73,8 +73,9 @@ class ReconConfig:
     round_warmup: fraction of the steps before the regulariser starts.
     beta: the regulariser's exponent, annealed from the first to the second value.
     drop_prob: probability of keeping an activation in float during reconstruction (QDrop).
-    memory_mb: the largest pool activation (MB) kept in memory; larger ones (ImageNet models at 224 px) live in
-        memory-mapped temporary files, so resident memory stays bounded and the OS pages them in as needed.
+    memory_mb: the largest pool activation (MB) kept in anonymous memory; larger ones (ImageNet models at 224 px)
+        live in memory-mapped temporary files, whose pages the OS can write back and evict under memory pressure
+        (anonymous pages would need swap).
     """
 
     num_samples: int = 1024
