@@ -37,7 +37,6 @@ from dfq.quant import (
 )
 from dfq.quant.api import _weight_quantizer
 from dfq.quant.quantizer import WeightQuantizer
-from dfq.testing import INPUT_SIZE, tiny_classifier
 
 MODEL = "resnet20a_cifar10"
 SHAPE = (3, 8, 8)
@@ -921,15 +920,3 @@ def test_units_never_cut_at_a_tuple() -> None:
     """A chunk's result is a tuple read by indexing: no unit may end there (it crashed on shufflenet_v2)."""
     chain, y, expected = _cut(_ChannelSplit())
     assert len(chain) == 3 and torch.equal(y, expected)
-
-
-def test_file_backed_pool_activations_give_the_same_q() -> None:
-    """Above ``memory_mb`` the unit activations live in memory-mapped files: same numbers, bounded memory."""
-    results = []
-    for memory_mb in (1024, 0):  # 0: every activation through a file
-        torch.manual_seed(0)
-        config = ReconConfig(num_samples=16, synth_batch=16, synth_steps=2, iters=3, batch_size=4, memory_mb=memory_mb)
-        result = dfq.quantize(tiny_classifier(), QuantConfig(wbits=4, abits=4), config, progress=False,
-                              example_inputs=torch.randn(1, *INPUT_SIZE))  # fmt: skip
-        results.append(result.model.state_dict())
-    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])

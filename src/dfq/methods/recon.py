@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import math
 import operator
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -73,9 +71,6 @@ class ReconConfig:
     round_warmup: fraction of the steps before the regulariser starts.
     beta: the regulariser's exponent, annealed from the first to the second value.
     drop_prob: probability of keeping an activation in float during reconstruction (QDrop).
-    memory_mb: the largest pool activation (MB) kept in anonymous memory; larger ones (ImageNet models at 224 px)
-        live in memory-mapped temporary files, whose pages the OS can write back and evict under memory pressure
-        (anonymous pages would need swap).
     """
 
     num_samples: int = 1024
@@ -95,14 +90,11 @@ class ReconConfig:
     round_warmup: float = 0.2
     beta: tuple[float, float] = (20.0, 2.0)
     drop_prob: float = 0.5
-    memory_mb: int = 1024
 
     def __post_init__(self) -> None:
         for key in ("num_samples", "synth_batch", "synth_steps", "iters", "batch_size"):
             if getattr(self, key) < 1:
                 raise DFQError(f"recon.{key} must be >= 1, got {getattr(self, key)}")
-        if self.memory_mb < 0:
-            raise DFQError(f"recon.memory_mb must be >= 0 (0: every pool activation in a file), got {self.memory_mb}")
         if not self.label_weight >= 0:
             raise DFQError(f"recon.label_weight must be >= 0, got {self.label_weight}")
         if not 0 <= self.drop_prob <= 1 or not 0 <= self.round_warmup < 1 or not 0 <= self.lowpass <= 1:
@@ -347,28 +339,8 @@ def reconstruct_unit(
 
 
 @torch.no_grad()
-def _run(unit: nn.Module, x: torch.Tensor, size: int, memory_mb: int) -> torch.Tensor:
-    """``unit`` on all of ``x``, ``size`` at a time, into one tensor (file-backed above ``memory_mb``)."""
-    first = unit(x[:size])
-    out = _empty((len(x), *first.shape[1:]), first.dtype, memory_mb)
-    out[: len(first)] = first
-    for start in range(size, len(x), size):
-        out[start : start + size] = unit(x[start : start + size])
-    return out
-
-
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, memory_mb: int) -> torch.Tensor:
-    """An uninitialised tensor: in memory up to ``memory_mb``, else mapped onto a temporary file that is unlinked at
-    once (its disk space returns when the tensor is freed)."""
-    numel = math.prod(shape)
-    if numel * dtype.itemsize <= memory_mb * 2**20:
-        return torch.empty(shape, dtype=dtype)
-    fd, path = tempfile.mkstemp(prefix="dfq-recon-", suffix=".bin")
-    os.close(fd)
-    try:
-        return torch.from_file(path, shared=True, size=numel, dtype=dtype).view(shape)
-    finally:
-        os.unlink(path)
+def _run(unit: nn.Module, x: torch.Tensor, size: int) -> torch.Tensor:
+    return torch.cat([unit(b) for b in x.split(size)])
 
 
 @register_method
@@ -421,13 +393,13 @@ def reconstruct(
     with tqdm(chain, desc="recon: reconstruct", disable=not progress) as bar:
         for unit in bar:
             with quant_disabled(q):
-                y_fp = _run(unit, x_fp, eval_bs, config.memory_mb)
+                y_fp = _run(unit, x_fp, eval_bs)
             loss = reconstruct_unit(unit, x_q, x_fp, y_fp, config, generator)
             if not math.isfinite(loss):  # never return a Q with NaN grids as a success
                 raise DFQError(f"recon: the reconstruction of unit {bar.n} diverged (loss {loss}); lower "
                                "method.lr_round, method.lr_wstep and method.lr_astep")  # fmt: skip
             bar.set_postfix(loss=f"{loss:.4g}")
-            x_q, x_fp = _run(unit, x_q, eval_bs, config.memory_mb), y_fp
+            x_q, x_fp = _run(unit, x_q, eval_bs), y_fp
     for p in q.parameters():
         p.requires_grad_(True)
     return q.eval()
