@@ -12,6 +12,7 @@ For each model: P exported to float ONNX, then
 each evaluated on the real set with ONNX Runtime (NNCF's models, dfq's export) and PyTorch (dfq's Q), top-1 beside
 the full-precision model's.
 
+Needs `pip install nncf openvino` (and `aimet-torch` for --aimet); none of them replaces torch.
 Usage: python benchmarks/production_tools.py [--only resnet8|lite0|resnet20] [--lite0-samples 8 --lite0-steps 25]
        [--no-4bit] [--aimet]
 Writes benchmarks/results/production_tools.json after each model, keeping the rows of models it does not redo.
