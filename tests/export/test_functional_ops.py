@@ -27,17 +27,21 @@ class _Functional(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(y, (1, 1)), 1))
 
 
+def _exports_exactly(model: nn.Module, batches: list[torch.Tensor], path, convs: int) -> None:
+    """W8A8 deploy Q of ``model`` exports with ``convs`` QLinearConv, same predictions and at most 1 LSB per site."""
+    q = quantize_model(model.eval(), QuantConfig(wbits=8, abits=8, protocol="deploy"))
+    calibrate(q, [torch.randn(16, 3, 8, 8)])
+    report = dfq.export_onnx(q, path, example_inputs=batches[0], verify=batches)
+    assert report["integer_ops"].get("QLinearConv", 0) == convs
+    assert report["verify"]["top1_agreement"] == 1.0
+    assert max(s["max_lsb"] for s in report["verify"]["sites"]) <= 1
+
+
 def test_functional_pools_and_cat_export_with_exact_parity(tmp_path):
     pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
-    model = _Functional().eval()
-    q = quantize_model(model, QuantConfig(wbits=8, abits=8, protocol="deploy"))
-    calibrate(q, [torch.randn(16, 3, 8, 8)])
-    batches = [torch.randn(16, 3, 8, 8)]
-    report = dfq.export_onnx(q, tmp_path / "f.onnx", example_inputs=batches[0], verify=batches)
-    assert report["integer_ops"].get("QLinearConv", 0) == 3
-    assert report["verify"]["top1_agreement"] == 1.0
-    assert max(s["max_lsb"] for s in report["verify"]["sites"]) <= 1
+    model = _Functional()
+    _exports_exactly(model, [torch.randn(16, 3, 8, 8)], tmp_path / "f.onnx", convs=3)
 
 
 class _Asserting(nn.Module):
@@ -91,13 +95,9 @@ class _ShuffleUpsample(nn.Module):
 def test_shuffle_split_upsample_and_adaptive_pooling_export_with_exact_parity(tmp_path):
     pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
-    q = quantize_model(_ShuffleUpsample().eval(), QuantConfig(wbits=8, abits=8, protocol="deploy"))
-    calibrate(q, [torch.randn(16, 3, 8, 8)])
+    model = _ShuffleUpsample()
     batches = [torch.randn(16, 3, 8, 8), torch.randn(3, 3, 8, 8)]  # the batch stays dynamic
-    report = dfq.export_onnx(q, tmp_path / "s.onnx", example_inputs=batches[0], verify=batches)
-    assert report["integer_ops"].get("QLinearConv", 0) == 3
-    assert report["verify"]["top1_agreement"] == 1.0
-    assert max(s["max_lsb"] for s in report["verify"]["sites"]) <= 1
+    _exports_exactly(model, batches, tmp_path / "s.onnx", convs=3)
 
 
 class _ListBlock(nn.Module):

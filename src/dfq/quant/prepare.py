@@ -160,23 +160,16 @@ def split_activation_sites(model: nn.Module) -> nn.Module:
             set_submodule(model, name, new)
         elif new is not module:
             model = new
-    if untraced and _whole_model_traces(model, untraced):
-        model = _split_local(model, "", _WholeTracer()) or model
+    if untraced:
+        whole = _split_local(model, "", _WholeTracer())
+        if whole is None:
+            warnings.warn(
+                f"torch.fx could not trace {', '.join(untraced[:5])}, nor the whole model; only activation *modules* "
+                "in them get activation quantizers, functional activations in their forward() stay in float",
+                stacklevel=3,
+            )
+        model = whole or model
     return model
-
-
-def _whole_model_traces(model: nn.Module, untraced: list[str]) -> bool:
-    """Whether the whole model can be traced (else warn that the activations of ``untraced`` may stay unsplit)."""
-    try:
-        _WholeTracer().trace(model)
-        return True
-    except Exception as e:  # data-dependent control flow
-        warnings.warn(
-            f"torch.fx could not trace {', '.join(untraced[:5])} ({type(e).__name__}); only activation *modules* in "
-            "them get activation quantizers, functional activations in their forward() stay in float",
-            stacklevel=4,
-        )
-        return False
 
 
 class _WholeTracer(fx.Tracer):
