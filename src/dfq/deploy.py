@@ -35,6 +35,8 @@ def export_onnx(
     *,
     example_inputs: torch.Tensor | None = None,
     verify: bool | Iterable[torch.Tensor] = False,
+    weight_storage: str = "packed",
+    runtime: str = "onnxruntime",
 ) -> dict[str, Any]:
     """Write Q (a :class:`~dfq.api.QuantizationResult` under the deploy protocol, or a float model) as ONNX.
 
@@ -42,8 +44,10 @@ def export_onnx(
         target: what :func:`dfq.quantize` returned, or an ``nn.Module`` (a float model, or a deploy-protocol Q).
         path: the ``.onnx`` file to write (atomically).
         example_inputs: a batch of inputs, for a module whose input size dfq does not know.
-        verify: compare PyTorch and ONNX Runtime site by site: ``True`` on 256 standard-normal inputs, or on
-            the given batches.
+        verify: compare PyTorch and ``runtime`` ("onnxruntime" or "openvino") site by site: ``True`` on 256
+            standard-normal inputs, or on the given batches.
+        weight_storage: "packed" (weights of 2 bits as INT2, of 3-4 bits as INT4: a W4 file is about half a W8
+            one), "int4" (INT4 for 2-4 bits, which OpenVINO also reads) or "int8" (8-bit containers, opset 17).
 
     Returns:
         the file, its size, the integer and float operators ONNX Runtime runs and, with ``verify``, the parity.
@@ -65,7 +69,9 @@ def export_onnx(
         extra = {}
     if verify is True:
         verify = list(torch.randn(256, *input_size, generator=torch.Generator().manual_seed(0)).split(64))
-    return export(model.eval(), path, describe_model(model, input_size, extra), verify_batches=verify or None)
+    meta = describe_model(model, input_size, extra)
+    return export(model.eval(), path, meta, verify_batches=verify or None, weight_storage=weight_storage,
+                  runtime=runtime)  # fmt: skip
 
 
 _PAPER_PROTOCOL = (

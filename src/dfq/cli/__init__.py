@@ -24,6 +24,8 @@ from dfq.cli.commands import (
     cmd_synthesize,
 )
 from dfq.errors import DFQError
+from dfq.export.onnx import WEIGHT_STORAGES
+from dfq.export.runtime import RUNTIMES
 from dfq.train import RunInterrupted
 
 __all__ = ["EXIT_USER_ERROR", "main"]
@@ -89,6 +91,7 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--data", required=True, help="test set: .npz, CIFAR archive/folder or ImageNet class folder")
     p.add_argument("--weights", help="float checkpoint for a model name (default: the published weights)")
+    _add_runtime_arg(p, "an .onnx file runs on")
     _add_data_args(p)
     p.set_defaults(func=cmd_eval)
 
@@ -159,7 +162,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=["onnx"], default="onnx", help="export format")
     p.add_argument("--out", required=True, help="file to write, e.g. model.onnx")
     p.add_argument("--weights", help="float checkpoint for a model name (default: the published weights)")
-    p.add_argument("--verify", action="store_true", help="compare PyTorch and ONNX Runtime layer by layer")
+    p.add_argument("--verify", action="store_true", help="compare PyTorch and the runtime layer by layer")
+    _add_runtime_arg(p, "--verify runs on")
+    p.add_argument("--weight-storage", choices=WEIGHT_STORAGES, default="packed",
+                   help="weights of <=4 bits: packed (INT2/INT4, default), int4 (INT4 also for 2 bits: OpenVINO), "
+                   "int8 (8-bit containers, opset 17)")  # fmt: skip
     p.add_argument("--data", help="--verify on these real images (default: 256 random inputs)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
     _add_data_args(p, batch_flag="--eval-batch-size")
@@ -180,6 +187,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast", action="store_true", help="time the fast mode (bfloat16 autocast, channels-last)")
     p.set_defaults(func=cmd_bench)
     return parser
+
+
+def _add_runtime_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--runtime", choices=list(RUNTIMES), default="onnxruntime", help=f"the runtime {what}")
 
 
 def _add_data_args(p: argparse.ArgumentParser, batch_flag: str = "--batch-size") -> None:

@@ -21,6 +21,7 @@ from torch import nn
 
 import dfq
 from dfq.errors import DFQError
+from dfq.export.runtime import RUNTIMES
 
 
 def _emit(args: argparse.Namespace, human: str, payload: dict[str, Any]) -> None:
@@ -97,7 +98,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if target.suffix == ".onnx":
         if args.weights:
             raise DFQError("--weights applies to a model name, not to an ONNX file")
-        model, name, bits = _load_onnx(target)
+        model, name, bits = _load_onnx(target, args.runtime)
     elif quantized:
         if args.weights:
             raise DFQError("--weights applies to a model name, not to a run directory")
@@ -128,12 +129,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_onnx(path: Path) -> tuple[nn.Module, str, dict[str, Any]]:
+def _load_onnx(path: Path, runtime: str) -> tuple[nn.Module, str, dict[str, Any]]:
     """An exported model behind the evaluation interface, with the model info its metadata records."""
     from dfq.export.runtime import OnnxClassifier
     from dfq.models import ModelInfo
 
-    model = OnnxClassifier(path)
+    model = OnnxClassifier(path, runtime=runtime)
     meta = model.metadata
     missing = [k for k in ("model", "dataset", "num_classes", "input_size", "mean", "std") if k not in meta]
     if missing:
@@ -144,7 +145,7 @@ def _load_onnx(path: Path) -> tuple[nn.Module, str, dict[str, Any]]:
         interpolation=str(meta.get("interpolation", "bilinear")),
     )  # fmt: skip
     bits = {k: meta[k] for k in ("wbits", "abits", "method", "protocol") if k in meta}
-    return model, f"{meta['model']} (ONNX Runtime)", {**bits, "runtime": "onnxruntime"}
+    return model, f"{meta['model']} ({RUNTIMES[runtime]})", {**bits, "runtime": runtime}
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -157,14 +158,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     batches = None
     if args.verify:
         batches = _verify_batches(args, model)
-    result = export(model, out, meta, verify_batches=batches)
+    result = export(model, out, meta, verify_batches=batches, weight_storage=args.weight_storage, runtime=args.runtime)
     human = f"exported {meta['model']} ({meta['protocol']}) -> {out} ({result['bytes'] / 1024:.0f} KiB)"
     integer = ", ".join(f"{v} {k}" for k, v in result["integer_ops"].items()) or "none"
     human += f"\n  ONNX Runtime integer kernels: {integer}"
     if "verify" in result:
         v = result["verify"]
         worst = max(v["sites"], key=lambda s: s["mismatch"], default=None)
-        human += f"\n  parity on {v['images']} images: top-1 agreement {100 * v['top1_agreement']:.2f}%"
+        human += f"\n  parity on {RUNTIMES[args.runtime]}, {v['images']} images: "
+        human += f"top-1 agreement {100 * v['top1_agreement']:.2f}%"
         human += f", max |logit error| {v['logits_max_abs_error']:.3g}"
         if worst is not None:
             human += (

@@ -68,10 +68,13 @@ def export(
     metadata: dict[str, Any],
     *,
     verify_batches: Iterable[torch.Tensor] | None = None,
+    weight_storage: str = "packed",
+    runtime: str = "onnxruntime",
 ) -> dict[str, Any]:
-    """Write ``model`` to ``out`` as ONNX; with ``verify_batches``, compare it site by site with PyTorch."""
+    """Write ``model`` to ``out`` as ONNX; with ``verify_batches``, compare it site by site with PyTorch on
+    ``runtime``. ``weight_storage``: see :func:`dfq.export.onnx.packed_type`."""
     input_size = tuple(metadata["input_size"])
-    path = write_onnx(model, out, input_size, metadata)
+    path = write_onnx(model, out, input_size, {**metadata, "weight_storage": weight_storage}, weight_storage)
     ops = optimized_op_counts(path)
     result = {
         "out": str(path),
@@ -80,5 +83,5 @@ def export(
         "float_ops": {k: v for k, v in ops.items() if k in FLOAT_OPS},
     }
     if verify_batches is not None:
-        result["verify"] = verify(model, input_size, verify_batches)
+        result["verify"] = verify(model, input_size, verify_batches, weight_storage=weight_storage, runtime=runtime)
     return result

@@ -2,8 +2,10 @@
 
 Every activation quantizer becomes ``QuantizeLinear -> [Clip] -> DequantizeLinear`` on
 uint8 (signed grids with zero point 128); bit-widths below 8 live in that 8-bit
-container and the integer ``Clip`` keeps their exact range. Weights are int8 with
-per-channel ``DequantizeLinear`` scales. BatchNorm folds into those scales: with
+container and the integer ``Clip`` keeps their exact range. Weights have per-channel
+``DequantizeLinear`` scales on int8 codes; codes of 4 bits or fewer are stored packed
+(INT4 or INT2 initializers, opset 21 or 25) and widened by a ``Cast`` to int8, which
+runtimes fold at load time, so the file shrinks and the kernels stay integer. BatchNorm folds into those scales: with
 ``w = s * n``, ``g * w = (g * s) * n``, so the integer codes ``n`` do not move (a
 negative ``g`` flips their sign). Biases are int32 on the accumulator grid
 ``s_x * s_w``, as Q adds them under the deploy protocol. Values that only move
@@ -49,9 +51,11 @@ from dfq.quant.graph import ADD_FUNCTIONS, ADD_METHODS, following_batchnorm, tra
 from dfq.quant.modules import batchnorm_affine, bias_grid, folded_weight_scale
 from dfq.quant.prepare import ACTIVATIONS, RELUS
 
-__all__ = ["OPSET", "build_onnx", "write_onnx"]
+__all__ = ["OPSET", "WEIGHT_STORAGES", "build_onnx", "write_onnx"]
 
-OPSET = 17
+OPSET = 17  # without packed weights
+WEIGHT_STORAGES = ("packed", "int4", "int8")
+_PACKED_OPSET = {"int4": 21, "int2": 25}  # the first opsets whose Cast reads INT4 / INT2
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
@@ -64,8 +68,12 @@ def _onnx():
 
 
 class _Builder:
-    def __init__(self, model: nn.Module, expose_sites: bool, shapes: dict[fx.Node, tuple[int, ...]]) -> None:
+    def __init__(
+        self, model: nn.Module, expose_sites: bool, shapes: dict[fx.Node, tuple[int, ...]], weight_storage: str
+    ) -> None:
         self.onnx = _onnx()
+        self.weight_storage = weight_storage
+        self.opset = OPSET
         self.shapes = shapes
         self.helper = self.onnx.helper
         self.model = model
@@ -170,11 +178,21 @@ class _Builder:
         """int8 codes of the quantized weight; a folded gain only rescales (and maybe negates) them."""
         wq = layer.weight_quantizer
         check_container_bits(wq.spec.bits, name)
-        codes = signed_codes(layer, gain)
-        w = self.const(f"{name}_weight_q", codes.numpy().astype(np.int8))
+        codes = signed_codes(layer, gain).numpy().astype(np.int8)
+        w = self.weight_codes(f"{name}_weight_q", codes, packed_type(wq.spec.bits, self.weight_storage))
         s = self.const(f"{name}_weight_scale", folded_weight_scale(layer.weight_step(), gain).float().numpy())
         z = self.const(f"{name}_weight_zp", np.zeros(codes.shape[0], np.int8))
         return self.op("DequantizeLinear", [w, s, z], f"{name}_weight", axis=0)
+
+    def weight_codes(self, hint: str, codes: np.ndarray, packed: str | None) -> str:
+        """int8 codes, stored as they are or packed into ``packed`` ("int4"/"int2") and widened by a Cast."""
+        if packed is None:
+            return self.const(hint, codes)
+        import ml_dtypes  # a dependency of onnx, which packs these types
+
+        stored = self.const(f"{hint}_{packed}", codes.astype(getattr(ml_dtypes, packed)))
+        self.opset = max(self.opset, _PACKED_OPSET[packed])
+        return self.op("Cast", [stored], hint, to=self.onnx.TensorProto.INT8)
 
     def bias_input(self, name: str, bias: torch.Tensor, grid: tuple[torch.Tensor, torch.Tensor] | None) -> str:
         """int32 bias on the accumulator grid ``s_x * s_w`` when input and weights are integer, else float."""
@@ -352,8 +370,26 @@ class _Builder:
         return helper.make_graph(self.nodes, "dfq", [x], [y], self.initializers)
 
 
+def packed_type(bits: int, storage: str) -> str | None:
+    """The packed ONNX type of ``bits``-bit weight codes under ``storage``, or None for int8.
+
+    ``packed``: INT2 for 2 bits, INT4 for 3-4 bits; ``int4``: INT4 for 2-4 bits (OpenVINO 2026.4 reads INT4 but
+    not INT2); ``int8``: every code in an int8 container, opset 17 (runtimes without opset 21).
+    """
+    if storage not in WEIGHT_STORAGES:
+        raise DFQError(f"unknown weight storage {storage!r}; choose one of {', '.join(WEIGHT_STORAGES)}")
+    if storage == "int8" or bits > 4:
+        return None
+    return "int2" if bits <= 2 and storage == "packed" else "int4"
+
+
 def build_onnx(
-    model: nn.Module, input_shape: tuple[int, ...], metadata: dict[str, Any] | None = None, *, expose_sites=False
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    metadata: dict[str, Any] | None = None,
+    *,
+    expose_sites=False,
+    weight_storage: str = "packed",
 ):
     """The ONNX ``ModelProto`` of ``model`` (float or deploy-quantized, in eval mode).
 
@@ -362,15 +398,18 @@ def build_onnx(
         metadata: written to the model's ``metadata_props``, each value JSON-encoded.
         expose_sites: also output every activation quantizer's dequantized tensor, named
             after its PyTorch module (for per-layer parity checks).
+        weight_storage: how weight codes of 4 bits or fewer are stored (:func:`packed_type`).
     """
     onnx = _onnx()
     model = model.eval()
     traced = trace(model, "ONNX export")
-    builder = _Builder(model, expose_sites, node_shapes(model, traced, tuple(input_shape)))
+    packed_type(8, weight_storage)  # an unknown storage fails before the build
+    builder = _Builder(model, expose_sites, node_shapes(model, traced, tuple(input_shape)), weight_storage)
     with torch.no_grad():
         graph = builder.build(traced, tuple(input_shape))
-    proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", OPSET)], producer_name="dfq")
-    proto.ir_version = min(proto.ir_version, 9)  # readable by older runtimes
+    opsets = [onnx.helper.make_opsetid("", builder.opset)]
+    proto = onnx.helper.make_model(graph, opset_imports=opsets, producer_name="dfq")
+    proto.ir_version = onnx.helper.find_min_ir_version_for(opsets)  # readable by the oldest runtime that can
     for key, val in (metadata or {}).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, json.dumps(val)
@@ -382,11 +421,15 @@ def build_onnx(
 
 
 def write_onnx(
-    model: nn.Module, path: str | Path, input_shape: tuple[int, ...], metadata: dict[str, Any] | None = None
+    model: nn.Module,
+    path: str | Path,
+    input_shape: tuple[int, ...],
+    metadata: dict[str, Any] | None = None,
+    weight_storage: str = "packed",
 ) -> Path:
     """Write ``model`` as ONNX to ``path`` (atomically) and return the path."""
     from dfq.utils.io import atomic_write
 
-    proto = build_onnx(model, input_shape, metadata)
+    proto = build_onnx(model, input_shape, metadata, weight_storage=weight_storage)
     data = proto.SerializeToString()
     return atomic_write(path, lambda f: f.write(data))

@@ -1,10 +1,11 @@
-"""Run exported models with ONNX Runtime (CPU execution provider)."""
+"""Run exported models: ONNX Runtime (CPU execution provider), or OpenVINO (:mod:`dfq.export.openvino`)."""
 
 from __future__ import annotations
 
 import json
 import tempfile
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,10 @@ from torch import nn
 
 from dfq.errors import DFQError
 
-__all__ = ["FLOAT_OPS", "INTEGER_OPS", "OnnxClassifier", "optimized_op_counts", "read_metadata", "session"]
+__all__ = ["FLOAT_OPS", "INTEGER_OPS", "RUNTIMES", "OnnxClassifier", "optimized_op_counts", "read_metadata", "runner",
+           "session"]  # fmt: skip
+
+RUNTIMES = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}  # name -> what reports call it
 
 # Operators that compute on integers in ONNX Runtime's optimized graph.
 INTEGER_OPS = ("QLinearConv", "QLinearAdd", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger",
@@ -80,16 +84,32 @@ def optimized_op_counts(model: str | Path | bytes) -> dict[str, int]:
     return dict(Counter(n.op_type for n in graph.node))
 
 
+def runner(
+    model: str | Path | bytes, runtime: str = "onnxruntime", *, threads: int | None = None
+) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """A function from an input batch to every output of the ONNX model, by name, on ``runtime``."""
+    if runtime not in RUNTIMES:
+        raise DFQError(f"unknown runtime '{runtime}'; available: {', '.join(RUNTIMES)}")
+    if runtime == "openvino":
+        from dfq.export.openvino import compile_model, run_outputs
+
+        compiled = compile_model(model, threads=threads)
+        return lambda x: run_outputs(compiled, x)
+    sess = session(model, threads=threads)
+    names, input_name = [o.name for o in sess.get_outputs()], sess.get_inputs()[0].name
+    return lambda x: dict(zip(names, sess.run(None, {input_name: np.ascontiguousarray(x, np.float32)}), strict=True))
+
+
 class OnnxClassifier(nn.Module):
     """An exported classifier behind the ``nn.Module`` interface that :func:`dfq.evaluate.evaluate` takes."""
 
-    def __init__(self, path: str | Path, threads: int | None = None) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None, runtime: str = "onnxruntime") -> None:
         super().__init__()
         self.path = Path(path)
-        self.session = session(path, threads=threads)
+        self.runtime = runtime
+        self.run = runner(path, runtime, threads=threads)
         self.metadata = read_metadata(path)
-        self.input_name = self.session.get_inputs()[0].name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
-        return torch.from_numpy(self.session.run(None, {self.input_name: x})[0])
+        outputs = self.run(x.detach().cpu().numpy())
+        return torch.from_numpy(next(iter(outputs.values())))

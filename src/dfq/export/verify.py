@@ -20,23 +20,30 @@ import torch
 from torch import nn
 
 from dfq.export.onnx import OUTPUT_NAME, build_onnx
-from dfq.export.runtime import session
+from dfq.export.runtime import runner
 from dfq.quant import act_quantizers
 
 __all__ = ["verify"]
 
 
 @torch.no_grad()
-def verify(model: nn.Module, input_shape: tuple[int, ...], batches: Iterable[torch.Tensor]) -> dict[str, Any]:
-    """Compare every activation quantization site and the logits of ``model`` and its ONNX export.
+def verify(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    batches: Iterable[torch.Tensor],
+    *,
+    weight_storage: str = "packed",
+    runtime: str = "onnxruntime",
+) -> dict[str, Any]:
+    """Compare every activation quantization site and the logits of ``model`` and its ONNX export on ``runtime``.
 
     Site errors are reported in grid steps (``max_lsb``: 1.0 means one code apart) with the
     fraction of elements whose code differs; logits by max abs error and top-1 agreement.
     """
     model = model.eval()
     sites = dict(act_quantizers(model))
-    sess = session(build_onnx(model, input_shape, expose_sites=True).SerializeToString())
-    exposed = [o.name for o in sess.get_outputs()]
+    proto = build_onnx(model, input_shape, expose_sites=True, weight_storage=weight_storage)
+    run = runner(proto.SerializeToString(), runtime)
     captured: dict[str, torch.Tensor] = {}
     hooks = [q.register_forward_hook(_capture(captured, name)) for name, q in sites.items()]
     stats: dict[str, dict[str, float]] = {}
@@ -45,17 +52,19 @@ def verify(model: nn.Module, input_shape: tuple[int, ...], batches: Iterable[tor
     try:
         for x in batches:
             ref = model(x).numpy()
-            outs = dict(zip(exposed, sess.run(None, {"input": x.numpy().astype(np.float32)}), strict=True))
+            outs = run(x.numpy())
             agree += int((outs[OUTPUT_NAME].argmax(1) == ref.argmax(1)).sum())
             n += len(ref)
             logit_err = max(logit_err, float(np.abs(outs[OUTPUT_NAME] - ref).max()))
-            for name in exposed[1:]:
+            for name in sites.keys() & outs.keys():
                 _accumulate(stats, name, captured[name].numpy(), outs[name], _step(sites[name]))
     finally:
         for h in hooks:
             h.remove()
     layers = [{"site": k, "max_lsb": v["max_lsb"], "mismatch": v["bad"] / v["n"]} for k, v in stats.items()]
-    return {"images": n, "top1_agreement": agree / max(n, 1), "logits_max_abs_error": logit_err, "sites": layers}
+    agreement = agree / max(n, 1)
+    return {"runtime": runtime, "images": n, "top1_agreement": agreement, "logits_max_abs_error": logit_err,
+            "sites": layers}  # fmt: skip
 
 
 def _capture(store: dict[str, torch.Tensor], name: str):
