@@ -109,7 +109,7 @@ METHODS = {"gdfq": gdfq, "adasg": adasg, "adadfq": adadfq, "zaq": zaq}
 def preset(method: str, stem: str, bits: int) -> dict:
     body = METHODS[method](stem, bits)
     train = {"epochs": 400, "iters_per_epoch": 200, **body.pop("train")}
-    quant = {"wbits": bits, "abits": bits, **body.pop("quant", {})}
+    quant = {"wbits": bits, "abits": bits, "protocol": "paper", **body.pop("quant", {})}  # published comparisons
     own = body.pop(method)
     return {"model": MODELS[stem][0], "quant": quant, "method": {"name": method, **own, "train": train}}
 

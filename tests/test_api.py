@@ -137,7 +137,7 @@ def test_quantize_reads_input_size_and_classes_from_an_example_input():
 def test_export_onnx_writes_a_deploy_result_and_refuses_the_papers_protocol(tmp_path):
     pytest.importorskip("onnxruntime")
     method = ZeroQConfig(steps=2, num_samples=4)
-    deploy = dfq.quantize(_tiny(), QuantConfig(wbits=8, abits=8, protocol="deploy"), method, example_inputs=EXAMPLE)
+    deploy = dfq.quantize(_tiny(), QuantConfig(wbits=8, abits=8), method, example_inputs=EXAMPLE)  # the default
     report = dfq.export_onnx(deploy, tmp_path / "q.onnx", verify=True)
     assert report["integer_ops"]["QLinearConv"] >= 3 and report["verify"]["top1_agreement"] == 1.0
     from dfq.export.runtime import read_metadata
@@ -145,7 +145,7 @@ def test_export_onnx_writes_a_deploy_result_and_refuses_the_papers_protocol(tmp_
     meta = read_metadata(tmp_path / "q.onnx")
     assert (meta["method"], meta["wbits"], meta["protocol"]) == ("zeroq", 8, "deploy")
     assert meta["input_size"] == list(INPUT_SIZE)
-    paper = dfq.quantize(_tiny(), QuantConfig(wbits=8, abits=8), method, example_inputs=EXAMPLE)
+    paper = dfq.quantize(_tiny(), QuantConfig(wbits=8, abits=8, protocol="paper"), method, example_inputs=EXAMPLE)
     for target in (paper, paper.model):
         with pytest.raises(DFQError, match="protocol='deploy'"):
             dfq.export_onnx(target, tmp_path / "paper.onnx")
@@ -166,20 +166,13 @@ def test_synthesize_feeds_onnxruntime_quantize_static_as_its_calibration_reader(
     dfq.export_onnx(p, tmp_path / "float.onnx", example_inputs=EXAMPLE)
     name = session(tmp_path / "float.onnx").get_inputs()[0].name
 
-    class Reader(ort_quant.CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter([{name: b.numpy()} for b in pool.split(8)])
-            self.served = 0
-
-        def get_next(self):
-            batch = next(self.batches, None)
-            self.served += batch is not None
-            return batch
-
-    reader = Reader()
+    reader = dfq.calibration.onnxruntime_reader(pool, name, batch_size=8)
+    assert isinstance(reader, ort_quant.CalibrationDataReader) and len(reader) == 4
     ort_quant.quantize_static(tmp_path / "float.onnx", tmp_path / "int8.onnx", reader,
                               quant_format=ort_quant.QuantFormat.QDQ)  # fmt: skip
     assert reader.served == 4
+    reader.rewind()
+    assert np.array_equal(reader.get_next()[name], pool[:8].numpy())  # served again from the start
     x = torch.randn(64, *INPUT_SIZE, generator=torch.Generator().manual_seed(1))
     out = session(tmp_path / "int8.onnx").run(None, {name: x.numpy()})[0]
     with torch.no_grad():
@@ -213,8 +206,9 @@ def test_a_config_yaml_of_the_earlier_flat_layout_still_loads(method):
     old = yaml.safe_load((ROOT / "tests" / "fixtures" / f"config_v0.1_{method}.yaml").read_text())
     assert old["method"] == method and "train" in old and "zeroq" in old
     config = resolve_config(old)
-    assert config == resolve_config(None, {"method.name": method, **({"method.train.epochs": 3} if method == "zaq"
-                                                                   else {})})  # fmt: skip
+    expected = {"method.name": method, "quant.protocol": "paper", **({"method.train.epochs": 3} if method == "zaq"
+                                                                     else {})}  # fmt: skip
+    assert config == resolve_config(None, expected)  # 0.1 wrote its protocol, the papers' (its default)
     assert resolve_config(config.to_dict()) == config
 
 
@@ -240,3 +234,26 @@ def test_configuration_doc_is_generated_from_the_dataclasses():
 
 def test_recon_config_is_the_default_method():
     assert isinstance(resolve_config().method, ReconConfig) and resolve_config().method_name == "recon"
+
+
+def test_a_pool_file_reads_back_and_feeds_nncf(tmp_path, random_weights):
+    """save_pool -> load_pool round-trips (.npz and .npy); a zoo model's images lie in its valid input range; the
+    NNCF adapter serves them as an ONNX model's named inputs."""
+    from dfq.deploy import save_pool
+
+    p = dfq.create_model(MODEL, weights=str(random_weights))
+    pool = dfq.synthesize(p, 6, steps=3, progress=False)
+    lows, highs = (torch.tensor(v).view(1, -1, 1, 1) for v in p.dfq_info.input_bounds())
+    assert bool((pool >= lows).all() and (pool <= highs).all())  # pixels 0..255 after the normalisation
+    for suffix in (".npz", ".npy"):
+        path = save_pool(pool, tmp_path / f"pool{suffix}", p)
+        assert np.array_equal(dfq.calibration.load_pool(path), pool.numpy())
+    assert [len(b) for b in dfq.calibration.pool_batches(pool, 4)] == [4, 2]
+    (tmp_path / "bad.npz").write_bytes(b"not numpy")
+    for bad, fragment in (("missing.npz", "not found"), ("bad.npz", "not a dfq synthetic pool")):
+        with pytest.raises(DFQError, match=fragment):
+            dfq.calibration.load_pool(tmp_path / bad)
+    pytest.importorskip("nncf")
+    dataset = dfq.calibration.nncf_dataset(pool, "input", batch_size=3)
+    items = list(dataset.get_inference_data())
+    assert len(items) == 2 and np.array_equal(items[0]["input"], pool[:3].numpy())

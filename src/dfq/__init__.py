@@ -11,7 +11,7 @@ Example:
 
 __version__ = "0.2.0"
 
-from dfq import methods
+from dfq import calibration, methods
 from dfq.api import QuantizationResult, quantize, run
 from dfq.deploy import export_onnx, synthesize
 from dfq.methods import list_methods, register_method
@@ -22,6 +22,7 @@ __all__ = [
     "QuantConfig",
     "QuantizationResult",
     "__version__",
+    "calibration",
     "create_model",
     "export_onnx",
     "list_methods",

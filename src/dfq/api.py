@@ -78,7 +78,7 @@ def quantize(
 
     Args:
         model: the float classifier P; not modified.
-        quant_config: bits and protocol (default ``QuantConfig()``: W4A4 under the papers' protocol).
+        quant_config: bits and protocol (default ``QuantConfig()``: W4A4 under the deploy protocol).
         method: a registered method's name (``dfq.list_methods()``), or its config object, e.g.
             ``dfq.methods.ReconConfig(iters=200)``.
         example_inputs: one batch of inputs (only the shape is used); optional for zoo models.

@@ -101,8 +101,10 @@ def synthesize(
         seed: seed of the synthesis.
 
     Returns:
-        a float32 tensor (N, C, H, W) in the model's input space (after its normalisation; for a zoo model,
-        around the input statistics its preprocessing record gives).
+        a float32 tensor (N, C, H, W) in the model's input space (after its normalisation). For a model with a
+        preprocessing record (a zoo model), around the input statistics it gives and clipped, channel by channel,
+        to the values real images take there (pixels 0 to 255 after the normalisation), so that every image is a
+        valid input; other models' images are not clipped (dfq does not know their input range).
     """
     if synthesizer not in SYNTHESIZERS:
         raise DFQError(f"unknown synthesizer '{synthesizer}'; available: {', '.join(SYNTHESIZERS)}")
@@ -114,10 +116,15 @@ def synthesize(
     seed_everything(seed)
     generator = torch.Generator().manual_seed(seed)
     if synthesizer == "pixels":
-        return distill_inputs(model, input_size, num_samples, steps=steps or 500, generator=generator,
-                              progress=progress, input_stats=stats)  # fmt: skip
-    return synthesize_pool(model, input_size, num_samples, steps=steps or 150, generator=generator, progress=progress,
-                           input_stats=stats)  # fmt: skip
+        images = distill_inputs(model, input_size, num_samples, steps=steps or 500, generator=generator,
+                                progress=progress, input_stats=stats)  # fmt: skip
+    else:
+        images = synthesize_pool(model, input_size, num_samples, steps=steps or 150, generator=generator,
+                                 progress=progress, input_stats=stats)  # fmt: skip
+    if info is None:
+        return images
+    lows, highs = (torch.tensor(v, dtype=images.dtype).view(1, -1, 1, 1) for v in info.input_bounds())
+    return torch.maximum(torch.minimum(images, highs), lows)
 
 
 def save_pool(images: torch.Tensor, path: str | Path, model: nn.Module | None = None) -> Path:

@@ -78,8 +78,9 @@ def tiny_classifier(cls: type[TinyNet] = TinyNet, seed: int = 1234) -> nn.Module
 def tiny_config(method: str, **overrides: Any) -> RunConfig:
     """The run config of a short game of ``method``; ``overrides`` as keyword arguments with ``__`` for dots,
     relative to the method's section unless they name ``quant``, ``seed`` or ``model``:
-    ``tiny_config("gdfq", train__epochs=3, plugins__lsq=True, quant__wbits=8)``."""
-    values: dict[str, Any] = {"method.name": method}
+    ``tiny_config("gdfq", train__epochs=3, plugins__lsq=True, quant__wbits=8)``. The papers' protocol unless
+    ``quant__protocol`` says otherwise, as the games' presets set it."""
+    values: dict[str, Any] = {"method.name": method, "quant.protocol": "paper"}
     for key, value in {**SHORT, **overrides}.items():
         key = key.replace("__", ".")
         values[key if key.split(".")[0] in ("quant", "seed", "model") else f"method.{key}"] = value

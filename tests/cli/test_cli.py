@@ -214,7 +214,7 @@ def test_overrides_reach_config_and_reloaded_model(
     run_dir = tmp_path / "run"
     rc, _, err = _run(
         capsys,
-        "quantize", MODEL, "--config", str(preset), "--wbits", "4", "--abits", "4",
+        "quantize", MODEL, "--config", str(preset), "--wbits", "4", "--abits", "4", "--protocol", "paper",
         "--weights", str(random_weights), "--out", str(run_dir),
         "--override", "conv1=W8", "--override", "linear=W8A8", "--override", "layer3.2.relu2=A6",
         *TINY,

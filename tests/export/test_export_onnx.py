@@ -247,8 +247,9 @@ def deploy_run(tmp_path_factory: pytest.TempPathFactory, random_weights: Path) -
 @pytest.fixture
 def paper_run(tmp_path: Path) -> Path:
     """A papers'-protocol run directory (checkpoint only)."""
-    q = quantize_model(create_model(MODEL), QuantConfig(wbits=4, abits=4))
-    config = RunConfig(model=MODEL, quant=QuantConfig(wbits=4, abits=4), method=ZeroQConfig())
+    paper = QuantConfig(wbits=4, abits=4, protocol="paper")
+    q = quantize_model(create_model(MODEL), paper)
+    config = RunConfig(model=MODEL, quant=paper, method=ZeroQConfig())
     save_quantized(tmp_path / "paper" / "model.pt", q, config)
     return tmp_path / "paper"
 
@@ -432,3 +433,33 @@ def test_string_metadata_that_looks_like_json_round_trips(tmp_path):
     meta = {"dfq_version": "1.0", "model": "7", "method": "null"}
     path = write_onnx(nn.Sequential(nn.Flatten(), nn.Linear(12, 2)).eval(), tmp_path / "m.onnx", (3, 2, 2), meta)
     assert read_metadata(path) == meta
+
+
+def test_cli_quantize_export_writes_the_onnx_and_reports_its_runtime_top1(random_weights, tmp_path, capsys):
+    """The main job ends with a file a user can run, and ONNX Runtime's top-1 printed beside PyTorch's."""
+    data, out = _npz(tmp_path / "d.npz"), tmp_path / "q.onnx"
+    rc, stdout, err = _run(capsys, "quantize", MODEL, "--method", "zeroq", "--wbits", "4", "--abits", "4",
+                           "--weights", str(random_weights), "--out", str(tmp_path / "run"), "--data", str(data),
+                           "--export", str(out), "--json", *TINY)  # fmt: skip
+    assert rc == 0, err
+    payload = json.loads(stdout.strip().splitlines()[-1])
+    assert payload["export"]["out"] == str(out) and out.is_file()
+    assert payload["export"]["integer_ops"].get("QLinearConv") == 19
+    assert payload["export"]["onnx_top1"] == payload["top1"]  # same predictions on these 12 images
+    assert "ONNX Runtime top-1" in stdout and read_metadata(out)["protocol"] == "deploy"
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [(["--protocol", "paper"], "--export needs the deploy protocol"), (["--export", "q.txt"], "ONNX file"),
+     (["--export", "EXISTS"], "exists; pass --overwrite")],
+)  # fmt: skip
+def test_cli_quantize_export_refusals_come_before_any_work(extra, fragment, random_weights, tmp_path, capsys):
+    exists = tmp_path / "exists.onnx"
+    exists.write_bytes(b"keep")
+    extra = [str(exists) if e == "EXISTS" else str(tmp_path / e) if e == "q.txt" else e for e in extra]
+    export = [] if "--export" in extra else ["--export", str(tmp_path / "q.onnx")]
+    rc, _, err = _run(capsys, "quantize", MODEL, "--method", "zeroq", "--weights", str(random_weights),
+                      "--out", str(tmp_path / "run"), *export, *extra, *TINY)  # fmt: skip
+    _assert_user_error(rc, err, fragment)
+    assert not (tmp_path / "run").exists() and exists.read_bytes() == b"keep"

@@ -222,7 +222,7 @@ def test_by_name_with_default_config():
 
 def test_equalization_reduces_per_tensor_w4_error():
     model = _chain(unbalanced=True)
-    quant = dfq.QuantConfig(wbits=4, abits=8, weight_granularity="per_tensor")
+    quant = dfq.QuantConfig(wbits=4, abits=8, weight_granularity="per_tensor", protocol="paper")
     x = torch.randn(256, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref = model(x)

@@ -716,12 +716,13 @@ def test_reconstruct_unit_leaves_an_ordinary_quantized_unit() -> None:
 
 @pytest.mark.parametrize("lr_bn", [0.0, 1e-2])
 def test_reconstruct_unit_learns_batchnorm_only_when_asked(lr_bn: float) -> None:
-    """recon.lr_bn > 0 fits the unit's BatchNorm scales and shifts too; 0 leaves them as P's."""
+    """recon.lr_bn > 0 fits the unit's BatchNorm scales and shifts too (not the output sites inside them, which
+    the deploy protocol adds); 0 leaves them as P's."""
     _, _, block, data = _first_block()
     bns = [m for m in block.modules() if isinstance(m, nn.BatchNorm2d)]
-    before = [p.clone() for m in bns for p in m.parameters()]
+    before = [p.clone() for m in bns for p in m.parameters(recurse=False)]
     reconstruct_unit(block, *data, ReconConfig(**{**TINY.__dict__, "lr_bn": lr_bn}), _gen())
-    after = [p for m in bns for p in m.parameters()]
+    after = [p for m in bns for p in m.parameters(recurse=False)]
     assert bns and not any(p.requires_grad for p in after)
     moved = [not torch.equal(a, b) for a, b in zip(after, before, strict=True)]
     assert all(moved) if lr_bn else not any(moved)

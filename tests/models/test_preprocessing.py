@@ -81,7 +81,7 @@ def test_quantize_fills_the_range_from_the_record_and_the_run_keeps_it(tmp_path)
     tiny = dfq.methods.ZeroQConfig(steps=1, num_samples=2)
     result = dfq.quantize(p, QuantConfig(protocol="deploy", wbits=8, abits=8), tiny, progress=False)
     assert result.quant.input_range == (0.0, 255.0)
-    paper = dfq.quantize(p, QuantConfig(wbits=8, abits=8), tiny, progress=False)
+    paper = dfq.quantize(p, QuantConfig(protocol="paper", wbits=8, abits=8), tiny, progress=False)
     assert paper.quant.input_range is None  # the papers' protocol leaves the input in float
     config = dfq.config.resolve_config(overrides={"model": "resnet8_mlperf_cifar10", "method.name": "zeroq",
                                                   "method.steps": 1, "method.num_samples": 2,

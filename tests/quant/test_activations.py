@@ -142,7 +142,8 @@ def test_norm_act_composites_become_batchnorm_and_a_site(tmp_path) -> None:
     assert isinstance(q[1].bn, QuantBatchNorm2d)  # a plain BatchNorm now, folded into the convolution
     assert isinstance(q[1].act, QuantActivation)
     with torch.no_grad():
-        torch.testing.assert_close(quantize_model(p, QuantConfig(wbits=32, abits=32))(x), p(x))  # same function
+        identity = QuantConfig(wbits=32, abits=32, protocol="paper")  # deploy would still quantize the input
+        torch.testing.assert_close(quantize_model(p, identity)(x), p(x))  # same function
     calibrate(q, [x])
     result = dfq.export_onnx(q, tmp_path / "n.onnx", example_inputs=x, verify=[x])
     assert result["integer_ops"]["QLinearConv"] == 1 and result["verify"]["top1_agreement"] == 1.0
@@ -155,7 +156,8 @@ def test_cle_keeps_the_activation_of_a_norm_act_composite() -> None:
     torch.manual_seed(0)
     p = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), NormAct(8), nn.Conv2d(8, 8, 1), nn.AdaptiveAvgPool2d(1),
                       nn.Flatten(), nn.Linear(8, 4)).eval()  # fmt: skip
-    result = dfq.quantize(p, QuantConfig(wbits=32, abits=32), dfq.methods.CLEConfig(calib_steps=1, calib_samples=2),
+    identity = QuantConfig(wbits=32, abits=32, protocol="paper")
+    result = dfq.quantize(p, identity, dfq.methods.CLEConfig(calib_steps=1, calib_samples=2),
                           example_inputs=torch.randn(1, 3, 8, 8), progress=False)  # fmt: skip
     assert result.summary["folded_bn"] == 1
     x = torch.randn(4, 3, 8, 8)

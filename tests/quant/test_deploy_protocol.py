@@ -177,7 +177,7 @@ def test_quantize_residual_false_keeps_residual_inputs_float():
 
 def test_paper_protocol_adds_no_deploy_sites():
     """The papers' protocol: float input, plain BatchNorm, asymmetric multiply-form quantizers."""
-    q = quantize_model(create_model(MODEL), QuantConfig(wbits=4, abits=4))
+    q = quantize_model(create_model(MODEL), QuantConfig(protocol="paper", wbits=4, abits=4))
     assert all(m.input_quantizer is None for m in q.modules() if isinstance(m, QuantConv2d | QuantLinear))
     assert not any(isinstance(m, QuantBatchNorm2d) for m in q.modules())
     assert not q.conv1.weight_quantizer.spec.symmetric and not q.conv1.weight_quantizer.spec.deploy

@@ -112,7 +112,7 @@ def test_quantized_model_equals_float_when_quantization_disabled():
 
 def test_w32a32_is_a_no_op():
     fp = _resnet().eval()
-    q = quantize_model(fp, QuantConfig(wbits=32, abits=32)).eval()
+    q = quantize_model(fp, QuantConfig(wbits=32, abits=32, protocol="paper")).eval()
     x = torch.randn(2, 3, 32, 32)
     assert torch.equal(q(x), fp(x))
 
@@ -143,7 +143,7 @@ def test_overrides_by_name_pattern():
 def test_ends_bits_keeps_the_first_and_last_layers_and_their_activations():
     """BRECQ/QDrop/Genie's exception: first conv's weights and output (the 2nd layer's input), classifier's
     weights and the site it reads (the last block's output, through pooling and flatten), all else at 4 bits."""
-    q = quantize_model(_resnet(), QuantConfig(wbits=4, abits=4, ends_bits=8))
+    q = quantize_model(_resnet(), QuantConfig(wbits=4, abits=4, ends_bits=8, protocol="paper"))
     weights = {
         n: m.weight_quantizer.spec.bits for n, m in q.named_modules() if isinstance(m, QuantConv2d | QuantLinear)
     }
@@ -155,7 +155,7 @@ def test_ends_bits_keeps_the_first_and_last_layers_and_their_activations():
 
 def test_ends_bits_on_a_functional_model_and_explicit_overrides_win():
     """The sites are found in the dataflow: functional ReLUs and a reused module split into their own sites."""
-    cfg = QuantConfig(wbits=4, abits=4, ends_bits=6, overrides={"fc": LayerOverride(wbits=5)})
+    cfg = QuantConfig(protocol="paper", wbits=4, abits=4, ends_bits=6, overrides={"fc": LayerOverride(wbits=5)})
     q = quantize_model(FunctionalNet().eval(), cfg)
     assert (q.conv.weight_quantizer.spec.bits, q.conv2.weight_quantizer.spec.bits, q.fc.weight_quantizer.spec.bits) == (
         6, 4, 5)  # fmt: skip
@@ -182,7 +182,7 @@ class ViewNet(nn.Module):
 
 
 def test_ends_bits_sees_through_shape_reads_and_reaches_the_deploy_input_site():
-    q = quantize_model(ViewNet().eval(), QuantConfig(wbits=4, abits=4, ends_bits=8))
+    q = quantize_model(ViewNet().eval(), QuantConfig(wbits=4, abits=4, ends_bits=8, protocol="paper"))
     assert (q.relu1.act_quantizer.spec.bits, q.relu2.act_quantizer.spec.bits) == (8, 8)
     deploy = quantize_model(_resnet(), QuantConfig(protocol="deploy", wbits=4, abits=4, ends_bits=8))
     assert deploy.linear.input_quantizer.spec.bits == deploy.linear.weight_quantizer.spec.bits == 8
@@ -245,7 +245,7 @@ class FunctionalNet(nn.Module):
 def test_functional_and_reused_relus_get_their_own_quantizers():
     torch.manual_seed(SEED)
     fp = FunctionalNet().eval()
-    q = quantize_model(fp, QuantConfig(wbits=8, abits=8)).eval()
+    q = quantize_model(fp, QuantConfig(wbits=8, abits=8, protocol="paper")).eval()
     assert len(list(act_quantizers(q))) == 3
     x = torch.randn(2, 3, 8, 8)
     with quant_disabled(q):
@@ -298,12 +298,14 @@ class Untraceable(nn.Module):
         return self.fc(self.relu(x))
 
 
-def test_untraceable_model_falls_back_to_module_swap_with_a_warning():
+def test_untraceable_model_falls_back_to_module_swap_with_a_warning_under_the_papers_protocol_only():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        q = quantize_model(Untraceable(), QuantConfig())
+        q = quantize_model(Untraceable(), QuantConfig(protocol="paper"))
     assert isinstance(q.relu, QuantActivation) and isinstance(q.fc, QuantLinear)
     assert any("could not trace" in str(w.message) for w in caught)
+    with pytest.raises(UnsupportedLayerError, match=r"deploy protocol needs a model that torch\.fx can trace.*Untrace"):
+        quantize_model(Untraceable(), QuantConfig())  # the export needs the dataflow
 
 
 def test_config_validation_messages():

@@ -109,7 +109,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--protocol",
         choices=["paper", "deploy"],
-        help="paper: the DFQ papers' fake quantization (default); deploy: what integer runtimes run (exportable)",
+        help="deploy: what integer runtimes run, exportable (default); paper: the DFQ papers' fake quantization "
+        "(the papers' presets set it)",
     )
     p.add_argument(
         "--set",
@@ -142,13 +143,15 @@ def _build_parser() -> argparse.ArgumentParser:
         help="keep the first and last layers (weights and the activations next to them) at B bits, as "
         "BRECQ/QDrop/Genie do; not the DFQ papers' protocol (quant.ends_bits)",
     )
+    p.add_argument("--export", metavar="FILE.onnx",
+                   help="also write Q as ONNX (deploy protocol) and, with --data, report its ONNX Runtime top-1")
     _add_data_args(p, batch_flag="--eval-batch-size")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("synthesize", parents=[common], help="synthetic calibration images for other toolchains")
     p.add_argument("model", help="model name from `dfq models`")
     p.add_argument("--weights", help="float checkpoint (default: the published weights)")
-    p.add_argument("--num", type=int, default=256, help="number of images (default 256)")
+    p.add_argument("--num-samples", "--num", dest="num", type=int, default=256, help="number of images (default 256)")
     p.add_argument("--out", required=True, help=".npz (images, mean, std) or .npy file to write")
     p.add_argument("--synthesizer", choices=["decoder", "pixels"], default="decoder",
                    help="decoder: latent maps and a decoder (recon's pool); pixels: ZeroQ's pixel optimisation")
@@ -158,7 +161,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synthesize)
 
     p = sub.add_parser("export", parents=[common], help="export a deploy-protocol run (or a float model) to ONNX")
-    p.add_argument("target", help="a run directory from `dfq quantize --protocol deploy`, or a model name (float)")
+    p.add_argument("target", help="a run directory from `dfq quantize` (deploy protocol), or a model name (float)")
     p.add_argument("--format", choices=["onnx"], default="onnx", help="export format")
     p.add_argument("--out", required=True, help="file to write, e.g. model.onnx")
     p.add_argument("--weights", help="float checkpoint for a model name (default: the published weights)")

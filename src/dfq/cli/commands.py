@@ -255,6 +255,8 @@ def _finish_quantize(args: argparse.Namespace, config: Any, get_model_info: Any)
     if config.weights and not Path(config.weights).is_file():
         raise DFQError(f"weights file not found: {config.weights}")
     evaluator = _make_evaluator(args, info)[0] if args.data else None  # validates the data before any work
+    if args.export:
+        _check_export(Path(args.export), config.quant.protocol, args.overwrite)
     with process_group(args.device) as dist:  # the one torchrun describes, if any
         summary = run(
             config,
@@ -276,8 +278,52 @@ def _finish_quantize(args: argparse.Namespace, config: Any, get_model_info: Any)
         )
         if "top1_best" in summary:
             human += f"\n  best top-1 over evaluations {summary['top1_best']:.2f}% (selected on the test set)"
-    _emit(args, human, {**summary, "out": str(args.out)})
+    payload = {**summary, "out": str(args.out)}
+    if args.export:
+        payload["export"] = _export_run(Path(args.out), Path(args.export), evaluator)
+        human += _describe_export(payload["export"], summary)
+    elif config.quant.protocol == "deploy":
+        human += f"\n  to ship it: dfq export {args.out} --out model.onnx"
+    _emit(args, human, payload)
     return 0
+
+
+def _check_export(path: Path, protocol: str, overwrite: bool) -> None:
+    """Refuse an export that would fail, before any quantization work."""
+    if protocol != "deploy":
+        raise DFQError("--export needs the deploy protocol; the papers' protocol is not what integer runtimes run")
+    if path.suffix != ".onnx":
+        raise DFQError(f"--export writes an ONNX file (.onnx), got {path.name}")
+    if path.exists() and not overwrite:
+        raise DFQError(f"{path} exists; pass --overwrite to replace it")
+    from dfq.export.onnx import import_onnx
+    from dfq.export.runtime import import_onnxruntime
+
+    import_onnx(), import_onnxruntime()  # the export extra is installed
+
+
+def _export_run(run: Path, path: Path, evaluator: Any) -> dict[str, Any]:
+    """Write the finished run as ONNX and, with a test set, evaluate the file on ONNX Runtime."""
+    from dfq.export.api import export, load_target
+    from dfq.export.runtime import OnnxClassifier
+
+    try:
+        model, meta = load_target(run)
+        result = export(model, path, meta)
+    except DFQError as e:
+        raise DFQError(f"{e} (the quantized run is saved in {run}; export it with `dfq export {run}`)") from None
+    if evaluator is not None:
+        with torch.inference_mode():
+            result["onnx_top1"] = evaluator(OnnxClassifier(path))["top1"]
+    return result
+
+
+def _describe_export(result: dict[str, Any], summary: dict[str, Any]) -> str:
+    integer = ", ".join(f"{v} {k}" for k, v in result["integer_ops"].items()) or "none"
+    human = f"\n  exported -> {result['out']} ({result['bytes'] / 1024:.0f} KiB; integer kernels: {integer})"
+    if "onnx_top1" in result:
+        human += f"\n  ONNX Runtime top-1 {result['onnx_top1']:.2f}% (PyTorch Q {summary['top1']:.2f}%)"
+    return human
 
 
 def cmd_synthesize(args: argparse.Namespace) -> int:

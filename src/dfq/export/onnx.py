@@ -51,7 +51,7 @@ from dfq.quant.graph import ADD_FUNCTIONS, ADD_METHODS, following_batchnorm, tra
 from dfq.quant.modules import batchnorm_affine, bias_grid, folded_weight_scale
 from dfq.quant.prepare import ACTIVATIONS, RELUS
 
-__all__ = ["OPSET", "WEIGHT_STORAGES", "build_onnx", "write_onnx"]
+__all__ = ["OPSET", "WEIGHT_STORAGES", "build_onnx", "import_onnx", "packed_type", "write_onnx"]
 
 OPSET = 17  # without packed weights
 WEIGHT_STORAGES = ("packed", "int4", "int8")
@@ -59,7 +59,7 @@ _PACKED_OPSET = {"int4": 21, "int2": 25}  # the first opsets whose Cast reads IN
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
 
 
-def _onnx():
+def import_onnx():
     try:
         import onnx
     except ImportError:
@@ -71,7 +71,7 @@ class _Builder:
     def __init__(
         self, model: nn.Module, expose_sites: bool, shapes: dict[fx.Node, tuple[int, ...]], weight_storage: str
     ) -> None:
-        self.onnx = _onnx()
+        self.onnx = import_onnx()
         self.weight_storage = weight_storage
         self.opset = OPSET
         self.shapes = shapes
@@ -400,7 +400,7 @@ def build_onnx(
             after its PyTorch module (for per-layer parity checks).
         weight_storage: how weight codes of 4 bits or fewer are stored (:func:`packed_type`).
     """
-    onnx = _onnx()
+    onnx = import_onnx()
     model = model.eval()
     traced = trace(model, "ONNX export")
     packed_type(8, weight_storage)  # an unknown storage fails before the build

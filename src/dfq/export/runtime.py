@@ -15,8 +15,8 @@ from torch import nn
 
 from dfq.errors import DFQError
 
-__all__ = ["FLOAT_OPS", "INTEGER_OPS", "RUNTIMES", "OnnxClassifier", "optimized_op_counts", "read_metadata", "runner",
-           "session"]  # fmt: skip
+__all__ = ["FLOAT_OPS", "INTEGER_OPS", "RUNTIMES", "OnnxClassifier", "import_onnxruntime", "optimized_op_counts",
+           "read_metadata", "runner", "session"]  # fmt: skip
 
 RUNTIMES = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}  # name -> what reports call it
 
@@ -29,7 +29,7 @@ FLOAT_OPS = ("Conv", "FusedConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul"
              "NhwcFusedConv", "QuickGelu")  # fmt: skip
 
 
-def _ort():
+def import_onnxruntime():
     try:
         import onnxruntime
     except ImportError:
@@ -39,7 +39,7 @@ def _ort():
 
 def session(model: str | Path | bytes, *, threads: int | None = None, optimized_path: str | Path | None = None):
     """An ONNX Runtime CPU session with all graph optimizations (the fusions into integer kernels)."""
-    ort = _ort()
+    ort = import_onnxruntime()
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3

@@ -302,7 +302,7 @@ def reconstruct_unit(
     learning = QuantizerLearning(weights, acts)
     learned = learning.begin(rounding=True)
     bns = [m for m in unit.modules() if isinstance(m, nn.BatchNorm2d)] if config.lr_bn else []
-    params_bn = [p for m in bns for p in m.parameters()]
+    params_bn = [p for m in bns for p in m.parameters(recurse=False)]  # not an output site's learned step
     for p in params_bn:
         p.requires_grad_(True)
     for aq in acts:

@@ -88,6 +88,11 @@ class ModelInfo:
         ends = [((0.0 - m) / s, (1.0 - m) / s) for m, s in zip(self.mean, self.std, strict=True)]
         return min(lo for lo, _ in ends), max(hi for _, hi in ends)
 
+    def input_bounds(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per-channel lowest and highest valid input: pixels 0 and 255 of each channel after the normalisation."""
+        lows = tuple((0.0 - m) / s for m, s in zip(self.mean, self.std, strict=True))
+        return lows, tuple((1.0 - m) / s for m, s in zip(self.mean, self.std, strict=True))
+
     def input_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
         """Per-channel mean and std of typical inputs: the pixel statistics after the normalisation; ``None``
         where the normalisation uses them (inputs standardised: mean 0, std 1)."""

@@ -84,9 +84,9 @@ class QuantConfig:
     """How to quantize a model.
 
     Attributes:
-        protocol: "paper" (the DFQ papers' fake quantization) or "deploy" (what an
-            integer runtime executes; implies symmetric per-channel weights and symmetric
-            activations, see the module docstring).
+        protocol: "deploy" (the default: what an integer runtime executes, so Q exports to ONNX; implies
+            symmetric per-channel weights and symmetric activations, see the module docstring) or "paper" (the DFQ
+            papers' fake quantization, for comparisons with published figures; the papers' presets set it).
         wbits: weight bit-width of every Conv2d/Linear (2-8; 16/32 as no-op checks).
         abits: bit-width of every activation quantizer (after each activation).
         weight_granularity: "per_channel" (the papers') or "per_tensor"; ``None``: the protocol's.
@@ -120,7 +120,7 @@ class QuantConfig:
             them run on integer kernels too.
     """
 
-    protocol: str = "paper"
+    protocol: str = "deploy"
     wbits: int = 4
     abits: int = 4
     weight_granularity: str | None = None
