@@ -8,6 +8,8 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -81,3 +83,14 @@ def top1_on(model: torch.nn.Module, sets: dict[str, Path]) -> dict[str, float]:
     info = model.dfq_info
     return {name: evaluate(model, make_loader(open_dataset(path), info.mean, info.std), progress=False)["top1"]
             for name, path in sets.items()}  # fmt: skip
+
+
+def run_models(name: str, keys: list[str], run_model: Callable[[str, Path], dict]) -> None:
+    """``run_model(key, scratch_dir)`` for each key, writing ``benchmarks/results/NAME.json`` after each model and
+    keeping the entries of models this run does not redo."""
+    previous = RESULTS / f"{name}.json"
+    models = json.loads(previous.read_text())["models"] if previous.exists() else {}
+    for key in keys:
+        with tempfile.TemporaryDirectory() as tmp:
+            models[key] = run_model(key, Path(tmp))
+        print(f"wrote {write_result(name, {'models': models})}", flush=True)
