@@ -180,3 +180,6 @@ def test_cli_eval_on_openvino_matches_onnxruntime_and_int2_is_refused_in_one_lin
     rc = main(["eval", str(tmp_path / "packed.onnx"), "--data", str(data), "--runtime", "openvino", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "OpenVINO cannot load" in err, err
+    rc = main(["eval", str(run), "--data", str(data), "--runtime", "openvino", "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--runtime applies to an exported .onnx file" in err, err

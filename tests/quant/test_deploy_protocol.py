@@ -10,6 +10,7 @@ from torch import nn
 
 from dfq.checkpoint import load_quantized, save_quantized
 from dfq.config import RunConfig
+from dfq.errors import DFQError
 from dfq.methods import ZeroQConfig
 from dfq.models import create_model
 from dfq.quant import (
@@ -20,6 +21,7 @@ from dfq.quant import (
     QuantConv2d,
     QuantLinear,
     QuantSpec,
+    act_quantizers,
     calibrate,
     choose_qparams,
     quantize_affine,
@@ -260,3 +262,17 @@ def test_conv_batchnorm_equals_the_explicitly_folded_integer_conv():
     ref = F.conv2d(xq, w, torch.round(shift / step) * step, padding=1)
     assert (out.double() - ref).abs().max() < 1e-5
     assert torch.allclose(batchnorm_affine(bn)[0], gain)
+
+
+def test_output_bits_sets_the_sites_that_feed_additions_and_overrides_still_win():
+    """quant.output_bits: the inputs of residual additions at their own bit-width, every other site at abits."""
+    q = quantize_model(create_model(MODEL), QuantConfig(wbits=4, abits=4, output_bits=8,
+                                                        overrides={"layer1.0.bn2": {"abits": 6}}))  # fmt: skip
+    bits = {name: aq.spec.bits for name, aq in act_quantizers(q)}
+    outputs = {n: b for n, b in bits.items() if n.endswith("bn2.output_quantizer")}
+    assert len(outputs) == 9 and outputs.pop("layer1.0.bn2.output_quantizer") == 6
+    assert set(outputs.values()) == {8}
+    others = {n: b for n, b in bits.items() if "output_quantizer" not in n and n != "conv1.input_quantizer"}
+    assert set(others.values()) == {4} and bits["conv1.input_quantizer"] == 8  # input_bits
+    with pytest.raises(DFQError, match="output_bits"):
+        QuantConfig(output_bits=1)

@@ -95,6 +95,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     target = Path(args.target)
     quantized = target.is_dir() or target.suffix == ".pt"
+    if args.runtime != "onnxruntime" and target.suffix != ".onnx":
+        raise DFQError("--runtime applies to an exported .onnx file; a run directory or model name runs in PyTorch")
     if target.suffix == ".onnx":
         if args.weights:
             raise DFQError("--weights applies to a model name, not to an ONNX file")
