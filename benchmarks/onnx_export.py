@@ -24,7 +24,7 @@ from _common import ROOT, SHARED_DATA, TEST_SETS, WEIGHTS, write_result
 
 from dfq.data import make_loader, open_dataset
 from dfq.export.api import export, load_target
-from dfq.export.runtime import INTEGER_OPS, OnnxClassifier, optimized_op_counts
+from dfq.export.runtime import INTEGER_OPS, OnnxClassifier, optimized_op_counts, runner
 
 
 @torch.inference_mode()
@@ -53,15 +53,14 @@ def parity(q: torch.nn.Module, onnx_model: OnnxClassifier) -> dict:
 
 
 def latency(path: Path, threads: int, batch: int, repeats: int) -> dict:
-    model = OnnxClassifier(path, threads=threads)
+    run = runner(path, threads=threads)
     x = np.random.default_rng(0).standard_normal((batch, 3, 32, 32), dtype=np.float32)
-    feed = {model.input_name: x}
     for _ in range(10):
-        model.session.run(None, feed)
+        run(x)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        model.session.run(None, feed)
+        run(x)
         times.append(time.perf_counter() - t)
     median = statistics.median(times)
     return {"batch": batch, "ms_median": round(1e3 * median, 3), "ms_min": round(1e3 * min(times), 3),
