@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from _common import ROOT, SHARED_DATA, TEST_SETS, WEIGHTS, write_result
+from _common import ROOT, SHARED_DATA, TEST_SETS, WEIGHTS, wall_times, write_result
 
 from dfq.data import make_loader, open_dataset
 from dfq.export.api import export, load_target
@@ -55,13 +54,7 @@ def parity(q: torch.nn.Module, onnx_model: OnnxClassifier) -> dict:
 def latency(path: Path, threads: int, batch: int, repeats: int) -> dict:
     run = runner(path, threads=threads)
     x = np.random.default_rng(0).standard_normal((batch, 3, 32, 32), dtype=np.float32)
-    for _ in range(10):
-        run(x)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        run(x)
-        times.append(time.perf_counter() - t)
+    times = wall_times(lambda: run(x), repeats, warmup=10)
     median = statistics.median(times)
     return {"batch": batch, "ms_median": round(1e3 * median, 3), "ms_min": round(1e3 * min(times), 3),
             "images_per_s": round(batch / median, 1), "repeats": repeats}  # fmt: skip

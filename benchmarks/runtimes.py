@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import LOSSLESS, SHARED_DATA, WEIGHTS, command, run_models
+from _common import LOSSLESS, SHARED_DATA, WEIGHTS, command, run_models, wall_times
 
 import dfq
 from dfq.data import make_loader, open_dataset
@@ -45,14 +45,7 @@ MODELS = {
 
 def timed(run, x: np.ndarray, repeats: int) -> float:
     """Median wall time of ``run(x)`` in ms, after warm-up runs."""
-    for _ in range(5):
-        run(x)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        run(x)
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
+    return 1000 * statistics.median(wall_times(lambda: run(x), repeats, warmup=5))
 
 
 def predictions(run, batches: list[np.ndarray]) -> np.ndarray:
