@@ -30,6 +30,7 @@ from dfq.errors import DFQError
 from dfq.generators import InputStats
 from dfq.methods import DEFAULT_METHOD, Method, MethodContext, create_method, method_of_config
 from dfq.methods.base import Evaluator
+from dfq.mixed import Allocation, MixedConfig, allocate, cost_summary
 from dfq.models import create_model
 from dfq.quant import QuantConfig
 from dfq.utils.io import remove_stale_temporaries, save_json, save_yaml
@@ -48,6 +49,7 @@ class QuantizationResult:
         quant: the resolved quantization config (the method's defaults filled in).
         method: the method's resolved config.
         input_size: (C, H, W) of one input.
+        allocation: the bits chosen under a mixed-precision budget (``None``: none was given).
     """
 
     model: nn.Module
@@ -55,6 +57,7 @@ class QuantizationResult:
     quant: QuantConfig
     method: Any
     input_size: tuple[int, ...]
+    allocation: Allocation | None = None
 
     @property
     def method_name(self) -> str:
@@ -73,6 +76,7 @@ def quantize(
     resume: bool = False,
     progress: bool = True,
     device: str | torch.device | None = None,
+    mixed: MixedConfig | None = None,
 ) -> QuantizationResult:
     """Quantize a float classifier without data.
 
@@ -87,6 +91,8 @@ def quantize(
         run_dir: where generator-based methods keep checkpoints and metrics (``resume`` continues them).
         device: where the generator-based methods train ("cpu", "cuda"; default: the process group's, else
             the CPU); Q is returned there.
+        mixed: choose every layer's bits under a budget (e.g. ``MixedConfig(size="W4A4", bops="W4A4")``); the
+            sensitivities are cached in ``run_dir``.
 
     Example:
         >>> import torch, dfq
@@ -106,7 +112,22 @@ def quantize(
     quant, input_stats = from_preprocessing(model, quant)
     ctx = MethodContext(input_size, num_classes, seed, evaluate=evaluate, progress=progress, dist=dist, resume=resume,
                         run_dir=None if run_dir is None else Path(run_dir), input_stats=input_stats)  # fmt: skip
-    return _quantize(model, quant, chosen, ctx)
+    allocation = None
+    if mixed is not None:
+        quant, allocation = with_allocation(model, quant, mixed, ctx)
+    return _quantize(model, quant, chosen, ctx, allocation)
+
+
+def with_allocation(
+    model: nn.Module, quant: QuantConfig, mixed: MixedConfig, ctx: MethodContext
+) -> tuple[QuantConfig, Allocation]:
+    """``quant`` with the bits chosen under ``mixed``'s budgets as overrides (after the user's, so they win)."""
+    if ctx.dist.active:
+        raise DFQError("mixed precision runs on one process; launch it without torchrun or --nproc")
+    cache = None if ctx.run_dir is None else ctx.run_dir / rundir.SENSITIVITY
+    allocation = allocate(model, quant, mixed, ctx.input_size, generator=torch.Generator().manual_seed(ctx.seed),
+                          seed=ctx.seed, input_stats=ctx.input_stats, cache=cache, progress=ctx.progress)  # fmt: skip
+    return dataclasses.replace(quant, overrides={**quant.overrides, **allocation.overrides()}), allocation
 
 
 def from_preprocessing(model: nn.Module, quant: QuantConfig) -> tuple[QuantConfig, InputStats | None]:
@@ -152,17 +173,23 @@ def describe(model: nn.Module, example_inputs: torch.Tensor | None = None) -> tu
     return tuple(example_inputs.shape[1:]), int(out.shape[1])
 
 
-def _quantize(model: nn.Module, quant: QuantConfig, method: Method, ctx: MethodContext) -> QuantizationResult:
+def _quantize(
+    model: nn.Module, quant: QuantConfig, method: Method, ctx: MethodContext, allocation: Allocation | None = None
+) -> QuantizationResult:
     seed_everything(ctx.seed)  # the one seeding of a run; the method's own stream is ctx.generator
     ctx.generator = torch.Generator().manual_seed(ctx.seed)
     start = time.perf_counter()
     q, summary = method.quantize(model, quant, ctx)
     summary = {"method": method.name, "wbits": quant.wbits, "abits": quant.abits, **summary}
     summary.setdefault("seconds", round(time.perf_counter() - start, 3))  # unless the method counts its own
+    if quant.protocol == "deploy":
+        summary.update(cost_summary(q, ctx.input_size))
+    if allocation is not None:
+        summary.update(mixed=True, predicted_loss=allocation.predicted_loss, sensitivity_s=allocation.sensitivity_s)
     if ctx.evaluate and ctx.dist.main and "top1" not in summary:
         metrics = ctx.evaluate(q)
         summary.update(top1=metrics["top1"], top5=metrics["top5"])
-    return QuantizationResult(q, summary, quant, method.config, ctx.input_size)
+    return QuantizationResult(q, summary, quant, method.config, ctx.input_size, allocation)
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
@@ -225,7 +252,14 @@ def run(
         summary.update(fp_top1=fp["top1"], fp_top5=fp["top5"], n=fp["n"])
     ctx = MethodContext(input_size, num_classes, config.seed, evaluate=evaluate, run_dir=out, resume=resume,
                         progress=progress, dist=dist, model_name=config.model, input_stats=input_stats)  # fmt: skip
-    result = _quantize(p, config.quant, method, ctx)
+    allocation = None
+    if config.mixed is not None and not resume:  # a resumed run's config.yaml holds the chosen bits already
+        quant, allocation = with_allocation(p, config.quant, config.mixed, ctx)
+        config = dataclasses.replace(config, quant=quant)
+        if dist.main:
+            save_yaml(config.to_dict(), out / rundir.CONFIG)
+            save_json(allocation.to_dict(), out / rundir.ALLOCATION)
+    result = _quantize(p, config.quant, method, ctx, allocation)
     summary.update(result.summary)
     if dist.main:
         save_quantized(out / rundir.MODEL, result.model, config, summary=summary)

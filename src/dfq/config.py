@@ -28,6 +28,7 @@ import yaml
 
 from dfq.errors import DFQError, did_you_mean
 from dfq.methods import DEFAULT_METHOD, METHODS, GameConfig, Method, method_of_config
+from dfq.mixed import MixedConfig
 from dfq.quant import LayerOverride, QuantConfig
 
 __all__ = ["DEFAULT_METHOD", "RunConfig", "from_dict", "load_yaml", "migrate", "parse_set", "resolve_config"]
@@ -46,6 +47,8 @@ class RunConfig:
         seed: seed of every random stream of the run.
         quant: how Q is quantized.
         method: the chosen method's config (an instance of its ``config_cls``, e.g. ``ReconConfig``).
+        mixed: mixed precision under a budget (``None``: every layer at ``quant``'s bits); the chosen bits are
+            saved as ``quant.overrides``.
     """
 
     model: str = "resnet20a_cifar10"
@@ -53,6 +56,7 @@ class RunConfig:
     seed: int = 0
     quant: QuantConfig = field(default_factory=QuantConfig)
     method: Any = field(default_factory=lambda: METHODS.get(DEFAULT_METHOD).config_cls())
+    mixed: MixedConfig | None = None
 
     def __post_init__(self) -> None:
         if not -(2**63) <= self.seed < 2**63:  # what torch.manual_seed accepts
@@ -71,6 +75,8 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("quant", "method")}
         method = {"name": self.method_name, **dataclasses.asdict(self.method)}
+        if self.mixed is not None:
+            out["mixed"] = dataclasses.asdict(self.mixed)
         return {**out, "quant": self.quant.to_dict(), "method": method}
 
 

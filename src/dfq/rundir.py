@@ -5,5 +5,7 @@ MODEL = "model.pt"  # the quantized model, self-describing (dfq.checkpoint)
 SUMMARY = "summary.json"  # what `dfq quantize --json` printed
 METRICS = "metrics.jsonl"  # one record per epoch of a generator-based method
 TRAIN_CHECKPOINT = "checkpoint.pt"  # the resumable state of a generator-based method
+SENSITIVITY = "sensitivity.json"  # mixed precision: measured losses per tensor and bit-width (a cache)
+ALLOCATION = "allocation.json"  # mixed precision: the chosen bits, their predicted loss and costs
 
-__all__ = ["CONFIG", "METRICS", "MODEL", "SUMMARY", "TRAIN_CHECKPOINT"]
+__all__ = ["ALLOCATION", "CONFIG", "METRICS", "MODEL", "SENSITIVITY", "SUMMARY", "TRAIN_CHECKPOINT"]

@@ -228,6 +228,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         "quant.abits": args.abits,
         "quant.protocol": args.protocol,
         "quant.ends_bits": args.ends_bits,
+        "mixed.size": args.size_budget,
+        "mixed.bops": args.bops_budget,
+        "mixed.avg_wbits": args.avg_wbits,
+        "mixed.pairs": None if args.pairs is None else [p for p in args.pairs.split(",") if p],
         **parse_set(args.settings),
     }
     if args.override:
@@ -271,8 +275,10 @@ def _finish_quantize(args: argparse.Namespace, config: Any, get_model_info: Any)
         )
     if not dist.main:
         return 0  # rank 0 reports
-    bits = f"W{config.quant.wbits}A{config.quant.abits}"
+    bits = "mixed-precision" if config.mixed else f"W{config.quant.wbits}A{config.quant.abits}"
     human = f"{config.method_name} {bits} {config.model}: quantized in {summary['seconds']:.1f}s -> {args.out}"
+    if config.mixed:
+        human += "\n" + _describe_allocation(Path(args.out))
     if "top1" in summary and "fp_top1" in summary:
         human += (
             f"\n  final top-1 {summary['top1']:.2f}% (full precision {summary['fp_top1']:.2f}%, "
@@ -288,6 +294,24 @@ def _finish_quantize(args: argparse.Namespace, config: Any, get_model_info: Any)
         human += f"\n  to ship it: dfq export {args.out} --out model.onnx"
     _emit(args, human, payload)
     return 0
+
+
+def _describe_allocation(run: Path) -> str:
+    """The chosen bits as a table, with the costs against the budgets."""
+    from dfq import rundir
+    from dfq.mixed import Allocation
+
+    alloc = Allocation(**json.loads((run / rundir.ALLOCATION).read_text()))
+    rows = [f"  {'layer or site':<32} {'W':>2} {'A':>2}"]
+    for key, o in alloc.overrides().items():
+        rows.append(f"  {key:<32} {o.wbits or '-':>2} {o.abits or '-':>2}")
+    budget = alloc.budget
+    size = f"{alloc.weight_bytes / 1e3:,.1f} KB" + (f" (budget {budget['weight_bytes'] / 1e3:,.1f})"
+                                                    if budget["weight_bytes"] else "")  # fmt: skip
+    bops = f"{alloc.bops / 1e9:.4g} GBOPs" + (f" (budget {budget['bops'] / 1e9:.4g})" if budget["bops"] else "")
+    rows.append(f"  weights {size}, {bops}, predicted loss {alloc.predicted_loss:.4g} nats; "
+                f"sensitivity pass {alloc.sensitivity_s:.1f}s; bits saved in {run / rundir.ALLOCATION}")  # fmt: skip
+    return "\n".join(rows)
 
 
 def _check_export(path: Path, protocol: str, overwrite: bool) -> None:

@@ -15,6 +15,7 @@ from dfq.export.onnx import write_onnx
 from dfq.export.runtime import FLOAT_OPS, INTEGER_OPS, optimized_op_counts
 from dfq.export.verify import verify
 from dfq.models import CIFAR10_CLASSES
+from dfq.quant import QuantConv2d, QuantLinear
 
 __all__ = ["describe_model", "export", "load_target", "quant_metadata"]
 
@@ -62,6 +63,16 @@ def quant_metadata(method: str, quant: Any) -> dict[str, Any]:
             "input_bits": quant.input_bits, "quantize_residual": quant.quantize_residual}  # fmt: skip
 
 
+def layer_bits(model: nn.Module) -> dict[str, list[int]]:
+    """Layer name -> [weight bits, input bits] of every integer Conv2d/Linear (what a mixed-precision run chose;
+    a runtime sees only 8-bit containers, so the file records the grids' real widths)."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantConv2d | QuantLinear) and m.input_site is not None:
+            out[name] = [m.weight_quantizer.spec.bits, m.input_site.spec.bits]
+    return out
+
+
 def export(
     model: nn.Module,
     out: str | Path,
@@ -74,7 +85,8 @@ def export(
     """Write ``model`` to ``out`` as ONNX; with ``verify_batches``, compare it site by site with PyTorch on
     ``runtime``. ``weight_storage``: see :func:`dfq.export.onnx.packed_type`."""
     input_size = tuple(metadata["input_size"])
-    path = write_onnx(model, out, input_size, {**metadata, "weight_storage": weight_storage}, weight_storage)
+    metadata = {**metadata, "weight_storage": weight_storage, "layer_bits": layer_bits(model)}
+    path = write_onnx(model, out, input_size, metadata, weight_storage)
     ops = optimized_op_counts(path)
     result = {
         "out": str(path),

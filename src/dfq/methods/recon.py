@@ -43,6 +43,7 @@ from dfq.quant import (
     quantize_model,
     weight_quantizers,
 )
+from dfq.quant.clip import least_error_act_range, least_error_weight_grid
 from dfq.quant.graph import ADD_FUNCTIONS, ADD_METHODS, trace
 from dfq.quant.learning import BetaSchedule, QuantizerLearning, cosine_anneal
 
@@ -104,8 +105,6 @@ class ReconConfig:
 
 # -- 2. initial grids --------------------------------------------------------------------------
 
-_CLIP_FACTORS = torch.linspace(0.3, 1.0, 15)
-
 
 @torch.no_grad()
 def init_grids(q: nn.Module, pool: torch.Tensor, batch_size: int) -> None:
@@ -113,29 +112,10 @@ def init_grids(q: nn.Module, pool: torch.Tensor, batch_size: int) -> None:
     calibrate(q, pool.split(batch_size))
     for layer, wq in weight_quantizers(q):
         if wq.stored:
-            _best_weight_clip(wq, layer.weight.detach())
+            least_error_weight_grid(wq, layer.weight.detach())
     inputs = _site_inputs(q, pool[:batch_size])
     for aq, x in inputs.items():
-        _best_act_clip(aq, x)
-
-
-def _best_weight_clip(wq: WeightQuantizer, w: torch.Tensor) -> None:
-    """The clipped min/max grid with the least squared error, per channel (or per tensor)."""
-    per_channel = wq.scale.dim() > 0
-    best = None
-    for f in _CLIP_FACTORS:
-        wq.store(w * f)  # the min/max grid of w shrunk by f
-        err = (wq(w) - w).pow(2).reshape(w.shape[0], -1).sum(1)
-        err = err if per_channel else err.sum()
-        if best is None:
-            best = [err, wq.scale.clone(), wq.zero_point.clone()]
-            continue
-        better = err < best[0]
-        mask = better.reshape(wq.scale.shape)
-        best = [torch.where(better, err, best[0]), torch.where(mask, wq.scale, best[1]),
-                torch.where(mask, wq.zero_point, best[2])]  # fmt: skip
-    wq.scale.copy_(best[1])
-    wq.zero_point.copy_(best[2])
+        least_error_act_range(aq, x)
 
 
 def _site_inputs(q: nn.Module, x: torch.Tensor) -> dict[ActQuantizer, torch.Tensor]:
@@ -151,19 +131,6 @@ def _site_inputs(q: nn.Module, x: torch.Tensor) -> dict[ActQuantizer, torch.Tens
         for h in hooks:
             h.remove()
     return store
-
-
-def _best_act_clip(aq: ActQuantizer, x: torch.Tensor) -> None:
-    lo, hi = aq.lo.clone(), aq.hi.clone()
-    best_err, best_f = math.inf, 1.0
-    for f in _CLIP_FACTORS:
-        aq.lo.copy_(lo * f)
-        aq.hi.copy_(hi * f)
-        err = float((aq(x) - x).pow(2).sum())
-        if err < best_err:
-            best_err, best_f = err, float(f)
-    aq.lo.copy_(lo * best_f)
-    aq.hi.copy_(hi * best_f)
 
 
 # -- 3. block reconstruction -------------------------------------------------------------------

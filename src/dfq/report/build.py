@@ -8,7 +8,16 @@ from typing import Any
 
 from dfq.errors import DFQError
 from dfq.report.document import Block, html, markdown, write_text
-from dfq.report.plots import NewFigure, figure_factory, has_hnorm, loss_keys, plot_hnorm, plot_losses, plot_top1
+from dfq.report.plots import (
+    NewFigure,
+    figure_factory,
+    has_hnorm,
+    loss_keys,
+    plot_hnorm,
+    plot_losses,
+    plot_pareto,
+    plot_top1,
+)
 from dfq.report.runs import METRICS, TRAIN_CHECKPOINT, Run, h_band, load_run, name_runs
 from dfq.report.samples import plot_samples
 from dfq.report.tables import HEADER, MISSING, cells, progress, row
@@ -32,7 +41,7 @@ def write_report(run_dirs: list[str | Path], out_dir: str | Path) -> dict[str, A
     new_figure = figure_factory()  # before any file is written: a missing matplotlib leaves no trace
     writer = _Writer(_make_dir(Path(out_dir)), new_figure)
     rows = [row(r) for r in runs]
-    blocks = _table(rows) + writer.top1(runs)
+    blocks = _table(rows) + writer.pareto(rows) + writer.top1(runs)
     for i, run in enumerate(runs):
         if run.trains:
             blocks += writer.section(run, i)
@@ -91,6 +100,19 @@ class _Writer:
     new_figure: NewFigure
     images: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    def pareto(self, rows: list[dict[str, Any]]) -> list[Block]:
+        """Top-1 against size and BOPs, for the evaluated deploy-protocol runs (when there are two or more)."""
+        costed = [r for r in rows if r["top1"] is not None and r["weight_bytes"] is not None and r["bops"]]
+        if len(costed) < 2:
+            return []
+        self.images.append(plot_pareto(self.new_figure, costed, self.out / "pareto.png"))
+        text = (
+            "Weight size counts the weight codes at their bit-widths; bit-operations are each convolution's and "
+            "linear layer's multiply-accumulates times its weight and input bits (HAWQ-V3, Bayesian Bits)."
+        )
+        return [("h2", "Top-1 against size and compute"), ("img", ("pareto.png", "top-1 against size and BOPs")),
+                ("p", text)]  # fmt: skip
 
     def top1(self, runs: list[Run]) -> list[Block]:
         evaluated = [(i, r) for i, r in enumerate(runs) if r.evaluations]

@@ -1,4 +1,5 @@
-"""The report's matplotlib figures: top-1 over iterations, loss components and H′ per epoch.
+"""The report's matplotlib figures: top-1 over iterations, loss components, H′ per epoch, and top-1 against
+model size and bit-operations.
 
 matplotlib (the ``plot`` extra) is imported only here and in ``samples``, with the Agg canvas
 and no pyplot, so a report never changes the caller's global backend.
@@ -74,6 +75,32 @@ def plot_top1(new_figure: NewFigure, runs: list[tuple[int, Run]], path: Path) ->
     ax.grid(alpha=0.3)
     ax.xaxis.set_major_formatter(_thousands())
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=1 if len(runs) == 1 else 2, fontsize=8.5)
+    return save(fig, path)
+
+
+# ------------------------------------------------------------------ Pareto
+def plot_pareto(new_figure: NewFigure, rows: list[dict[str, Any]], path: Path) -> Path:
+    """Top-1 against weight size and against bit-operations: uniform runs as circles, mixed-precision runs as
+    stars, each labelled; full precision dashed."""
+    fig = new_figure(figsize=(11.0, 4.6))
+    axes = fig.subplots(1, 2, sharey=True)
+    for ax, key, scale, label in ((axes[0], "weight_bytes", 1e3, "weight size (KB)"),
+                                  (axes[1], "bops", 1e9, "bit-operations per input (GBOPs)")):  # fmt: skip
+        for mixed, marker, name in ((False, "o", "uniform"), (True, "*", "mixed precision")):
+            pts = sorted((r[key] / scale, r["top1"], r["run"]) for r in rows if r["mixed"] is mixed)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, ms=11 if mixed else 7, ls="-",
+                        lw=0.8, color="C1" if mixed else "C0", label=name)  # fmt: skip
+                for x, y, text in pts:
+                    ax.annotate(text, (x, y), textcoords="offset points", xytext=(4, -11), fontsize=7.5)
+        fps = {r["fp_top1"] for r in rows if r["fp_top1"] is not None}
+        if len(fps) == 1:
+            ax.axhline(fps.pop(), ls="--", color="0.3", lw=1.0, label="full precision")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("top-1 (%)")
+    axes[0].legend(fontsize=8.5, loc="lower right")
+    fig.suptitle(f"Top-1 against size and compute: {', '.join(sorted({r['model'] for r in rows}))}")
     return save(fig, path)
 
 
