@@ -102,9 +102,9 @@ class _Writer:
     notes: list[str] = field(default_factory=list)
 
     def pareto(self, rows: list[dict[str, Any]]) -> list[Block]:
-        """Top-1 against size and BOPs, for the evaluated deploy-protocol runs (when there are two or more)."""
+        """Top-1 against size and BOPs of the evaluated deploy-protocol runs (when they have different costs)."""
         costed = [r for r in rows if r["top1"] is not None and r["weight_bytes"] is not None and r["bops"]]
-        if len(costed) < 2:
+        if len({(r["weight_bytes"], r["bops"]) for r in costed}) < 2:
             return []
         self.images.append(plot_pareto(self.new_figure, costed, self.out / "pareto.png"))
         text = (

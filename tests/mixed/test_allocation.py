@@ -1,0 +1,131 @@
+"""Mixed precision on a real (tiny) model: the choices and their costs, the sensitivity pass, the Python API,
+the ONNX record of the bits."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import dfq
+from dfq.errors import DFQError
+from dfq.methods import ZeroQConfig
+from dfq.mixed import MixedConfig, bits_of, measure_sensitivity, model_tensors, tensors_of
+from dfq.quant import QuantConfig, quantize_model
+from dfq.testing import INPUT_SIZE, tiny_classifier
+
+SMALL_POOL = {"num_samples": 8, "synth_steps": 2, "synth_batch": 8}
+FAST = ZeroQConfig(steps=2, num_samples=4)
+
+
+def _quantize(mixed: MixedConfig, **kwargs) -> dfq.QuantizationResult:
+    return dfq.quantize(tiny_classifier(), QuantConfig(), FAST, example_inputs=torch.zeros(1, *INPUT_SIZE),
+                        progress=False, mixed=mixed, **kwargs)  # fmt: skip
+
+
+def test_choices_and_costs_of_a_tiny_model() -> None:
+    t = tensors_of(tiny_classifier(), QuantConfig(), INPUT_SIZE)
+    names = [c.name for c in t.choices]
+    assert [n for n in names if n.endswith(":w")] == ["conv1:w", "layer1.0:w", "layer2.0:w", "fc:w"]
+    assert "conv1:a" not in names  # the model input keeps its 8 bits
+    layers = {lay.key: lay for lay in t.layers}
+    assert (layers["conv1"].reads, layers["conv1"].input_bits) == (None, 8)
+    # multiply-accumulates: outputs x (in_channels / groups x kernel area)
+    assert layers["conv1"].macs == 8 * 8 * 8 * 27 and layers["layer1.0"].macs == 8 * 8 * 8 * 72
+    assert layers["layer2.0"].macs == 16 * 4 * 4 * 72 and layers["fc"].macs == 10 * 16
+    assert t.params == 8 * 27 + 8 * 72 + 16 * 72 + 16 * 10
+    assert t.weight_bits(t.uniform(4, 4)) == 4 * t.params
+    assert {c.key for c in t.choices if c.pointwise} == {"fc"}
+
+
+def test_an_allocation_as_overrides_sets_exactly_those_bits() -> None:
+    """Every choice name is the override key that sets it: the bits read back from Q are the ones asked for."""
+    p = tiny_classifier()
+    t = tensors_of(p, QuantConfig(), INPUT_SIZE)
+    wanted = {c.name: (2, 3, 5, 6, 7)[i % 5] for i, c in enumerate(t.choices)}
+    overrides: dict = {}
+    for name, b in wanted.items():
+        key, kind = name.rsplit(":", 1)
+        overrides.setdefault(key, {})["wbits" if kind == "w" else "abits"] = b
+    q = quantize_model(p, QuantConfig(overrides=overrides))
+    assert bits_of(q, model_tensors(q, torch.zeros(1, *INPUT_SIZE))) == wanted
+
+
+def test_sensitivity_is_larger_at_fewer_bits() -> None:
+    p = tiny_classifier()
+    t = tensors_of(p, QuantConfig(), INPUT_SIZE)
+    options = {c.name: (2, 8) for c in t.choices}
+    pool = torch.randn(16, *INPUT_SIZE, generator=torch.Generator().manual_seed(0))
+    s = measure_sensitivity(p, QuantConfig(), pool, options, batch_size=8, progress=False)
+    assert s.loss.keys() == options.keys()
+    for name, row in s.loss.items():
+        assert row[2] > row[8] >= 0, name
+    again = type(s).from_dict(json.loads(json.dumps(s.to_dict())))
+    assert again.loss == s.loss
+
+
+def test_quantize_under_budgets(tmp_path: Path) -> None:
+    result = _quantize(MixedConfig(size="W4A4", bops="W4A4", **SMALL_POOL), run_dir=tmp_path)
+    alloc = result.allocation
+    t = tensors_of(tiny_classifier(), result.quant, INPUT_SIZE)
+    assert bits_of(result.model, model_tensors(result.model, torch.zeros(1, *INPUT_SIZE))) == alloc.bits
+    assert alloc.weight_bytes <= t.weight_bits(t.uniform(4, 4)) / 8 == alloc.budget["weight_bytes"]
+    assert alloc.bops <= t.bops(t.uniform(4, 4)) == alloc.budget["bops"]
+    assert result.summary["weight_bytes"] == alloc.weight_bytes and result.summary["bops"] == alloc.bops
+    assert result.summary["mixed"] is True and result.summary["sensitivity_s"] > 0
+    assert (tmp_path / "sensitivity.json").is_file()
+    again = _quantize(MixedConfig(size="W4A4", bops="W4A4", **SMALL_POOL), run_dir=tmp_path)
+    assert again.allocation.bits == alloc.bits and again.allocation.sensitivity_s == 0  # read from the cache
+
+
+def test_accelerator_pairs_and_pointwise_rule() -> None:
+    mixed = MixedConfig(size="2024B", pairs=["W4A8", "W8A8"], pointwise_only_wbits=[4], **SMALL_POOL)
+    result = _quantize(mixed)
+    t = tensors_of(tiny_classifier(), result.quant, INPUT_SIZE)
+    bits = result.allocation.bits
+    for lay in t.layers:
+        assert (bits[f"{lay.key}:w"], t.input_bits_of(lay, bits)) in {(4, 8), (8, 8)}
+    assert all(bits[c.name] == 8 for c in t.choices if c.kind == "w" and not c.pointwise)
+    assert bits["fc:w"] == 4  # the only layer that may take 4 bits; 2,024 bytes is all 8-bit but fc at 4
+
+
+def test_user_overrides_pin_their_choices() -> None:
+    result = dfq.quantize(tiny_classifier(), QuantConfig(overrides={"conv1": {"wbits": 8}}), FAST,
+                          example_inputs=torch.zeros(1, *INPUT_SIZE), progress=False,
+                          mixed=MixedConfig(avg_wbits=3, **SMALL_POOL))  # fmt: skip
+    assert result.allocation.bits["conv1:w"] == 8
+    assert result.allocation.weight_bytes * 8 <= 3 * tensors_of(tiny_classifier(), result.quant, INPUT_SIZE).params
+
+
+def test_onnx_records_the_chosen_bits(tmp_path: Path) -> None:
+    onnx = pytest.importorskip("onnx")
+    result = _quantize(MixedConfig(size="W3A4", bops="W3A4", **SMALL_POOL))
+    dfq.export_onnx(result, tmp_path / "q.onnx")
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "q.onnx")).metadata_props}
+    recorded = json.loads(meta["layer_bits"])
+    bits = result.allocation.bits
+    t = tensors_of(tiny_classifier(), result.quant, INPUT_SIZE)
+    assert recorded == {lay.key: [bits[f"{lay.key}:w"], t.input_bits_of(lay, bits)] for lay in t.layers}
+
+
+@pytest.mark.parametrize(
+    ("quant", "mixed", "message"),
+    [
+        (QuantConfig(protocol="paper"), MixedConfig(size="W4A4"), "needs the deploy protocol"),
+        (QuantConfig(ends_bits=8), MixedConfig(size="W4A4"), "drop quant.ends_bits"),
+        (QuantConfig(), MixedConfig(size="10B", **SMALL_POOL), "no bit allocation fits"),
+    ],
+)
+def test_refusals(quant: QuantConfig, mixed: MixedConfig, message: str) -> None:
+    with pytest.raises(DFQError, match=message):
+        dfq.quantize(tiny_classifier(), quant, FAST, example_inputs=torch.zeros(1, *INPUT_SIZE), progress=False,
+                     mixed=mixed)  # fmt: skip
+
+
+def test_a_budget_is_required() -> None:
+    with pytest.raises(DFQError, match="needs a budget"):
+        MixedConfig()
+    with pytest.raises(DFQError, match="from 2 to 8"):
+        MixedConfig(size="1MB", wbits=[1, 4])
