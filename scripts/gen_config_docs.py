@@ -12,6 +12,7 @@ import typing
 from pathlib import Path
 
 from dfq.methods import METHODS, GameMethod
+from dfq.mixed import MixedConfig
 from dfq.quant import QuantConfig
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
@@ -75,6 +76,11 @@ def _table(title: str, cls: type, prefix: str, instance: object) -> str:
 
 def render() -> str:
     parts = [INTRO, "## `quant`\n", _table("quantization", QuantConfig, "quant.", QuantConfig())]
+    mixed = MixedConfig(size="W4A4")
+    mixed.size = None  # no budget by default: the section is absent and every layer takes quant's bits
+    parts.append("## `mixed`\n\nMixed precision under a budget ([docs/mixed_precision.md](mixed_precision.md)); "
+                 "absent by default. At least one of `size`, `bops`, `avg_wbits` is required.\n")
+    parts.append(_table("mixed precision", MixedConfig, "mixed.", mixed).split("\n", 2)[2])
     parts.append("## `method`\n\n`method.name` picks the method (`dfq methods` lists them); its keys follow.\n")
     for name in METHODS.names():
         cls = METHODS.get(name)
