@@ -15,10 +15,12 @@ from dfq import calibration, methods
 from dfq.api import QuantizationResult, quantize, run
 from dfq.deploy import export_onnx, synthesize
 from dfq.methods import list_methods, register_method
+from dfq.mixed import MixedConfig
 from dfq.models import create_model, list_models
 from dfq.quant import QuantConfig
 
 __all__ = [
+    "MixedConfig",
     "QuantConfig",
     "QuantizationResult",
     "__version__",

@@ -14,7 +14,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.optimize import Bounds, LinearConstraint, milp
 
 from dfq.errors import DFQError
 from dfq.mixed.tensors import ModelTensors
@@ -74,6 +73,8 @@ def solve(problem: Problem) -> dict[str, int]:
 
 
 def _solve_once(problem: Problem, margin: float) -> dict[str, int]:
+    from scipy.optimize import Bounds, LinearConstraint, milp  # half a second to import: only when solving
+
     index: dict[tuple[str, int], int] = {}
     for c, opts in problem.options.items():
         for b in opts:
