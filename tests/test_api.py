@@ -71,7 +71,9 @@ def toy():
 def test_a_method_registered_from_outside_runs_through_the_python_api(toy):
     result = dfq.quantize(_tiny(), QuantConfig(wbits=8, abits=8), "toy", example_inputs=EXAMPLE, progress=False)
     seconds = result.summary.pop("seconds")
-    assert result.summary == {"method": "toy", "wbits": 8, "abits": 8, "samples": 8, "classes": 10} and seconds >= 0
+    costs = {"weight_bytes": 2104.0, "avg_wbits": 8.0, "bops": 4433920}  # the tiny model's weights, 8 bits x 8 bits
+    assert result.summary == {"method": "toy", "wbits": 8, "abits": 8, "samples": 8, "classes": 10, **costs}
+    assert seconds >= 0
     typed = dfq.quantize(_tiny(), QuantConfig(wbits=8, abits=8), ToyConfig(samples=3), example_inputs=EXAMPLE)
     assert typed.summary["samples"] == 3 and typed.method == ToyConfig(samples=3)
     assert "toy" in dfq.list_methods()

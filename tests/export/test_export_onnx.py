@@ -281,7 +281,8 @@ def test_metadata_of_a_deploy_run_and_of_a_zoo_model(deploy_run, random_weights,
 
     for model, m, name in ((q, meta, "q.onnx"), (fp, fmeta, "fp.onnx")):
         result = export(model, tmp_path / name, m)
-        assert read_metadata(result["out"]) == {**m, "weight_storage": "packed"}
+        bits = {} if m is fmeta else {"conv1": [4, 8], **{k: [4, 4] for k in layer_names(q) if k != "conv1"}}
+        assert read_metadata(result["out"]) == {**m, "weight_storage": "packed", "layer_bits": bits}
     assert result["integer_ops"] == {} and result["float_ops"].get("Conv", 0) >= 1  # the float one
 
 
@@ -463,3 +464,7 @@ def test_cli_quantize_export_refusals_come_before_any_work(extra, fragment, rand
                       "--out", str(tmp_path / "run"), *export, *extra, *TINY)  # fmt: skip
     _assert_user_error(rc, err, fragment)
     assert not (tmp_path / "run").exists() and exists.read_bytes() == b"keep"
+
+
+def layer_names(q: torch.nn.Module) -> list[str]:
+    return [n for n, m in q.named_modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
