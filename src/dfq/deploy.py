@@ -56,7 +56,7 @@ def export_onnx(
         if target.quant.protocol != "deploy":
             raise DFQError(_PAPER_PROTOCOL)
         model, input_size = target.model, tuple(target.input_size)
-        extra = quant_metadata(target.method_name, target.quant)
+        extra = quant_metadata(target.method_name, target.quant, mixed=target.allocation is not None)
     else:
         model = target
         if any(isinstance(m, WeightQuantizer) and not m.spec.deploy for m in model.modules()):

@@ -28,7 +28,9 @@ def data(tmp_path: Path) -> Path:
     return path
 
 
-def test_quantize_under_a_budget(capsys: pytest.CaptureFixture[str], tmp_path: Path, random_weights: Path) -> None:
+def test_quantize_under_a_budget(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, random_weights: Path, data: Path
+) -> None:
     run = tmp_path / "run"
     rc = main(["quantize", MODEL, "--weights", str(random_weights), "--out", str(run), "--size-budget", "W4A4",
                "--bops-budget", "0.5G", "--json", *TINY])  # fmt: skip
@@ -43,6 +45,8 @@ def test_quantize_under_a_budget(capsys: pytest.CaptureFixture[str], tmp_path: P
     assert len(config["quant"]["overrides"]) == len({k.rsplit(":", 1)[0] for k in allocation["bits"]})
     q, _ = load_quantized(run / "model.pt")  # rebuilt from config.yaml's overrides
     assert bits_of(q, model_tensors(q, torch.zeros(1, 3, 32, 32))) == allocation["bits"]
+    rc = main(["eval", str(run), "--data", str(data), "--json", "--no-progress"])
+    assert rc == 0 and json.loads(capsys.readouterr().out.strip().splitlines()[-1])["mixed"] is True
 
 
 @pytest.mark.parametrize(

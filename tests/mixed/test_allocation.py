@@ -105,6 +105,7 @@ def test_onnx_records_the_chosen_bits(tmp_path: Path) -> None:
     dfq.export_onnx(result, tmp_path / "q.onnx")
     meta = {p.key: p.value for p in onnx.load(str(tmp_path / "q.onnx")).metadata_props}
     recorded = json.loads(meta["layer_bits"])
+    assert json.loads(meta["mixed"]) is True
     bits = result.allocation.bits
     t = tensors_of(tiny_classifier(), result.quant, INPUT_SIZE)
     assert recorded == {lay.key: [bits[f"{lay.key}:w"], t.input_bits_of(lay, bits)] for lay in t.layers}

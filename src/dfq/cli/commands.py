@@ -106,7 +106,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise DFQError("--weights applies to a model name, not to a run directory")
         model, config = load_quantized(target)
         name = config.model
-        bits = {"wbits": config.quant.wbits, "abits": config.quant.abits, "method": config.method_name}
+        bits = {"wbits": config.quant.wbits, "abits": config.quant.abits, "method": config.method_name,
+                "mixed": config.mixed is not None}  # fmt: skip
     else:
         model = create_model(
             args.target, pretrained=args.weights is None, weights=args.weights, progress=not args.no_progress
@@ -146,7 +147,7 @@ def _load_onnx(path: Path, runtime: str) -> tuple[nn.Module, str, dict[str, Any]
         tuple(meta["mean"]), tuple(meta["std"]), crop_fraction=float(meta.get("crop_fraction", 0.875)),
         interpolation=str(meta.get("interpolation", "bilinear")),
     )  # fmt: skip
-    bits = {k: meta[k] for k in ("wbits", "abits", "method", "protocol") if k in meta}
+    bits = {k: meta[k] for k in ("wbits", "abits", "method", "protocol", "mixed") if k in meta}
     return model, f"{meta['model']} ({RUNTIMES[runtime]})", {**bits, "runtime": runtime}
 
 

@@ -36,7 +36,7 @@ def load_target(target: str | Path, weights: str | None = None, progress: bool =
                 f"{target} was quantized under the papers' protocol (asymmetric weights, float input and "
                 "unfolded BatchNorm), which integer runtimes cannot run; quantize with --protocol deploy to export"
             )
-        meta = quant_metadata(config.method_name, q)
+        meta = quant_metadata(config.method_name, q, mixed=config.mixed is not None)
     else:
         model = create_model(str(target), pretrained=weights is None, weights=weights, progress=progress)
         meta = {"method": "none", "wbits": 32, "abits": 32, "protocol": "float"}
@@ -57,10 +57,11 @@ def describe_model(model: nn.Module, input_size: tuple[int, ...], extra: dict[st
     return {**meta, **extra}
 
 
-def quant_metadata(method: str, quant: Any) -> dict[str, Any]:
-    """What a deploy-protocol Q was quantized with, for the exported file's metadata."""
+def quant_metadata(method: str, quant: Any, mixed: bool = False) -> dict[str, Any]:
+    """What a deploy-protocol Q was quantized with, for the exported file's metadata (with ``mixed``, ``wbits`` and
+    ``abits`` are the defaults the allocation overrode; ``layer_bits`` has the real ones)."""
     return {"method": method, "wbits": quant.wbits, "abits": quant.abits, "protocol": quant.protocol,
-            "input_bits": quant.input_bits, "quantize_residual": quant.quantize_residual}  # fmt: skip
+            "input_bits": quant.input_bits, "quantize_residual": quant.quantize_residual, "mixed": mixed}  # fmt: skip
 
 
 def layer_bits(model: nn.Module) -> dict[str, list[int]]:
