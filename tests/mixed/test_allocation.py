@@ -130,3 +130,28 @@ def test_a_budget_is_required() -> None:
         MixedConfig()
     with pytest.raises(DFQError, match="from 2 to 8"):
         MixedConfig(size="1MB", wbits=[1, 4])
+
+
+def test_learned_rounding_fits_the_layer_output_and_restores_the_weight() -> None:
+    from dfq.mixed.rounding import learned_rounding
+    from dfq.quant.clip import least_error_weight_grid
+
+    q = quantize_model(tiny_classifier(), QuantConfig(wbits=2, weight_scales="stored"))
+    layer = q.get_submodule("layer1.0")
+    wq = layer.weight_quantizer
+    least_error_weight_grid(wq, layer.weight.detach())
+    x = torch.randn(16, 8, 8, 8, generator=torch.Generator().manual_seed(0)).relu()
+    w0, scale0 = layer.weight.detach().clone(), wq.scale.clone()
+
+    def error() -> float:
+        with torch.no_grad():
+            out, target = layer._conv_forward(x, wq(layer.weight), None), layer._conv_forward(x, w0, None)
+            return float((out - target).pow(2).sum())
+
+    nearest = error()
+    with learned_rounding(layer, x, steps=200):
+        learned = error()
+        codes = layer.weight / wq.scale
+        assert torch.allclose(codes, codes.round(), atol=1e-4)  # the weight lies on its (learned) grid
+    assert learned < nearest
+    assert torch.equal(layer.weight, w0) and torch.equal(wq.scale, scale0)

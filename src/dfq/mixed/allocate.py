@@ -49,6 +49,9 @@ class MixedConfig:
         pairs: the (weight, input) bit-widths every layer must run with, e.g. ``["W4A8", "W8A8"]`` for an
             accelerator with those kernels only (empty: any).
         pointwise_only_wbits: weight bit-widths allowed only on 1x1 convolutions and linear layers (e.g. ``[4]``).
+        rounding_steps: AdaRound steps that round each weight choice below 8 bits on its layer's own output before
+            its sensitivity is measured (0: nearest rounding, as ZeroQ; right for methods that round to nearest,
+            such as ``zeroq``). Nearest rounding overstates what weights cost ``recon``, which learns its rounding.
         num_samples: synthetic images the sensitivities are measured on.
         synth_steps: optimisation steps of their synthesis (per batch).
         synth_batch: images synthesized together.
@@ -61,6 +64,7 @@ class MixedConfig:
     abits: list[int] = field(default_factory=lambda: [2, 3, 4, 5, 6, 8])
     pairs: list[str] = field(default_factory=list)
     pointwise_only_wbits: list[int] = field(default_factory=list)
+    rounding_steps: int = 100
     num_samples: int = 128
     synth_steps: int = 150
     synth_batch: int = 128
@@ -76,13 +80,16 @@ class MixedConfig:
             parse_uniform(p, "mixed.pairs")
         if self.avg_wbits is not None and not self.avg_wbits > 0:
             raise DFQError(f"mixed.avg_wbits must be positive, got {self.avg_wbits}")
+        if self.rounding_steps < 0:
+            raise DFQError(f"mixed.rounding_steps must be >= 0, got {self.rounding_steps}")
         for key in ("num_samples", "synth_steps", "synth_batch"):
             if getattr(self, key) < 1:
                 raise DFQError(f"mixed.{key} must be >= 1, got {getattr(self, key)}")
 
     def sensitivity_settings(self, seed: int) -> dict[str, Any]:
         """What a cached sensitivity depends on."""
-        keys = ("wbits", "abits", "pairs", "pointwise_only_wbits", "num_samples", "synth_steps", "synth_batch")
+        keys = ("wbits", "abits", "pairs", "pointwise_only_wbits", "rounding_steps", "num_samples", "synth_steps",
+                "synth_batch")  # fmt: skip
         return {"seed": seed, **{k: getattr(self, k) for k in keys}}
 
 
@@ -260,7 +267,8 @@ def _sensitivity(
     start = time.perf_counter()
     pool = synthesize_pool(teacher, input_size, mixed.num_samples, batch=mixed.synth_batch, steps=mixed.synth_steps,
                            generator=generator, input_stats=input_stats, progress=progress)  # fmt: skip
-    sensitivity = measure_sensitivity(teacher, quant, pool, options, progress=progress)
+    sensitivity = measure_sensitivity(teacher, quant, pool, options, rounding_steps=mixed.rounding_steps,
+                                      progress=progress)  # fmt: skip
     if cache is not None:
         save_json({"settings": settings, **sensitivity.to_dict()}, cache)
     return sensitivity, round(time.perf_counter() - start, 3)
