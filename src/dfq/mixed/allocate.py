@@ -49,7 +49,7 @@ class MixedConfig:
         pairs: the (weight, input) bit-widths every layer must run with, e.g. ``["W4A8", "W8A8"]`` for an
             accelerator with those kernels only (empty: any).
         pointwise_only_wbits: weight bit-widths allowed only on 1x1 convolutions and linear layers (e.g. ``[4]``).
-        rounding_steps: AdaRound steps that round each weight choice below 8 bits on its layer's own output before
+        rounding_steps: AdaRound steps that round each weight choice below 6 bits on its layer's own output before
             its sensitivity is measured (0: nearest rounding, as ZeroQ; right for methods that round to nearest,
             such as ``zeroq``). Nearest rounding overstates what weights cost ``recon``, which learns its rounding.
         num_samples: synthetic images the sensitivities are measured on.
