@@ -2,7 +2,8 @@
 
 Usage: python benchmarks/run_summaries.py NAME RUN_DIR... [--jpeg]
 Writes benchmarks/results/NAME.json: per run, its summary.json (top-1 on the set passed with --data, seconds), the
-quant and method sections of its config.yaml and, with --jpeg, top-1 on the JPEG-75 CIFAR-10 set (`dfq eval`).
+quant and method sections of its config.yaml, a mixed-precision run's allocation.json and, with --jpeg, top-1 on the
+JPEG-75 CIFAR-10 set (`dfq eval`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ def main() -> int:
         config = yaml.safe_load((run / "config.yaml").read_text())
         row = {"run": str(run), "summary": json.loads((run / "summary.json").read_text()),
                "quant": config["quant"], "method": config["method"]}  # fmt: skip
+        if (run / "allocation.json").is_file():  # a mixed-precision run: the chosen bits and their costs
+            row["allocation"] = json.loads((run / "allocation.json").read_text())
         if "--jpeg" in sys.argv:
             row["top1_jpeg75"] = cli_top1([str(run)], {"jpeg75": JPEG})["jpeg75"]
         rows.append(row)
