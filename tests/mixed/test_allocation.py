@@ -155,3 +155,12 @@ def test_learned_rounding_fits_the_layer_output_and_restores_the_weight() -> Non
         assert torch.allclose(codes, codes.round(), atol=1e-4)  # the weight lies on its (learned) grid
     assert learned < nearest
     assert torch.equal(layer.weight, w0) and torch.equal(wq.scale, scale0)
+
+
+def test_the_sensitivity_cache_is_not_reused_for_other_weights(tmp_path: Path) -> None:
+    mixed = MixedConfig(size="W4A4", **SMALL_POOL)
+    first = _quantize(mixed, run_dir=tmp_path)
+    assert first.allocation.sensitivity_s > 0
+    other = dfq.quantize(tiny_classifier(seed=7), QuantConfig(), FAST, example_inputs=torch.zeros(1, *INPUT_SIZE),
+                         progress=False, mixed=mixed, run_dir=tmp_path)  # fmt: skip
+    assert other.allocation.sensitivity_s > 0  # measured again, not read from the cache

@@ -246,6 +246,19 @@ def _uniform_or_none(value: str | float) -> tuple[int, int] | None:
     return parse_uniform(value) if isinstance(value, str) and value.strip()[:1] in ("w", "W") else None
 
 
+def _fingerprint(teacher: nn.Module) -> list[float]:
+    """Parameter count and sum of P: a cache measured on other weights is not reused."""
+    with torch.no_grad():
+        params = list(teacher.parameters())
+        return [sum(p.numel() for p in params), float(sum(p.double().sum() for p in params))]
+
+
+def _grid_settings(quant: QuantConfig) -> dict[str, Any]:
+    """The quantization settings a sensitivity depends on (not the bits it chooses)."""
+    skip = ("wbits", "abits", "overrides", "output_bits", "ends_bits")
+    return {k: v for k, v in quant.to_dict().items() if k not in skip}
+
+
 def _sensitivity(
     teacher: nn.Module,
     quant: QuantConfig,
@@ -259,7 +272,7 @@ def _sensitivity(
     progress: bool,
 ) -> tuple[Sensitivity, float]:
     """The sensitivities of every option, from ``cache`` when it was measured with the same settings."""
-    settings = mixed.sensitivity_settings(seed)
+    settings = {**mixed.sensitivity_settings(seed), "model": _fingerprint(teacher), "quant": _grid_settings(quant)}
     if cache is not None and cache.is_file():
         saved = json.loads(cache.read_text())
         if saved.get("settings") == settings:
