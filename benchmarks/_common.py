@@ -9,7 +9,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -95,15 +94,3 @@ def run_models(name: str, keys: list[str], run_model: Callable[[str, Path], dict
         with tempfile.TemporaryDirectory() as tmp:
             models[key] = run_model(key, Path(tmp))
         print(f"wrote {write_result(name, {'models': models})}", flush=True)
-
-
-def wall_times(run: Callable[[], object], repeats: int, warmup: int) -> list[float]:
-    """Seconds of each of ``repeats`` calls of ``run``, after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        run()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t)
-    return times

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import ROOT, SHARED_DATA, TEST_SETS, WEIGHTS, wall_times, write_result
+from _common import ROOT, SHARED_DATA, TEST_SETS, WEIGHTS, write_result
 
+from dfq.bench import wall_times
 from dfq.data import make_loader, open_dataset
 from dfq.export.api import export, load_target
 from dfq.export.runtime import INTEGER_OPS, OnnxClassifier, optimized_op_counts, runner

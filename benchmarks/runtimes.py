@@ -27,9 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import LOSSLESS, SHARED_DATA, WEIGHTS, command, run_models, wall_times
+from _common import LOSSLESS, SHARED_DATA, WEIGHTS, command, run_models
 
 import dfq
+from dfq.bench import wall_times
 from dfq.data import make_loader, open_dataset
 from dfq.errors import DFQError
 from dfq.export.openvino import compile_model, executed_precisions

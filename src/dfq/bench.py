@@ -34,23 +34,24 @@ from dfq.quant import calibrate, quant_disabled
 from dfq.train import Game
 from dfq.utils.seed import seed_everything
 
-__all__ = ["PlainBNS", "WeightFQ", "bench", "median_ms", "peak_rss_mib"]
+__all__ = ["PlainBNS", "WeightFQ", "bench", "median_ms", "peak_rss_mib", "wall_times"]
 
 
-def _time(fn: Callable[[], Any], iters: int, warmup: int) -> list[float]:
+def wall_times(fn: Callable[[], Any], iters: int, warmup: int) -> list[float]:
+    """Seconds of each of ``iters`` calls of ``fn``, after ``warmup`` untimed ones."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):
         start = time.perf_counter()
         fn()
-        times.append((time.perf_counter() - start) * 1e3)
+        times.append(time.perf_counter() - start)
     return times
 
 
 def median_ms(fn: Callable[[], Any], iters: int, warmup: int = 3) -> float:
     """Median milliseconds of ``iters`` calls after ``warmup`` untimed ones."""
-    return statistics.median(_time(fn, iters, warmup))
+    return 1e3 * statistics.median(wall_times(fn, iters, warmup))
 
 
 def _alternate(fns: list[Callable[[], Any]], iters: int, warmup: int) -> list[list[float]]:
@@ -58,7 +59,7 @@ def _alternate(fns: list[Callable[[], Any]], iters: int, warmup: int) -> list[li
     for _ in range(warmup):
         for fn in fns:
             fn()
-    rounds = [[_time(fn, 1, 0)[0] for fn in fns] for _ in range(iters)]
+    rounds = [[1e3 * wall_times(fn, 1, 0)[0] for fn in fns] for _ in range(iters)]
     return [list(column) for column in zip(*rounds, strict=True)]
 
 
