@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import io
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -755,6 +757,29 @@ def test_recon_end_to_end_on_a_tiny_residual_net() -> None:
         assert torch.equal(v, w), k
 
 
+def test_recon_spilling_to_mapped_files_changes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With every pool-sized tensor in a memory-mapped file (spill_mb=0), Q is bitwise the one made in memory, and
+    no file is left in TMPDIR."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model, quant = _tiny(), QuantConfig(wbits=4, abits=4)
+    spilled = dfq.quantize(model, quant, dataclasses.replace(TINY, spill_mb=0), example_inputs=EXAMPLE, progress=False)
+    in_memory = dfq.quantize(model, quant, TINY, example_inputs=EXAMPLE, progress=False)
+    for (k, v), (_, w) in zip(spilled.model.state_dict().items(), in_memory.model.state_dict().items(), strict=True):
+        assert torch.equal(v, w), k
+    assert not list(tmp_path.glob("dfq-*"))
+
+
+def test_synthesized_pool_spills_above_its_limit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pool over spill_bytes is backed by an unlinked mapped file; the same pool under it is ordinary memory."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    kwargs = {"batch": 4, "steps": 2, "progress": False}
+    small = synthesize_pool(_tiny(), SHAPE, 6, generator=_gen(3), spill_bytes=10**9, **kwargs)
+    big = synthesize_pool(_tiny(), SHAPE, 6, generator=_gen(3), spill_bytes=0, **kwargs)
+    assert small.untyped_storage().filename is None
+    assert str(big.untyped_storage().filename).startswith(str(tmp_path))
+    assert torch.equal(small, big) and not list(tmp_path.glob("dfq-*"))
+
+
 def test_recon_deploy_protocol_keeps_weights_on_the_signed_grid() -> None:
     """Under the deploy protocol recon's learned weights stay on symmetric signed stored grids."""
     q = dfq.quantize(_tiny(), QuantConfig(wbits=4, abits=4, protocol="deploy"), TINY, example_inputs=EXAMPLE,
@@ -778,7 +803,7 @@ def test_recon_defaults_to_stored_weight_scales() -> None:
 @pytest.mark.parametrize(
     "bad",
     [{"num_samples": 0}, {"iters": 0}, {"synth_batch": 0}, {"batch_size": 0}, {"drop_prob": 1.5},
-     {"drop_prob": -0.1}, {"lowpass": 2.0}, {"round_warmup": 1.0}],
+     {"drop_prob": -0.1}, {"lowpass": 2.0}, {"round_warmup": 1.0}, {"spill_mb": -1}],
 )  # fmt: skip
 def test_recon_config_rejects_bad_values(bad: dict) -> None:
     """Bad settings are config errors up front, not failures mid-run."""

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from dfq.errors import DFQError
 from dfq.generators.bns import BNStatsLoss
 from dfq.generators.filters import lowpass as lowpass_filter
+from dfq.utils.buffers import pool_tensor
 from dfq.utils.state import no_param_grads
 
 __all__ = ["InputStats", "LatentDecoder", "distill_inputs", "synthesize_pool", "to_input_space"]
@@ -154,12 +155,14 @@ def synthesize_pool(
     generator: torch.Generator,
     progress: bool = True,
     input_stats: InputStats | None = None,
+    spill_bytes: int | None = None,
 ) -> torch.Tensor:
     """``num_samples`` images, ``batch`` at a time, each batch's latents and decoder optimised for ``steps``
     Adam steps (cosine learning rate from ``lr``) against P's BNS loss, plus ``label_weight`` times P's
     cross-entropy to a label assigned in turn (a class-balanced pool; 0: BNS only, as Genie). The decoder
-    makes standardised images, mapped by :func:`to_input_space` with ``input_stats``."""
-    batches = []
+    makes standardised images, mapped by :func:`to_input_space` with ``input_stats``. A pool over ``spill_bytes``
+    lives in a memory-mapped temporary file (:func:`dfq.utils.buffers.pool_tensor`)."""
+    pool = pool_tensor((num_samples, *input_size), spill_bytes=spill_bytes)
     starts = range(0, num_samples, batch)
     bar = tqdm(total=len(starts) * steps, desc="synthesize", disable=not progress)
     with _frozen(teacher), BNStatsLoss(teacher) as bns, bar:
@@ -183,6 +186,6 @@ def synthesize_pool(
                 bar.update()
             bar.set_postfix(bns=f"{loss.item():.4f}")
             with torch.no_grad():
-                batches.append(to_input_space(decoder(), input_stats))  # batch statistics, as optimised
-    pool = torch.cat(batches)
-    return lowpass_filter(pool, lowpass) if lowpass else pool
+                images = to_input_space(decoder(), input_stats)  # batch statistics, as optimised
+                pool[start : start + n] = lowpass_filter(images, lowpass) if lowpass else images
+    return pool

@@ -46,6 +46,7 @@ from dfq.quant import (
 from dfq.quant.clip import least_error_act_range, least_error_weight_grid
 from dfq.quant.graph import ADD_FUNCTIONS, ADD_METHODS, trace
 from dfq.quant.learning import BetaSchedule, QuantizerLearning, cosine_anneal
+from dfq.utils.buffers import pool_tensor
 
 __all__ = ["Recon", "ReconConfig", "reconstruct"]
 
@@ -72,6 +73,9 @@ class ReconConfig:
     round_warmup: fraction of the steps before the regulariser starts.
     beta: the regulariser's exponent, annealed from the first to the second value.
     drop_prob: probability of keeping an activation in float during reconstruction (QDrop).
+    spill_mb: the pool and the activations kept for it at a unit boundary go to memory-mapped temporary files
+        (under ``TMPDIR``) when one of them is larger than this, so the memory a run needs does not grow with
+        ``num_samples`` (0: always; the files are deleted as soon as they are mapped).
     """
 
     num_samples: int = 1024
@@ -91,6 +95,7 @@ class ReconConfig:
     round_warmup: float = 0.2
     beta: tuple[float, float] = (20.0, 2.0)
     drop_prob: float = 0.5
+    spill_mb: float = 128.0
 
     def __post_init__(self) -> None:
         for key in ("num_samples", "synth_batch", "synth_steps", "iters", "batch_size"):
@@ -100,7 +105,13 @@ class ReconConfig:
             raise DFQError(f"recon.label_weight must be >= 0, got {self.label_weight}")
         if not 0 <= self.drop_prob <= 1 or not 0 <= self.round_warmup < 1 or not 0 <= self.lowpass <= 1:
             raise DFQError("recon.drop_prob and recon.lowpass must be in [0, 1], recon.round_warmup in [0, 1)")
+        if not self.spill_mb >= 0:
+            raise DFQError(f"recon.spill_mb must be >= 0, got {self.spill_mb}")
         self.beta = tuple(float(b) for b in self.beta)  # type: ignore[assignment]
+
+    @property
+    def spill_bytes(self) -> int:
+        return int(self.spill_mb * 2**20)
 
 
 # -- 2. initial grids --------------------------------------------------------------------------
@@ -305,9 +316,21 @@ def reconstruct_unit(
     return float(loss.detach())
 
 
+_FORWARD_PIXELS = 256 * 32 * 32  # images x pixels per forward over the pool: 256 CIFAR images, 5 at 224 px
+
+
 @torch.no_grad()
-def _run(unit: nn.Module, x: torch.Tensor, size: int) -> torch.Tensor:
-    return torch.cat([unit(b) for b in x.split(size)])
+def _run(unit: nn.Module, x: torch.Tensor, spill_bytes: int) -> torch.Tensor:
+    """``unit`` over the whole pool ``x``, in pieces whose working set does not grow with the input size."""
+    size = max(1, _FORWARD_PIXELS // math.prod(x.shape[2:]))
+    out = None
+    for start in range(0, len(x), size):
+        y = unit(x[start : start + size])
+        if out is None:
+            out = pool_tensor((len(x), *y.shape[1:]), spill_bytes=spill_bytes)
+        out[start : start + len(y)] = y
+    assert out is not None
+    return out
 
 
 @register_method
@@ -331,7 +354,7 @@ class Recon(Method):
         pool = synthesize_pool(
             teacher, ctx.input_size, c.num_samples, batch=c.synth_batch, steps=c.synth_steps, lr=c.synth_lr,
             swing=c.swing, lowpass=c.lowpass, label_weight=c.label_weight, generator=ctx.generator,
-            input_stats=ctx.input_stats, progress=ctx.progress,
+            input_stats=ctx.input_stats, progress=ctx.progress, spill_bytes=c.spill_bytes,
         )  # fmt: skip
         synthesized = time.perf_counter()
         q = reconstruct(teacher, quant, c, pool, generator=ctx.generator, progress=ctx.progress)
@@ -356,17 +379,17 @@ def reconstruct(
     init_grids(q, pool, config.synth_batch)
     chain = units(q)
     x_q = x_fp = pool
-    eval_bs = 256
     with tqdm(chain, desc="recon: reconstruct", disable=not progress) as bar:
         for unit in bar:
             with quant_disabled(q):
-                y_fp = _run(unit, x_fp, eval_bs)
+                y_fp = _run(unit, x_fp, config.spill_bytes)
             loss = reconstruct_unit(unit, x_q, x_fp, y_fp, config, generator)
             if not math.isfinite(loss):  # never return a Q with NaN grids as a success
                 raise DFQError(f"recon: the reconstruction of unit {bar.n} diverged (loss {loss}); lower "
                                "method.lr_round, method.lr_wstep and method.lr_astep")  # fmt: skip
             bar.set_postfix(loss=f"{loss:.4g}")
-            x_q, x_fp = _run(unit, x_q, eval_bs), y_fp
+            x_fp = y_fp  # P's previous boundary is no longer needed: three pool-sized tensors at most
+            x_q = _run(unit, x_q, config.spill_bytes)
     for p in q.parameters():
         p.requires_grad_(True)
     return q.eval()
