@@ -24,7 +24,7 @@ from dfq.config import resolve_config
 from dfq.errors import DFQError
 from dfq.generators import lowpass, synthesize_pool
 from dfq.generators.synthesis import _Swing
-from dfq.methods.recon import ReconConfig, init_grids, reconstruct_unit, units
+from dfq.methods.recon import ReconConfig, init_grids, reconstruct, reconstruct_unit, units
 from dfq.models import create_model
 from dfq.quant import (
     ActMode,
@@ -778,6 +778,20 @@ def test_synthesized_pool_spills_above_its_limit(tmp_path: Path, monkeypatch: py
     assert small.untyped_storage().filename is None
     assert str(big.untyped_storage().filename).startswith(str(tmp_path))
     assert torch.equal(small, big) and not list(tmp_path.glob("dfq-*"))
+
+
+def test_reconstruct_fits_p_on_the_images_q_sees_under_a_fixed_input_range() -> None:
+    """Under the deploy protocol's fixed input grid, pixels outside the valid range are clipped for P's targets as
+    Q's input quantizer clips them: a pool that overshoots the range gives the Q of the pool clipped to it."""
+    quant = QuantConfig(wbits=4, abits=4, protocol="deploy", input_range=(-1.0, 1.0), weight_scales="stored")
+    pool = 3 * torch.randn(16, *SHAPE, generator=_gen(4))
+    assert float((pool.abs() > 1).float().mean()) > 0.5
+
+    def fit(images: torch.Tensor) -> dict[str, torch.Tensor]:
+        return reconstruct(_tiny(), quant, TINY, images, generator=_gen(5), progress=False).state_dict()
+
+    for (k, v), (_, w) in zip(fit(pool).items(), fit(pool.clamp(-1, 1)).items(), strict=True):
+        assert torch.equal(v, w), k
 
 
 def test_recon_deploy_protocol_keeps_weights_on_the_signed_grid() -> None:
