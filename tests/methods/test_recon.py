@@ -794,6 +794,13 @@ def test_reconstruct_fits_p_on_the_images_q_sees_under_a_fixed_input_range() -> 
         assert torch.equal(v, w), k
 
 
+def test_spilling_where_no_file_can_be_made_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TMPDIR that cannot hold the activations is a DFQError naming the knobs, not an OSError."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "missing"))
+    with pytest.raises(DFQError, match=r"TMPDIR.*spill_mb"):
+        synthesize_pool(_tiny(), SHAPE, 4, batch=4, steps=1, progress=False, generator=_gen(3), spill_bytes=0)
+
+
 def test_recon_deploy_protocol_keeps_weights_on_the_signed_grid() -> None:
     """Under the deploy protocol recon's learned weights stay on symmetric signed stored grids."""
     q = dfq.quantize(_tiny(), QuantConfig(wbits=4, abits=4, protocol="deploy"), TINY, example_inputs=EXAMPLE,
