@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import operator
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -321,7 +322,7 @@ _FORWARD_PIXELS = 256 * 32 * 32  # images x pixels per forward over the pool: 25
 
 
 @torch.no_grad()
-def _run(unit: nn.Module, x: torch.Tensor, spill_bytes: int) -> torch.Tensor:
+def _run(unit: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, spill_bytes: int) -> torch.Tensor:
     """``unit`` over the whole pool ``x``, in pieces whose working set does not grow with the input size."""
     size = max(1, _FORWARD_PIXELS // math.prod(x.shape[2:]))
     out = None
@@ -331,20 +332,6 @@ def _run(unit: nn.Module, x: torch.Tensor, spill_bytes: int) -> torch.Tensor:
             out = pool_tensor((len(x), *y.shape[1:]), spill_bytes=spill_bytes)
         out[start : start + len(y)] = y
     assert out is not None
-    return out
-
-
-@torch.no_grad()
-def _clipped(pool: torch.Tensor, bounds: tuple[float, float], spill_bytes: int) -> torch.Tensor:
-    """The pool clipped to the valid input range that Q's fixed input grid keeps (deploy protocol).
-
-    Synthetic pixels fall outside it (4.6% of a ResNet-20 pool, up to 5x the range on EfficientNet-Lite0); Q's input
-    quantizer clips them, and P's targets must be computed on the same images, or every unit is fitted to outputs
-    that Q cannot see.
-    """
-    out = pool_tensor(tuple(pool.shape), spill_bytes=spill_bytes)
-    for start in range(0, len(pool), 256):
-        out[start : start + 256] = pool[start : start + 256].clamp(*bounds)
     return out
 
 
@@ -391,8 +378,10 @@ def reconstruct(
     q = quantize_model(teacher, quant).eval()
     for p in q.parameters():
         p.requires_grad_(False)
-    if quant.input_range is not None:
-        pool = _clipped(pool, quant.input_range, config.spill_bytes)
+    if quant.input_range is not None:  # Q's fixed input grid clips synthetic pixels outside the valid range (4.6%
+        # of a ResNet-20 pool, 5x the range on EfficientNet-Lite0): P's targets must be computed on the same images
+        low, high = quant.input_range
+        pool = _run(lambda b: b.clamp(low, high), pool, config.spill_bytes)
     init_grids(q, pool, config.synth_batch)
     chain = units(q)
     x_q = x_fp = pool
