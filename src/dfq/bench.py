@@ -284,7 +284,7 @@ def bench(
 def _phases(game: Game, iters: int, warmup: int) -> dict[str, float]:
     """Median cost of each part of an iteration, each timed on its own."""
     m, out = game.method, {}
-    x = game.generator(*game.sample()).detach()
+    x = game.images(game.generator, *game.sample()).detach()
     if m.uses_bns:
 
         def teacher(with_bns: bool) -> None:

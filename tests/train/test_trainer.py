@@ -521,3 +521,21 @@ def test_ema_refusals(overrides, message):
     method = overrides.pop("method", "adadfq")
     with pytest.raises(DFQError, match=message):
         tiny_trainer(tiny_config(method, train__epochs=3, **overrides))
+
+
+@pytest.mark.parametrize("method", ["gdfq", "adadfq"])
+def test_p_sees_the_images_q_sees_under_a_fixed_input_range(method):
+    """Under the deploy protocol Q's input grid clips G's pixels to the valid range: P's targets and BatchNorm
+    statistics come from the same clipped images, and G still learns through the pixels inside the range."""
+    free = tiny_game(tiny_config(method, quant__protocol="deploy", train__warmup_epochs=0))
+    batch, _ = free.generator_step()
+    assert batch.x.abs().max() > 0.5  # G's images overshoot the range below
+    game = tiny_game(tiny_config(method, quant__protocol="deploy", quant__input_range=[-0.5, 0.5],
+                                 train__warmup_epochs=0))  # fmt: skip
+    seen = []
+    game.teacher.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    batch, _ = game.generator_step()
+    assert seen and all(float(x.min()) >= -0.5 and float(x.max()) <= 0.5 for x in seen)
+    assert float(batch.x.detach().max()) == 0.5 and float(batch.x.detach().min()) == -0.5
+    assert torch.equal(batch.p_logits, game.teacher(batch.x).float())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in game.generator.parameters())

@@ -100,6 +100,15 @@ class Game:
         """Noise (and labels, for a conditional G) of this rank's part of the batch."""
         return self.streams.draw(self.generator.latent_dim, self.num_classes if self.method.conditional else None)
 
+    def images(self, generator: nn.Module, z: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
+        """G's images as model inputs. Under a fixed input range (the deploy protocol) they are clipped to it, as
+        Q's input grid clips them: P's targets and BatchNorm statistics are then computed on the images Q sees
+        (unclipped, P would be fitted on pixels Q never gets). G gets no gradient through a clipped pixel."""
+        x = to_input_space(generator(z, y), self.input_stats)
+        if self.quant.input_range is None:
+            return x
+        return x.clamp(*self.quant.input_range)
+
     def teacher_forward(self, x: torch.Tensor, bns: bool) -> tuple[torch.Tensor, torch.Tensor | None, list]:
         """P's logits, BNS loss (``bns`` and a method that uses it) and features; in float32 (``train.fast``)."""
         with contextlib.ExitStack() as stack:
@@ -120,7 +129,7 @@ class Game:
         """One step of G on a fresh batch; returns the batch (for Q's step) and G's losses."""
         m = self.method
         z, y = self.sample()
-        x = to_input_space(self._g_train(z, y), self.input_stats)
+        x = self.images(self._g_train, z, y)
         p_logits, bns, p_feats = self.teacher_forward(x, m.uses_bns)
         q_logits, q_feats = None, None
         if m.generator_uses_student:
@@ -142,7 +151,7 @@ class Game:
     def fresh_batch(self) -> Outputs:
         """A new batch from G (no gradient to G) with P's outputs, for a Q step of its own."""
         z, y = self.sample()
-        x = to_input_space(self.generator(z, y), self.input_stats)
+        x = self.images(self.generator, z, y)
         p_logits, _, p_feats = self.teacher_forward(x, bns=False)
         return Outputs(x, y, p_logits, p_feats=p_feats)
 
@@ -209,7 +218,7 @@ class Game:
         own (through Q's STE) and Q only its own. Returns the logs."""
         m = self.method
         z, y = self.sample()
-        x = to_input_space(self.generator(z, y), self.input_stats)
+        x = self.images(self.generator, z, y)
         p_logits, bns, p_feats = self.teacher_forward(x, m.uses_bns)
         q_logits, q_feats = self.student_forward(x)
         with _float32(self.device):
