@@ -19,8 +19,8 @@ from dfq.distributed import DistContext
 from dfq.train import Evaluator, Game, Trainer
 from dfq.utils.seed import seed_everything
 
-__all__ = ["INPUT_SIZE", "NUM_CLASSES", "FunctionalReluNet", "TinyNet", "tiny_classifier", "tiny_config",
-           "tiny_game", "tiny_trainer"]  # fmt: skip
+__all__ = ["INPUT_SIZE", "NUM_CLASSES", "ChainedSumsNet", "FunctionalReluNet", "TinyNet", "tiny_classifier",
+           "tiny_config", "tiny_game", "tiny_trainer"]  # fmt: skip
 
 INPUT_SIZE = (3, 8, 8)
 NUM_CLASSES = 10
@@ -56,6 +56,31 @@ class FunctionalReluNet(TinyNet):
         x = F.relu(self.bn1(self.conv1(x)))
         x = F.relu(x + self.layer1(x))
         return self.fc(self.pool(self.layer2(x)).flatten(1))
+
+
+class _SumBlock(nn.Module):
+    """An inverted-residual block reduced to its join: ``x + bn(conv(x))``, no activation after the sum."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.bn(self.conv(x))
+
+
+class ChainedSumsNet(nn.Module):
+    """MobileNetV2's and EfficientNet's chained residuals: a conv-bn stem, three blocks ``blocks.0-2`` where one
+    block's sum is the next block's shortcut, pool, linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)
+        self.blocks = nn.Sequential(*(_SumBlock(8) for _ in range(3)))
+        self.pool, self.fc = nn.AdaptiveAvgPool2d(1), nn.Linear(8, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.pool(self.blocks(self.bn(self.stem(x)))), 1))
 
 
 def tiny_classifier(cls: type[TinyNet] = TinyNet, seed: int = 1234) -> nn.Module:

@@ -14,6 +14,7 @@ from dfq.models import create_model
 from dfq.quant import QuantConfig, calibrate, quantize_affine, quantize_model
 from dfq.quant.quantizer import STEP_FLOOR, WeightQuantizer
 from dfq.quant.spec import Granularity, QuantSpec
+from dfq.testing import ChainedSumsNet
 
 pytest.importorskip("onnxruntime")
 SHAPE = (3, 8, 8)
@@ -108,3 +109,20 @@ def test_float_ops_count_onnxruntimes_fused_convs(tmp_path):
     result = export(q, tmp_path / "m.onnx", {"input_size": list(SHAPE)})
     assert sum(n for op, n in result["float_ops"].items() if "Conv" in op) >= 1, result
     assert verify(q, SHAPE, batches)["top1_agreement"] == 1.0
+
+
+def test_chained_residual_sums_get_a_grid_and_every_addition_runs_on_integer_kernels(tmp_path):
+    torch.manual_seed(0)
+    config = QuantConfig(wbits=8, abits=8, protocol="deploy", overrides={"blocks.1.add_out": {"abits": 6}})
+    q, batches = _calibrated(ChainedSumsNet(), config)
+    sums = {n: m for n, m in q.named_modules() if n.endswith("add_out")}
+    assert sorted(sums) == ["blocks.0.add_out", "blocks.1.add_out", "blocks.2.add_out"]  # the last: pooling reads it
+    assert (sums["blocks.0.add_out"].spec.bits, sums["blocks.1.add_out"].spec.bits) == (8, 6)
+    assert q.blocks[1].conv.input_site is sums["blocks.0.add_out"]  # the next block's layer shares the sum's grid
+    result = export(q, tmp_path / "m.onnx", {"input_size": list(SHAPE)}, verify_batches=batches)
+    assert result["integer_ops"]["QLinearAdd"] == 3, result
+    assert "Add" not in result["float_ops"], result["float_ops"]
+    sites = {s["site"]: s for s in result["verify"]["sites"]}
+    assert {"blocks.0.add_out", "blocks.1.add_out"} <= set(sites)
+    assert all(s["mismatch"] == 0 for s in sites.values()), sites
+    assert result["verify"]["top1_agreement"] == 1.0

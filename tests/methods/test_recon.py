@@ -39,6 +39,7 @@ from dfq.quant import (
 )
 from dfq.quant.api import _weight_quantizer
 from dfq.quant.quantizer import WeightQuantizer
+from dfq.testing import ChainedSumsNet
 
 MODEL = "resnet20a_cifar10"
 SHAPE = (3, 8, 8)
@@ -634,6 +635,15 @@ def test_units_of_chains_and_concatenations_hold_one_weighted_layer_each(model: 
     assert len(chain) == expected and torch.equal(y, reference)
     weighted = [sum(isinstance(m, nn.Conv2d | nn.Linear) for m in unit.modules()) for unit in chain]
     assert weighted == [1] * expected
+
+
+def test_units_of_chained_residuals_are_the_blocks_with_their_sum_grids() -> None:
+    """Under the deploy protocol each sum has its own grid, inside its block's unit: recon learns its step there."""
+    chain, y, reference = _cut(ChainedSumsNet())
+    assert len(chain) == 5 and torch.equal(y, reference)  # stem, three blocks, head
+    sums = [[n for n, m in unit.named_modules() if isinstance(m, ActQuantizer) and n.endswith("add_out")]
+            for unit in chain[1:4]]  # fmt: skip
+    assert all(len(s) == 1 for s in sums), sums
 
 
 # --------------------------------------------------------------------------- 8. initial grids

@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import dfq
 from dfq.errors import DFQError
 from dfq.methods import ZeroQConfig
 from dfq.mixed import MixedConfig, bits_of, measure_sensitivity, model_tensors, tensors_of
 from dfq.quant import QuantConfig, quantize_model
-from dfq.testing import INPUT_SIZE, tiny_classifier
+from dfq.testing import INPUT_SIZE, ChainedSumsNet, tiny_classifier
 
 SMALL_POOL = {"num_samples": 8, "synth_steps": 2, "synth_batch": 8}
 FAST = ZeroQConfig(steps=2, num_samples=4)
@@ -40,9 +42,16 @@ def test_choices_and_costs_of_a_tiny_model() -> None:
     assert {c.key for c in t.choices if c.pointwise} == {"fc"}
 
 
-def test_an_allocation_as_overrides_sets_exactly_those_bits() -> None:
+def test_the_sum_of_chained_residuals_is_a_choice_its_readers_read() -> None:
+    t = tensors_of(ChainedSumsNet().eval(), QuantConfig(), INPUT_SIZE)
+    assert {"blocks.0.add_out:a", "blocks.1.add_out:a"} <= {c.name for c in t.choices}
+    assert {lay.key: lay.reads for lay in t.layers}["blocks.1.conv"] == "blocks.0.add_out:a"
+
+
+@pytest.mark.parametrize("model", [tiny_classifier, ChainedSumsNet])
+def test_an_allocation_as_overrides_sets_exactly_those_bits(model) -> None:
     """Every choice name is the override key that sets it: the bits read back from Q are the ones asked for."""
-    p = tiny_classifier()
+    p = model()
     t = tensors_of(p, QuantConfig(), INPUT_SIZE)
     wanted = {c.name: (2, 3, 5, 6, 7)[i % 5] for i, c in enumerate(t.choices)}
     overrides: dict = {}
@@ -164,3 +173,22 @@ def test_the_sensitivity_cache_is_not_reused_for_other_weights(tmp_path: Path) -
     other = dfq.quantize(tiny_classifier(seed=7), QuantConfig(), FAST, example_inputs=torch.zeros(1, *INPUT_SIZE),
                          progress=False, mixed=mixed, run_dir=tmp_path)  # fmt: skip
     assert other.allocation.sensitivity_s > 0  # measured again, not read from the cache
+
+
+class _WithAux(nn.Module):
+    """GoogLeNet's pattern: an auxiliary classifier that runs only in training."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()
+        self.aux, self.fc = nn.Linear(8, 10), nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.flatten(F.adaptive_avg_pool2d(self.relu(self.bn(self.conv(x))), 1), 1)
+        return self.fc(y) + self.aux(y) if self.training else self.fc(y)
+
+
+def test_layers_that_never_run_in_evaluation_are_not_choices() -> None:
+    t = tensors_of(_WithAux().eval(), QuantConfig(), INPUT_SIZE)
+    assert [c.name for c in t.choices if c.kind == "w"] == ["conv:w", "fc:w"]
+    assert t.params == 8 * 27 + 8 * 10

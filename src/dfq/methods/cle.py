@@ -22,9 +22,8 @@ average output shift analytically, from the weights and the BatchNorm statistics
    the BN statistics, e.g. beta + 6|gamma|, but dfq's activation sites also follow residual additions and
    pooling, where no closed form holds; distilled inputs cover every site the same way and stay data-free).
 
-Note that Q has no BatchNorm modules: the folded convolutions carry biases. Under the deploy protocol this
-means a residual addition's inputs are not quantized (no BatchNorm site to put a quantizer on); the
-export then adds them in float, as for MobileNetV2's chained additions.
+Note that Q has no BatchNorm modules: the folded convolutions carry biases, and under the deploy protocol the
+quantizers on a residual addition's inputs sit on the convolutions' outputs.
 """
 
 from __future__ import annotations

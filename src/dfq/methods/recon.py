@@ -46,7 +46,7 @@ from dfq.quant import (
     weight_quantizers,
 )
 from dfq.quant.clip import least_error_act_range, least_error_weight_grid
-from dfq.quant.graph import ADD_FUNCTIONS, ADD_METHODS, trace
+from dfq.quant.graph import is_add, owner_of, trace
 from dfq.quant.learning import BetaSchedule, QuantizerLearning, cosine_anneal
 from dfq.utils.buffers import pool_tensor
 
@@ -167,13 +167,13 @@ def units(q: nn.Module) -> list[nn.Module]:
 
 
 def _block_partition(q: nn.Module, graph: fx.Graph) -> dict[fx.Node, int]:
-    blocks = {_innermost(n) for n in graph.nodes if _is_add(n)}
+    blocks = {owner_of(n) for n in graph.nodes if is_add(n)}
     part: dict[fx.Node, int] = {}
     current, previous = -1, None
     for node in graph.nodes:
         if node.op in ("placeholder", "output"):
             continue
-        path = _innermost(node)
+        path = owner_of(node)
         key = next((b for b in blocks if b and (path == b or path.startswith(b + "."))), "")
         if key != previous:
             current, previous = current + 1, key
@@ -248,20 +248,6 @@ def _split(q: nn.Module, graph: fx.Graph, part: dict[fx.Node, int]) -> list[nn.M
             return None
         previous = node
     return chain if len(calls) == len(chain) else None
-
-
-def _innermost(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return ""
-    value = list(stack.values())[-1]
-    return value[0] if isinstance(value, tuple) else str(list(stack.keys())[-1])
-
-
-def _is_add(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in ADD_FUNCTIONS) or (
-        node.op == "call_method" and node.target in ADD_METHODS
-    )
 
 
 def _quantizers(unit: nn.Module) -> tuple[list[tuple[nn.Module, WeightQuantizer]], list[ActQuantizer]]:

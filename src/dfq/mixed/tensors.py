@@ -102,9 +102,15 @@ def model_tensors(q: nn.Module, example: torch.Tensor) -> ModelTensors:
             if isinstance(aq, ActQuantizer) and id(aq) not in image_sites and not aq.spec.is_noop:
                 owner[id(aq)] = name
                 quantizers.setdefault(f"{name}:a", []).append(aq)
+    for name, m in modules.items():  # a site of its own (after an addition), not any module's attribute
+        if isinstance(m, ActQuantizer) and id(m) not in owner and id(m) not in image_sites and not m.spec.is_noop:
+            owner[id(m)] = name
+            quantizers[f"{name}:a"] = [m]
     macs = _macs(q, example)
     choices, layers = [], []
     for name, m in modules.items():
+        if name not in macs:  # never run in evaluation (GoogLeNet's auxiliary classifiers): not shipped
+            continue
         if isinstance(m, QuantConv2d | QuantLinear) and not m.weight_quantizer.spec.is_noop:
             pointwise = isinstance(m, QuantLinear) or (m.kernel_size == (1, 1) and m.groups == 1)
             choices.append(Choice(name, "w", m.weight.numel(), pointwise))

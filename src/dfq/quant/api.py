@@ -16,9 +16,11 @@ whose input is not already on a grid (the image at ``input_bits``, pooled featur
 products such as a squeeze-excitation's ``x * gate``), and, with
 ``quantize_residual``, a quantizer on each BatchNorm output that enters a
 residual addition (on the Conv2d/Linear output itself where no BatchNorm follows
-it, e.g. ResNet-8's 1x1 projection shortcuts), so both inputs of such an addition
-are on grids and the layers before it run on integer kernels. BatchNorm stays
-unfolded during training (Q's BatchNorm runs with fixed statistics), the export folds it.
+it, e.g. ResNet-8's 1x1 projection shortcuts) and on the output of an addition that the
+next addition or a pooling reads (the chained residuals of MobileNetV2 and EfficientNet),
+so both inputs of every addition are on grids and the additions and the layers before
+them run on integer kernels. BatchNorm stays unfolded during training (Q's BatchNorm runs
+with fixed statistics), the export folds it.
 
 Models that apply activations functionally (``F.relu`` or ``x.sigmoid()`` in
 ``forward``) or reuse one activation module at several sites are rewritten with
@@ -38,12 +40,20 @@ import torch
 from torch import fx, nn
 
 from dfq.errors import DFQError
-from dfq.quant.graph import ADD_FUNCTIONS, ADD_METHODS, CONCAT_FUNCTIONS, following_batchnorm, producer_chain, trace
+from dfq.quant.graph import (
+    CONCAT_FUNCTIONS,
+    following_batchnorm,
+    is_add,
+    is_grid_preserving,
+    producer_chain,
+    trace,
+)
 from dfq.quant.modules import QuantActivation, QuantBatchNorm2d, QuantConv2d, QuantLinear
 from dfq.quant.prepare import (
     ACTIVATIONS,
     RELUS,
     check_supported,
+    insert_after,
     set_submodule,
     split_activation_sites,
     unfuse_norm_act,
@@ -101,7 +111,8 @@ class QuantConfig:
             keeps the first and last layers at 8 bits; an activation site is named after its
             ReLU module (``layer3.2.relu2``), an input site after its layer (``linear``), a
             residual site after its BatchNorm (``layer1.0.bn2``), or after its layer where no BatchNorm
-            follows (``b2sc``). Later patterns win.
+            follows (``b2sc``), the site of an addition's output after the addition (``_blocks.6.add_out``).
+            Later patterns win.
         weight_scales: "minmax" (the papers: the min/max grid of the current weights at every
             forward) or "stored" (a grid kept in buffers, so methods can learn it); ``None``: the
             method's choice (``recon`` and learned steps need "stored"), else "minmax".
@@ -239,7 +250,7 @@ def quantize_model(model: nn.Module, config: QuantConfig, *, inplace: bool = Fal
         if replacement is not None:
             set_submodule(model, name, replacement)
     if config.protocol == "deploy":
-        _add_deploy_sites(model, config)
+        model = _add_deploy_sites(model, config)
     if info is not None:
         model.dfq_info = info  # type: ignore[assignment]
     return model
@@ -333,34 +344,68 @@ def _deploy_act_quantizer(
     return ActQuantizer(spec, config.act_observer, config.act_momentum, fixed_range=fixed_range)
 
 
-def _add_deploy_sites(model: nn.Module, config: QuantConfig) -> None:
-    """Place the deploy protocol's residual and input quantizers (see the module docstring).
+def _add_deploy_sites(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """Place the deploy protocol's residual and input quantizers (see the module docstring); returns the model
+    (rewritten where an addition's output gets a grid).
 
     Each Conv2d/Linear then learns which quantizer produced its input and whether a
     BatchNorm folds into it, so its bias can be added on the accumulator grid.
     """
+    model = _grid_sums(model, config)
     graph = trace(model, "the deploy protocol")
     modules = dict(model.named_modules())
     nodes = list(graph.nodes)
     for node in nodes:
-        adds = (node.op == "call_function" and node.target in ADD_FUNCTIONS) or (
-            node.op == "call_method" and node.target in ADD_METHODS
-        )
-        if adds and config.quantize_residual:
-            for arg in node.args[:2]:
-                if isinstance(arg, fx.Node):
-                    _quantize_output(model, producer_chain(arg, modules), modules, config)
-        if node.op == "call_function" and node.target in CONCAT_FUNCTIONS and config.quantize_residual:
-            for arg in node.kwargs.get("tensors", node.args[0] if node.args else ()):
-                if isinstance(arg, fx.Node):
-                    _quantize_output(model, producer_chain(arg, modules), modules, config)
-        act = modules.get(str(node.target)) if node.op == "call_module" else None
-        if isinstance(act, QuantActivation) and not isinstance(act.act, RELUS):  # it runs in float between grids
-            _quantize_output(model, producer_chain(node.args[0], modules), modules, config)
+        for arg in _grid_inputs(node, modules, config):
+            _quantize_output(model, producer_chain(arg, modules), modules, config)
     for node in nodes:
         layer = modules.get(str(node.target)) if node.op == "call_module" else None
         if isinstance(layer, QuantConv2d | QuantLinear):
             _prepare_integer_layer(model, node, layer, modules, config)
+    return model
+
+
+def _grid_inputs(node: fx.Node, modules: dict, config: QuantConfig) -> list[fx.Node]:
+    """The inputs of ``node`` that must be on a grid: both inputs of an addition and every input of a
+    concatenation (with ``quantize_residual``), the input of an activation outside the ReLU family (which an
+    integer runtime runs in float between a dequantized input and a quantized output)."""
+    if config.quantize_residual and is_add(node):
+        return [a for a in node.args[:2] if isinstance(a, fx.Node)]
+    if config.quantize_residual and node.op == "call_function" and node.target in CONCAT_FUNCTIONS:
+        return [a for a in node.kwargs.get("tensors", node.args[0] if node.args else ()) if isinstance(a, fx.Node)]
+    act = modules.get(str(node.target)) if node.op == "call_module" else None
+    if isinstance(act, QuantActivation) and not isinstance(act.act, RELUS):
+        return [node.args[0]]
+    return []
+
+
+def _grid_sums(model: nn.Module, config: QuantConfig) -> nn.Module:
+    """With ``quantize_residual``, a quantizer on the output of every addition that a tensor reads without quantizing
+    it itself (the chained residual additions of MobileNetV2 and EfficientNet, where one block's sum is the next
+    block's shortcut; a sum that pooling reads), named after the addition (``blocks.5.add_out``), so that the
+    additions run on integer kernels too; the layers that read the sum share its grid."""
+    if not config.quantize_residual:
+        return model
+    graph = trace(model, "the deploy protocol")
+    modules = dict(model.named_modules())
+    sums = [n for n in graph.nodes if is_add(n) and not all(_quantizes_input(u, modules) for u in _readers(n, modules))]
+    return insert_after(model, sums, lambda name: _deploy_act_quantizer(config.output_bits_for(name), config))
+
+
+def _readers(node: fx.Node, modules: dict) -> list[fx.Node]:
+    """The nodes that read ``node``'s values, looking through grid-preserving operations."""
+    out = []
+    for user in node.users:
+        passes = is_grid_preserving(user, modules) and user.args and user.args[0] is node
+        out += _readers(user, modules) if passes else [user]
+    return out
+
+
+def _quantizes_input(node: fx.Node, modules: dict) -> bool:
+    """Whether ``node`` puts its input on a grid of its own: a Conv2d/Linear (its input quantizer) or a ReLU-family
+    activation (its site, which the export folds into the codes)."""
+    m = modules.get(str(node.target)) if node.op == "call_module" else None
+    return isinstance(m, QuantConv2d | QuantLinear) or (isinstance(m, QuantActivation) and isinstance(m.act, RELUS))
 
 
 def _prepare_integer_layer(
@@ -390,8 +435,7 @@ def _quantize_output(model: nn.Module, source: fx.Node, modules: dict, config: Q
     runtime runs in float between a dequantized input and a quantized output), so that the layer runs on an
     integer kernel.
 
-    Inputs computed by anything else (a previous addition, as in MobileNetV2) stay
-    in float: the export is still exact, the runtime just adds them in float.
+    An input that an addition computes has its own quantizer after the addition (:func:`_grid_sums`).
     """
     if source.op != "call_module" or _site(source, modules) is not None:
         return

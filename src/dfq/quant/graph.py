@@ -23,7 +23,9 @@ __all__ = [
     "ADD_METHODS",
     "CONCAT_FUNCTIONS",
     "following_batchnorm",
+    "is_add",
     "is_grid_preserving",
+    "owner_of",
     "producer_chain",
     "trace",
 ]
@@ -97,3 +99,19 @@ def following_batchnorm(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[f
         if isinstance(m, nn.BatchNorm2d):
             return users[0], m
     return None
+
+
+def is_add(node: fx.Node) -> bool:
+    """Whether ``node`` adds two tensors (``x + y``, ``torch.add``, ``x.add_(y)``)."""
+    return (node.op == "call_function" and node.target in ADD_FUNCTIONS) or (
+        node.op == "call_method" and node.target in ADD_METHODS
+    )
+
+
+def owner_of(node: fx.Node) -> str:
+    """The qualified name of the innermost module whose ``forward`` made ``node`` (``""``: the model's own)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    value = list(stack.values())[-1]
+    return value[0] if isinstance(value, tuple) else str(list(stack.keys())[-1])

@@ -18,10 +18,19 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from dfq.errors import UnsupportedLayerError
+from dfq.quant.graph import owner_of
 from dfq.quant.modules import QuantActivation
 from dfq.quant.quantizer import ActQuantizer, WeightQuantizer
 
-__all__ = ["ACTIVATIONS", "RELUS", "check_supported", "set_submodule", "split_activation_sites", "unfuse_norm_act"]
+__all__ = [
+    "ACTIVATIONS",
+    "RELUS",
+    "check_supported",
+    "insert_after",
+    "set_submodule",
+    "split_activation_sites",
+    "unfuse_norm_act",
+]
 
 RELUS = (nn.ReLU, nn.ReLU6)  # non-negative outputs: unsigned grids, and the export folds them into the codes
 # Every elementwise nonlinearity a site can follow: the ReLU family, and the smooth and gating ones of mobile and
@@ -215,6 +224,53 @@ def _split_local(module: nn.Module, name: str, tracer: fx.Tracer) -> nn.Module |
     return gm
 
 
+def insert_after(model: nn.Module, targets: list[fx.Node], make: Callable[[str], nn.Module]) -> nn.Module:
+    """``model`` with a new module ``make(name)`` applied to the output of each of ``targets`` (function or method
+    calls of a whole-model trace of ``model``, :func:`dfq.quant.graph.trace`).
+
+    The module whose own ``forward`` makes a target is rewritten with torch.fx (a GraphModule with its class name
+    and submodule names, as :func:`split_activation_sites` does) and the new module is its child
+    ``<call>_out``; the model itself is rewritten where its own ``forward`` makes the call. A target whose module
+    traces differently on its own (a module called twice) is left as it is.
+    """
+    by_owner: dict[str, list[fx.Node]] = {}
+    for node in targets:
+        by_owner.setdefault(owner_of(node), []).append(node)
+    graph = next(iter(targets)).graph if targets else None
+    for owner, nodes in by_owner.items():
+        module = model.get_submodule(owner)
+        calls = [n for n in graph.nodes if n.op in ("call_function", "call_method") and owner_of(n) == owner]
+        new = _insert_local(module, [calls.index(n) for n in nodes], calls, make, owner)
+        if new is not None and owner:
+            set_submodule(model, owner, new)
+        elif new is not None:
+            model = new
+    return model
+
+
+def _insert_local(
+    module: nn.Module, picks: list[int], whole: list[fx.Node], make: Callable[[str], nn.Module], owner: str
+) -> fx.GraphModule | None:
+    try:
+        graph = _ShallowTracer(module).trace(module)
+    except Exception:  # traced within the whole model only (data-dependent control flow on its own)
+        return None
+    local = [n for n in graph.nodes if n.op in ("call_function", "call_method")]
+    if [n.target for n in local] != [n.target for n in whole]:
+        return None
+    gm = fx.GraphModule(module, graph, class_name=type(module).__name__)
+    for i in picks:
+        node = local[i]
+        child = f"{node.name}_out"
+        gm.add_submodule(child, make(f"{owner}.{child}" if owner else child))
+        with graph.inserting_after(node):
+            new = graph.call_module(child, args=(node,))
+        node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)
+    graph.lint()
+    gm.recompile()
+    return gm
+
+
 def _fx_activation(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     """The activation module ``node`` applies (a fresh one for a functional call, a copy for a module), if any."""
     if node.op == "call_function" and node.target in _FX_FUNCS:
@@ -235,4 +291,3 @@ def _fx_unsupported(node: fx.Node) -> bool:
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(root.get_submodule(parent_name) if parent_name else root, child, module)
-
