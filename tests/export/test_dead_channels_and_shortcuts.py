@@ -12,7 +12,7 @@ from dfq.export.api import export
 from dfq.export.verify import verify
 from dfq.models import create_model
 from dfq.quant import QuantConfig, calibrate, quantize_affine, quantize_model
-from dfq.quant.quantizer import STEP_FLOOR, WeightQuantizer
+from dfq.quant.quantizer import STEP_FLOOR, ActQuantizer, WeightQuantizer
 from dfq.quant.spec import Granularity, QuantSpec
 from dfq.testing import ChainedSumsNet
 
@@ -126,3 +126,38 @@ def test_chained_residual_sums_get_a_grid_and_every_addition_runs_on_integer_ker
     assert {"blocks.0.add_out", "blocks.1.add_out"} <= set(sites)
     assert all(s["mismatch"] == 0 for s in sites.values()), sites
     assert result["verify"]["top1_agreement"] == 1.0
+
+
+class GhostSE(nn.Module):
+    """GhostNet's concatenation sliced into a residual addition, then a squeeze-excitation whose input (a BatchNorm
+    output) is read by a pooling and a product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn0, self.relu = nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU()
+        self.primary, self.bn1 = nn.Conv2d(8, 4, 1, bias=False), nn.BatchNorm2d(4)
+        self.cheap, self.bn2 = nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), nn.BatchNorm2d(4)
+        self.dw, self.bn3 = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.BatchNorm2d(8)
+        self.se_reduce, self.se_expand, self.gate = nn.Conv2d(8, 2, 1), nn.Conv2d(2, 8, 1, bias=False), nn.Sigmoid()
+        self.project, self.pool, self.fc = nn.Conv2d(8, 8, 1), nn.AdaptiveAvgPool2d(1), nn.Linear(8, 5)
+
+    def forward(self, x):
+        s = self.relu(self.bn0(self.stem(x)))
+        a = self.bn1(self.primary(s))
+        y = torch.cat([a, self.bn2(self.cheap(a))], 1)[:, :8] + s
+        z = self.bn3(self.dw(y))
+        z = z * self.gate(self.se_expand(self.relu(self.se_reduce(self.pool(z)))))
+        return self.fc(torch.flatten(self.pool(self.project(z)), 1))
+
+
+def test_concatenations_and_shared_layer_outputs_get_grids_so_nothing_runs_in_float(tmp_path):
+    torch.manual_seed(0)
+    q, batches = _calibrated(GhostSE())
+    assert isinstance(q.cat_out, ActQuantizer)  # the slice of the concatenation feeds an addition
+    assert q.bn3.output_quantizer is not None  # read by the pooling and the product
+    result = export(q, tmp_path / "m.onnx", {"input_size": list(SHAPE)}, verify_batches=batches)
+    assert not result["float_ops"], result["float_ops"]
+    ops = result["integer_ops"]
+    assert (ops["QLinearConcat"], ops["QLinearAdd"], ops["QLinearMul"], ops["QLinearConv"]) == (1, 1, 1, 7), ops
+    assert result["verify"]["top1_agreement"] == 1.0
+    assert all(s["mismatch"] == 0 for s in result["verify"]["sites"])

@@ -22,7 +22,8 @@ RUNTIMES = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}  # name -> wh
 
 # Operators that compute on integers in ONNX Runtime's optimized graph.
 INTEGER_OPS = ("QLinearConv", "QLinearAdd", "QGemm", "QLinearMatMul", "ConvInteger", "MatMulInteger",
-               "QLinearGlobalAveragePool", "QLinearAveragePool", "MatMulIntegerToFloat")  # fmt: skip
+               "QLinearGlobalAveragePool", "QLinearAveragePool", "MatMulIntegerToFloat", "QLinearConcat", "QLinearMul",
+               "QLinearSigmoid", "QLinearLeakyRelu")  # fmt: skip
 # Float operators that do a layer's or an addition's arithmetic, including ONNX Runtime's fusions of them
 # (FusedConv is a float Conv with its activation or a residual Add folded in).
 FLOAT_OPS = ("Conv", "FusedConv", "ConvTranspose", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "Add", "Sum",

@@ -16,11 +16,12 @@ whose input is not already on a grid (the image at ``input_bits``, pooled featur
 products such as a squeeze-excitation's ``x * gate``), and, with
 ``quantize_residual``, a quantizer on each BatchNorm output that enters a
 residual addition (on the Conv2d/Linear output itself where no BatchNorm follows
-it, e.g. ResNet-8's 1x1 projection shortcuts) and on the output of an addition that the
-next addition or a pooling reads (the chained residuals of MobileNetV2 and EfficientNet),
-so both inputs of every addition are on grids and the additions and the layers before
-them run on integer kernels. BatchNorm stays unfolded during training (Q's BatchNorm runs
-with fixed statistics), the export folds it.
+it, e.g. ResNet-8's 1x1 projection shortcuts), and on the output of every addition,
+concatenation, BatchNorm or layer that is not read by exactly one layer or ReLU that
+quantizes it (the chained residuals of MobileNetV2 and EfficientNet, GhostNet's
+concatenations, a squeeze-excitation's input), so the additions, concatenations and
+products and the layers before them run on integer kernels. BatchNorm stays unfolded
+during training (Q's BatchNorm runs with fixed statistics), the export folds it.
 
 Models that apply activations functionally (``F.relu`` or ``x.sigmoid()`` in
 ``forward``) or reuse one activation module at several sites are rewritten with
@@ -358,6 +359,8 @@ def _add_deploy_sites(model: nn.Module, config: QuantConfig) -> nn.Module:
     for node in nodes:
         for arg in _grid_inputs(node, modules, config):
             _quantize_output(model, producer_chain(arg, modules), modules, config)
+        if config.quantize_residual and _is_layer_output(node, modules) and not _one_quantizing_reader(node, modules):
+            _quantize_output(model, node, modules, config)  # e.g. a squeeze-excitation's input: pooling and a product
     for node in nodes:
         layer = modules.get(str(node.target)) if node.op == "call_module" else None
         if isinstance(layer, QuantConv2d | QuantLinear):
@@ -380,15 +383,17 @@ def _grid_inputs(node: fx.Node, modules: dict, config: QuantConfig) -> list[fx.N
 
 
 def _grid_sums(model: nn.Module, config: QuantConfig) -> nn.Module:
-    """With ``quantize_residual``, a quantizer on the output of every addition that a tensor reads without quantizing
-    it itself (the chained residual additions of MobileNetV2 and EfficientNet, where one block's sum is the next
-    block's shortcut; a sum that pooling reads), named after the addition (``blocks.5.add_out``), so that the
-    additions run on integer kernels too; the layers that read the sum share its grid."""
+    """With ``quantize_residual``, a quantizer on the output of every addition and concatenation that is not read by
+    exactly one layer or ReLU that quantizes it itself (the chained residual additions of MobileNetV2 and
+    EfficientNet, where one block's sum is the next block's shortcut; a sum that pooling or two layers read; the
+    concatenations of GhostNet and DenseNet), named after the operation (``blocks.5.add_out``, ``cat_out``), so that
+    it runs on an integer kernel too; everything that reads it shares the grid."""
     if not config.quantize_residual:
         return model
     graph = trace(model, "the deploy protocol")
     modules = dict(model.named_modules())
-    sums = [n for n in graph.nodes if is_add(n) and not all(_quantizes_input(u, modules) for u in _readers(n, modules))]
+    joins = [n for n in graph.nodes if is_add(n) or (n.op == "call_function" and n.target in CONCAT_FUNCTIONS)]
+    sums = [n for n in joins if not _one_quantizing_reader(n, modules)]
     return insert_after(model, sums, lambda name: _deploy_act_quantizer(config.output_bits_for(name), config))
 
 
@@ -401,10 +406,18 @@ def _readers(node: fx.Node, modules: dict) -> list[fx.Node]:
     return out
 
 
-def _quantizes_input(node: fx.Node, modules: dict) -> bool:
-    """Whether ``node`` puts its input on a grid of its own: a Conv2d/Linear (its input quantizer) or a ReLU-family
-    activation (its site, which the export folds into the codes)."""
+def _is_layer_output(node: fx.Node, modules: dict) -> bool:
     m = modules.get(str(node.target)) if node.op == "call_module" else None
+    return type(m) is nn.BatchNorm2d or isinstance(m, QuantConv2d | QuantLinear)
+
+
+def _one_quantizing_reader(node: fx.Node, modules: dict) -> bool:
+    """Whether one node alone reads ``node`` and puts it on a grid of its own: a Conv2d/Linear (its input quantizer)
+    or a ReLU-family activation (its site, which the export folds into the codes); or nothing reads its values."""
+    readers = [r for r in _readers(node, modules) if r.op != "output" and not _is_shape(r)]
+    if not readers:  # the model's output (logits), or only its shape is read
+        return True
+    m = modules.get(str(readers[0].target)) if len(readers) == 1 and readers[0].op == "call_module" else None
     return isinstance(m, QuantConv2d | QuantLinear) or (isinstance(m, QuantActivation) and isinstance(m.act, RELUS))
 
 
