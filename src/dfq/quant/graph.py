@@ -25,6 +25,7 @@ __all__ = [
     "following_batchnorm",
     "is_add",
     "is_grid_preserving",
+    "is_shape",
     "owner_of",
     "producer_chain",
     "trace",
@@ -115,3 +116,14 @@ def owner_of(node: fx.Node) -> str:
         return ""
     value = list(stack.values())[-1]
     return value[0] if isinstance(value, tuple) else str(list(stack.keys())[-1])
+
+
+def is_shape(node: fx.Node) -> bool:
+    """Whether ``node`` only reads a tensor's shape (``x.size(0)``, ``x.shape[1]``), not its values."""
+    if node.op == "call_method":
+        return node.target in ("size", "dim")
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] == "shape"
+    if node.op == "call_function" and node.target is operator.getitem:
+        return isinstance(node.args[0], fx.Node) and is_shape(node.args[0])
+    return False
