@@ -233,14 +233,18 @@ def insert_after(model: nn.Module, targets: list[fx.Node], make: Callable[[str],
     ``<call>_out``; the model itself is rewritten where its own ``forward`` makes the call. A target whose module
     traces differently on its own (a module called twice) is left as it is.
     """
-    by_owner: dict[str, list[fx.Node]] = {}
-    for node in targets:
-        by_owner.setdefault(owner_of(node), []).append(node)
-    graph = next(iter(targets)).graph if targets else None
-    for owner, nodes in by_owner.items():
-        module = model.get_submodule(owner)
-        calls = [n for n in graph.nodes if n.op in ("call_function", "call_method") and owner_of(n) == owner]
-        new = _insert_local(module, [calls.index(n) for n in nodes], calls, make, owner)
+    if not targets:
+        return model
+    calls: dict[str, list[fx.Node]] = {}  # owner -> the calls its own forward makes, in order
+    for n in targets[0].graph.nodes:
+        if n.op in ("call_function", "call_method"):
+            calls.setdefault(owner_of(n), []).append(n)
+    wanted = set(targets)
+    for owner, made in calls.items():
+        picks = [i for i, n in enumerate(made) if n in wanted]
+        if not picks:
+            continue
+        new = _insert_local(model.get_submodule(owner), picks, made, make, owner)
         if new is not None and owner:
             set_submodule(model, owner, new)
         elif new is not None:

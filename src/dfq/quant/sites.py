@@ -42,14 +42,18 @@ def _deploy_act_quantizer(
 
 def add_deploy_sites(model: nn.Module, config: QuantConfig) -> nn.Module:
     """Place the deploy protocol's residual and input quantizers (see the module docstring); returns the model
-    (rewritten where an addition's output gets a grid).
+    (rewritten where an addition's or a concatenation's output gets a grid).
 
     Each Conv2d/Linear then learns which quantizer produced its input and whether a
     BatchNorm folds into it, so its bias can be added on the accumulator grid.
     """
-    model = _grid_sums(model, config)
     graph = trace(model, "the deploy protocol")
     modules = dict(model.named_modules())
+    joins = _ungridded_joins(graph, modules, config)
+    if joins:  # their grids are new modules: trace the rewritten model again
+        model = insert_after(model, joins, lambda name: _deploy_act_quantizer(config.output_bits_for(name), config))
+        graph = trace(model, "the deploy protocol")
+        modules = dict(model.named_modules())
     nodes = list(graph.nodes)
     for node in nodes:
         for arg in _grid_inputs(node, modules, config):
@@ -77,19 +81,16 @@ def _grid_inputs(node: fx.Node, modules: dict, config: QuantConfig) -> list[fx.N
     return []
 
 
-def _grid_sums(model: nn.Module, config: QuantConfig) -> nn.Module:
-    """With ``quantize_residual``, a quantizer on the output of every addition and concatenation that is not read by
-    exactly one layer or ReLU that quantizes it itself (the chained residual additions of MobileNetV2 and
-    EfficientNet, where one block's sum is the next block's shortcut; a sum that pooling or two layers read; the
-    concatenations of GhostNet and DenseNet), named after the operation (``blocks.5.add_out``, ``cat_out``), so that
-    it runs on an integer kernel too; everything that reads it shares the grid."""
+def _ungridded_joins(graph: fx.Graph, modules: dict, config: QuantConfig) -> list[fx.Node]:
+    """With ``quantize_residual``, the additions and concatenations that are not read by exactly one layer or ReLU
+    that quantizes them itself (the chained residual additions of MobileNetV2 and EfficientNet, where one block's sum
+    is the next block's shortcut; a sum that pooling or two layers read; the concatenations of GhostNet and DenseNet):
+    each gets a quantizer of its own, named after the operation (``blocks.5.add_out``, ``cat_out``), so that it runs
+    on an integer kernel too; everything that reads it shares the grid."""
     if not config.quantize_residual:
-        return model
-    graph = trace(model, "the deploy protocol")
-    modules = dict(model.named_modules())
+        return []
     joins = [n for n in graph.nodes if is_add(n) or (n.op == "call_function" and n.target in CONCAT_FUNCTIONS)]
-    sums = [n for n in joins if not _one_quantizing_reader(n, modules)]
-    return insert_after(model, sums, lambda name: _deploy_act_quantizer(config.output_bits_for(name), config))
+    return [n for n in joins if not _one_quantizing_reader(n, modules)]
 
 
 def _readers(node: fx.Node, modules: dict) -> list[fx.Node]:
@@ -143,7 +144,7 @@ def _quantize_output(model: nn.Module, source: fx.Node, modules: dict, config: Q
     runtime runs in float between a dequantized input and a quantized output), so that the layer runs on an
     integer kernel.
 
-    An input that an addition computes has its own quantizer after the addition (:func:`_grid_sums`).
+    An input that an addition or a concatenation computes has its own quantizer after it (:func:`_ungridded_joins`).
     """
     if source.op != "call_module" or _site(source, modules) is not None:
         return
