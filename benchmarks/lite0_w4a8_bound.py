@@ -1,0 +1,89 @@
+"""How far EfficientNet-Lite0 W4A8 ``recon`` is from its target, and whether data or 4-bit grids are the gap.
+
+The same reconstruction (deploy protocol, W4A8, 400 steps per unit at batch 16, the CPU settings of the
+``zoo_deploy`` Lite0 rows) runs on three pools of 128 images:
+
+- ``synthetic``: dfq's pool (60 synthesis steps, seed 0), as ``dfq quantize`` builds it;
+- ``real``: 128 of the 1,000 ImageNet photos, an oracle no data-free method has: it bounds what a better pool could
+  give at this reconstruction budget;
+- ``real_dw8``: the same photos with the 16 depthwise convolutions at 8 bits (1.4% of the weights).
+
+Every row is evaluated on the other 872 photos (a seed-0 permutation picks the 128), with full precision on the same
+872 beside it.
+
+Usage: python benchmarks/lite0_w4a8_bound.py [--rows synthetic real real_dw8] [--iters 400]
+Writes benchmarks/results/lite0_w4a8_bound.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+from _common import SHARED_DATA, write_result
+
+import dfq
+from dfq.api import from_preprocessing
+from dfq.data import open_dataset
+from dfq.data.loader import make_loader
+from dfq.evaluate import evaluate
+from dfq.generators import synthesize_pool
+from dfq.methods.recon import ReconConfig, reconstruct
+from dfq.models import create_model
+from dfq.quant import LayerOverride
+
+POOL = 128
+SETTINGS = {"num_samples": POOL, "synth_batch": 32, "synth_steps": 60, "batch_size": 16}
+DEPTHWISE = "*_depthwise_conv"
+
+
+def _quant(p: torch.nn.Module, dw8: bool) -> dfq.QuantConfig:
+    overrides = {DEPTHWISE: LayerOverride(wbits=8)} if dw8 else {}
+    return from_preprocessing(p, dfq.QuantConfig(wbits=4, abits=8, overrides=overrides, weight_scales="stored"))[0]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="+", default=["synthetic", "real", "real_dw8"])
+    parser.add_argument("--iters", type=int, default=400)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    p = create_model("efficientnet_lite0", weights=SHARED_DATA / "efficientnet-lite0-57934424.pth").eval()
+    info = p.dfq_info
+    batches = list(make_loader(open_dataset(SHARED_DATA / "imagenet-sample1000-224.npz"), info.mean, info.std,
+                               batch_size=100))  # fmt: skip
+    images, labels = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
+    real_pool, held = images[order[:POOL]], order[POOL:]
+    held_out = list(zip(images[held].split(100), labels[held].split(100), strict=True))
+
+    def top1(m: torch.nn.Module) -> float:
+        return evaluate(m.eval(), held_out, progress=False)["top1"]
+
+    config = ReconConfig(**SETTINGS, iters=args.iters)
+    result = {"model": "efficientnet_lite0", "bits": "W4A8", "protocol": "deploy", "settings": SETTINGS,
+              "iters": args.iters, "eval_images": len(held), "fp_top1": top1(p), "rows": []}  # fmt: skip
+    print(result, flush=True)
+    for row in args.rows:
+        start = time.perf_counter()
+        if row == "synthetic":
+            pool = synthesize_pool(p, info.input_size, POOL, batch=32, steps=60,
+                                   generator=torch.Generator().manual_seed(0), input_stats=info.input_stats(),
+                                   progress=False)  # fmt: skip
+        else:
+            pool = real_pool
+        pooled = time.perf_counter()
+        q = reconstruct(p, _quant(p, row.endswith("dw8")), config, pool, generator=torch.Generator().manual_seed(0),
+                        progress=False)  # fmt: skip
+        done = time.perf_counter()
+        result["rows"].append({"pool": row, "top1": top1(q), "pool_s": round(pooled - start, 1),
+                               "reconstruct_s": round(done - pooled, 1)})  # fmt: skip
+        print(result["rows"][-1], flush=True)
+        write_result("lite0_w4a8_bound", result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
