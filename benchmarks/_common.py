@@ -17,6 +17,7 @@ import torch
 from dfq.data import open_dataset
 from dfq.data.loader import make_loader
 from dfq.evaluate import evaluate
+from dfq.models import create_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -25,6 +26,8 @@ WEIGHTS = SHARED_DATA / "resnet20-12fca82f.th"  # the pretrained CIFAR-10 ResNet
 LOSSLESS = SHARED_DATA / "cifar10-test-4class-lossless.npz"
 JPEG = SHARED_DATA / "cifar10-test-jpeg75.npz"
 TEST_SETS = {"lossless": LOSSLESS, "jpeg75": JPEG}  # both CIFAR-10 test sets, by the names results use
+LITE0 = SHARED_DATA / "efficientnet-lite0-57934424.pth"
+IMAGENET = SHARED_DATA / "imagenet-sample1000-224.npz"
 
 
 def command() -> str:
@@ -94,3 +97,10 @@ def run_models(name: str, keys: list[str], run_model: Callable[[str, Path], dict
         with tempfile.TemporaryDirectory() as tmp:
             models[key] = run_model(key, Path(tmp))
         print(f"wrote {write_result(name, {'models': models})}", flush=True)
+
+
+def lite0_photos(batch_size: int) -> tuple[torch.nn.Module, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """EfficientNet-Lite0 (P, in eval mode) and the 1,000 ImageNet photos through its preprocessing, in batches."""
+    p = create_model("efficientnet_lite0", weights=LITE0).eval()
+    info = p.dfq_info
+    return p, list(make_loader(open_dataset(IMAGENET), info.mean, info.std, batch_size=batch_size))

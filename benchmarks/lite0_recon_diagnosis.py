@@ -20,16 +20,13 @@ import sys
 import time
 
 import torch
-from _common import SHARED_DATA, write_result
+from _common import lite0_photos, write_result
 
 import dfq
 from dfq.api import from_preprocessing
-from dfq.data import open_dataset
-from dfq.data.loader import make_loader
 from dfq.evaluate import evaluate
 from dfq.generators import synthesize_pool
 from dfq.methods.recon import ReconConfig, _run, init_grids, reconstruct, reconstruct_unit, units
-from dfq.models import create_model
 from dfq.quant import calibrate, quant_disabled, quantize_model
 
 SETTINGS = {"num_samples": 32, "synth_batch": 32, "synth_steps": 60, "iters": 100, "batch_size": 16}
@@ -101,10 +98,8 @@ def main() -> int:
     parser.add_argument("--parts", nargs="+", default=["stages", "variants", "units"])
     args = parser.parse_args()
     torch.manual_seed(0)
-    p = create_model("efficientnet_lite0", weights=SHARED_DATA / "efficientnet-lite0-57934424.pth").eval()
+    p, loader = lite0_photos(batch_size=50)
     info = p.dfq_info
-    loader = list(make_loader(open_dataset(SHARED_DATA / "imagenet-sample1000-224.npz"), info.mean, info.std,
-                              batch_size=50))  # fmt: skip
 
     def top1(m: torch.nn.Module) -> float:
         return evaluate(m.eval(), loader, progress=False)["top1"]

@@ -14,13 +14,10 @@ from __future__ import annotations
 import sys
 import time
 
-from _common import SHARED_DATA, write_result
+from _common import lite0_photos, write_result
 
 import dfq
-from dfq.data import open_dataset
-from dfq.data.loader import make_loader
 from dfq.evaluate import evaluate
-from dfq.models import create_model
 
 SETTINGS = {
     "all 4-bit": ({}, None),
@@ -31,10 +28,7 @@ SETTINGS = {
 
 
 def main() -> int:
-    p = create_model("efficientnet_lite0", weights=SHARED_DATA / "efficientnet-lite0-57934424.pth").eval()
-    info = p.dfq_info
-    loader = list(make_loader(open_dataset(SHARED_DATA / "imagenet-sample1000-224.npz"), info.mean, info.std,
-                              batch_size=50))  # fmt: skip
+    p, loader = lite0_photos(batch_size=50)
     rows = [{"setting": "full precision", "top1": evaluate(p, loader, progress=False)["top1"]}]
     method = dfq.methods.ZeroQConfig(num_samples=8, steps=25)
     for name, (overrides, ends) in SETTINGS.items():

@@ -22,16 +22,13 @@ import sys
 import time
 
 import torch
-from _common import SHARED_DATA, write_result
+from _common import lite0_photos, write_result
 
 import dfq
 from dfq.api import from_preprocessing
-from dfq.data import open_dataset
-from dfq.data.loader import make_loader
 from dfq.evaluate import evaluate
 from dfq.generators import synthesize_pool
 from dfq.methods.recon import ReconConfig, reconstruct
-from dfq.models import create_model
 from dfq.quant import LayerOverride
 
 POOL = 128
@@ -50,10 +47,8 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=400)
     args = parser.parse_args()
     torch.manual_seed(0)
-    p = create_model("efficientnet_lite0", weights=SHARED_DATA / "efficientnet-lite0-57934424.pth").eval()
+    p, batches = lite0_photos(batch_size=100)
     info = p.dfq_info
-    batches = list(make_loader(open_dataset(SHARED_DATA / "imagenet-sample1000-224.npz"), info.mean, info.std,
-                               batch_size=100))  # fmt: skip
     images, labels = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))
     real_pool, held = images[order[:POOL]], order[POOL:]
