@@ -114,7 +114,7 @@ def quantize(
                         run_dir=None if run_dir is None else Path(run_dir), input_stats=input_stats)  # fmt: skip
     allocation = None
     if mixed is not None:
-        quant, allocation = with_allocation(model, quant, mixed, ctx)
+        quant, allocation = with_allocation(model, quant, mixed.for_method(chosen.learns_rounding), ctx)
     return _quantize(model, quant, chosen, ctx, allocation)
 
 

@@ -64,6 +64,8 @@ class RunConfig:
         method = self.create_method()
         self.quant = self.quant.resolved(**method.quant_defaults())  # what the method leaves open, filled
         method.check(self.quant)
+        if self.mixed is not None:
+            self.mixed = self.mixed.for_method(method.learns_rounding)  # saved resolved, as ``quant``
 
     @property
     def method_name(self) -> str:

@@ -141,6 +141,36 @@ def test_a_budget_is_required() -> None:
         MixedConfig(size="1MB", wbits=[1, 4])
 
 
+def test_a_method_that_learns_its_rounding_keeps_the_weights_at_the_budgets_bits() -> None:
+    every = [2, 3, 4, 5, 6, 8]
+    assert MixedConfig(size="W4A4", bops="W4A4").for_method(learns_rounding=True).wbits == [4]
+    assert MixedConfig(size="w3a3").for_method(learns_rounding=True).wbits == [3]
+    assert MixedConfig(size="W4A4").for_method(learns_rounding=False).wbits == every
+    for open_budget in ({"size": "180KB"}, {"bops": "W4A4"}, {"avg_wbits": 4}, {"size": "W4A4", "pairs": ["W4A8"]},
+                        {"size": "W4A4", "pointwise_only_wbits": [4]}):  # fmt: skip
+        assert MixedConfig(**open_budget).for_method(learns_rounding=True).wbits == every, open_budget
+    assert MixedConfig(size="W4A4", wbits=[8, 3]).for_method(learns_rounding=True).wbits == [3, 8]  # the user's
+
+
+def test_the_run_config_saves_the_search_space_its_method_gets() -> None:
+    from dfq.config import resolve_config
+
+    recon = resolve_config(overrides={"method.name": "recon", "mixed.size": "W4A4", "mixed.bops": "W4A4"})
+    assert recon.mixed.wbits == [4] and recon.to_dict()["mixed"]["wbits"] == [4]
+    zeroq = resolve_config(overrides={"method.name": "zeroq", "mixed.size": "W4A4", "mixed.bops": "W4A4"})
+    assert zeroq.mixed.wbits == [2, 3, 4, 5, 6, 8]
+    assert resolve_config(zeroq.to_dict(), {"method.name": "zeroq"}).mixed == zeroq.mixed  # reloads as saved
+
+
+def test_the_weights_of_a_rounding_method_stay_at_the_budgets_bits() -> None:
+    recon = dfq.methods.ReconConfig(num_samples=4, synth_batch=4, synth_steps=1, iters=1, batch_size=4)
+    result = dfq.quantize(tiny_classifier(), QuantConfig(), recon, example_inputs=torch.zeros(1, *INPUT_SIZE),
+                          progress=False, mixed=MixedConfig(size="W3A4", bops="W3A4", **SMALL_POOL))  # fmt: skip
+    bits = result.allocation.bits
+    assert {b for name, b in bits.items() if name.endswith(":w")} == {3}
+    assert len({b for name, b in bits.items() if name.endswith(":a")}) > 1  # the activations are allocated
+
+
 def test_learned_rounding_fits_the_layer_output_and_restores_the_weight() -> None:
     from dfq.mixed.rounding import learned_rounding
     from dfq.quant.clip import least_error_weight_grid

@@ -80,12 +80,16 @@ class Method(ABC):
         config_cls: the method's config dataclass (its section of the run config).
         description: one line for ``dfq methods``.
         log_labels: metric keys of ``metrics.jsonl`` -> what they mean, for reports.
+        learns_rounding: the method learns how each weight rounds against its quantized inputs (``recon``), so it
+            recovers low-bit weights far better than nearest rounding; mixed precision then keeps the weights at
+            the budget's bits (:meth:`dfq.mixed.MixedConfig.for_method`).
     """
 
     name: ClassVar[str]
     config_cls: ClassVar[type]
     description: ClassVar[str] = ""
     log_labels: ClassVar[dict[str, str]] = {}
+    learns_rounding: ClassVar[bool] = False
 
     def __init__(self, config: Any = None) -> None:
         self.config = self.config_cls() if config is None else config

@@ -326,6 +326,7 @@ class Recon(Method):
     name = "recon"
     config_cls = ReconConfig
     description = "dfq's default: a synthesized pool, then block-wise reconstruction (AdaRound, LSQ, QDrop)"
+    learns_rounding = True
 
     def quant_defaults(self) -> dict[str, str]:
         return {"weight_scales": "stored"}
