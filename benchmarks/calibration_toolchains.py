@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import LOSSLESS, SHARED_DATA, WEIGHTS, command, run_models
+from _common import IMAGENET, LITE0, LOSSLESS, WEIGHTS, command, run_models
 
 import dfq
 from dfq.data import make_loader, open_dataset
@@ -34,8 +34,8 @@ from dfq.models import create_model
 
 MODELS = {
     "resnet20": ("resnet20a_cifar10", WEIGHTS, LOSSLESS, 300, 150),
-    "lite0": ("efficientnet_lite0", SHARED_DATA / "efficientnet-lite0-57934424.pth",
-              SHARED_DATA / "imagenet-sample1000-224.npz", 128, 60),
+    "lite0": ("efficientnet_lite0", LITE0,
+              IMAGENET, 128, 60),
 }  # fmt: skip
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import LOSSLESS, RESULTS, SHARED_DATA, WEIGHTS, command, write_result
+from _common import IMAGENET, LITE0, LOSSLESS, RESULTS, SHARED_DATA, WEIGHTS, command, write_result
 
 import dfq
 from dfq.compat import import_torchvision
@@ -43,8 +43,8 @@ from dfq.models import create_model
 MODELS = {
     "resnet8": ("resnet8_mlperf_cifar10", SHARED_DATA / "resnet8-mlperf-tiny-54f3da95.pt", LOSSLESS),
     "resnet20": ("resnet20a_cifar10", WEIGHTS, LOSSLESS),
-    "lite0": ("efficientnet_lite0", SHARED_DATA / "efficientnet-lite0-57934424.pth",
-              SHARED_DATA / "imagenet-sample1000-224.npz"),
+    "lite0": ("efficientnet_lite0", LITE0,
+              IMAGENET),
 }  # fmt: skip
 CALIBRATION = 300
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from _common import RESULTS, SHARED_DATA, write_result
+from _common import IMAGENET, LITE0, RESULTS, SHARED_DATA, write_result
 from torch import nn
 
 import dfq
@@ -37,8 +37,8 @@ from dfq.models import create_model
 MODELS = {
     "resnet8": ("resnet8_mlperf_cifar10", SHARED_DATA / "resnet8-mlperf-tiny-54f3da95.pt",
                 SHARED_DATA / "cifar10-test-4class-lossless.npz"),
-    "lite0": ("efficientnet_lite0", SHARED_DATA / "efficientnet-lite0-57934424.pth",
-              SHARED_DATA / "imagenet-sample1000-224.npz"),
+    "lite0": ("efficientnet_lite0", LITE0,
+              IMAGENET),
 }  # fmt: skip
 
 
