@@ -125,6 +125,7 @@ def with_allocation(
     if ctx.dist.active:
         raise DFQError("mixed precision runs on one process; launch it without torchrun or --nproc")
     cache = None if ctx.run_dir is None else ctx.run_dir / rundir.SENSITIVITY
+    seed_everything(ctx.seed)  # seeded as the method is: a sweep's later points allocate as a fresh run would
     allocation = allocate(model, quant, mixed, ctx.input_size, generator=torch.Generator().manual_seed(ctx.seed),
                           seed=ctx.seed, input_stats=ctx.input_stats, cache=cache, progress=ctx.progress)  # fmt: skip
     return dataclasses.replace(quant, overrides={**quant.overrides, **allocation.overrides()}), allocation

@@ -147,7 +147,7 @@ def test_a_method_that_learns_its_rounding_keeps_the_weights_at_the_budgets_bits
     assert MixedConfig(size="w3a3").for_method(learns_rounding=True).wbits == [3]
     assert MixedConfig(size="W4A4").for_method(learns_rounding=False).wbits == every
     for open_budget in ({"size": "180KB"}, {"bops": "W4A4"}, {"avg_wbits": 4}, {"size": "W4A4", "pairs": ["W4A8"]},
-                        {"size": "W4A4", "pointwise_only_wbits": [4]}):  # fmt: skip
+                        {"size": "W4A4", "pointwise_only_wbits": [4]}, {"size": "W4A4", "avg_wbits": 3}):  # fmt: skip
         assert MixedConfig(**open_budget).for_method(learns_rounding=True).wbits == every, open_budget
     assert MixedConfig(size="W4A4", wbits=[8, 3]).for_method(learns_rounding=True).wbits == [3, 8]  # the user's
 
@@ -222,3 +222,12 @@ def test_layers_that_never_run_in_evaluation_are_not_choices() -> None:
     t = tensors_of(_WithAux().eval(), QuantConfig(), INPUT_SIZE)
     assert [c.name for c in t.choices if c.kind == "w"] == ["conv:w", "fc:w"]
     assert t.params == 8 * 27 + 8 * 10
+
+
+def test_an_allocation_does_not_depend_on_what_ran_before_it_in_the_process() -> None:
+    """A sweep runs its points in one process: each point's sensitivities must be those of a fresh run."""
+    first = _quantize(MixedConfig(size="W4A4", bops="W4A4", **SMALL_POOL))
+    torch.rand(1000)  # what an earlier point leaves behind in the global stream
+    again = _quantize(MixedConfig(size="W4A4", bops="W4A4", **SMALL_POOL))
+    assert again.allocation.predicted_loss == first.allocation.predicted_loss
+    assert again.allocation.bits == first.allocation.bits
