@@ -37,6 +37,7 @@ def test_quantize_under_a_budget(
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert "layer3.2.conv2" in out and "GBOPs (budget 0.5)" in out  # the table and the costs
+    assert "searched: weights at 2/4/8 bits, activations at 4/8 bits" in out
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["bops"] <= 0.5e9 and summary["mixed"] is True
     config = yaml.safe_load((run / "config.yaml").read_text())
@@ -65,6 +66,20 @@ def test_budget_errors_are_one_line(
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1 and fragment in err, err
     assert "Traceback" not in err
+
+
+def test_recon_searches_only_the_activation_bits_of_a_uniform_size_budget(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, random_weights: Path
+) -> None:
+    at = TINY.index("mixed.wbits=[2,4,8]")
+    tiny = TINY[: at - 1] + TINY[at + 1 :]  # mixed.wbits left open
+    rc = main(["quantize", MODEL, "--weights", str(random_weights), "--out", str(tmp_path / "run"), "--size-budget",
+               "W3A4", "--bops-budget", "W3A4", *tiny])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0 and "searched: weights at 3 bits, activations at 4/8 bits" in out
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["mixed"]["wbits"] == [3]
+    bits = json.loads((tmp_path / "run" / "allocation.json").read_text())["bits"]
+    assert {b for name, b in bits.items() if name.endswith(":w")} == {3}
 
 
 def test_sweep_runs_its_points_and_reports_them(

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -22,6 +22,9 @@ from torch import nn
 import dfq
 from dfq.errors import DFQError
 from dfq.export.runtime import RUNTIMES
+
+if TYPE_CHECKING:
+    from dfq.mixed import MixedConfig
 
 
 def _emit(args: argparse.Namespace, human: str, payload: dict[str, Any]) -> None:
@@ -279,7 +282,7 @@ def _finish_quantize(args: argparse.Namespace, config: Any, get_model_info: Any)
     bits = "mixed-precision" if config.mixed else f"W{config.quant.wbits}A{config.quant.abits}"
     human = f"{config.method_name} {bits} {config.model}: quantized in {summary['seconds']:.1f}s -> {args.out}"
     if config.mixed:
-        human += "\n" + _describe_allocation(Path(args.out))
+        human += "\n" + _describe_allocation(Path(args.out), config.mixed)
     if "top1" in summary and "fp_top1" in summary:
         human += (
             f"\n  final top-1 {summary['top1']:.2f}% (full precision {summary['fp_top1']:.2f}%, "
@@ -297,13 +300,14 @@ def _finish_quantize(args: argparse.Namespace, config: Any, get_model_info: Any)
     return 0
 
 
-def _describe_allocation(run: Path) -> str:
-    """The chosen bits as a table, with the costs against the budgets."""
+def _describe_allocation(run: Path, mixed: MixedConfig) -> str:
+    """The search space, the chosen bits as a table, and the costs against the budgets."""
     from dfq import rundir
     from dfq.mixed import Allocation
 
     alloc = Allocation(**json.loads((run / rundir.ALLOCATION).read_text()))
-    rows = [f"  {'layer or site':<32} {'W':>2} {'A':>2}"]
+    rows = [f"  searched: weights at {_bit_list(mixed.wbits)} bits, activations at {_bit_list(mixed.abits)} bits",
+            f"  {'layer or site':<32} {'W':>2} {'A':>2}"]  # fmt: skip
     for key, o in alloc.overrides().items():
         rows.append(f"  {key:<32} {o.wbits or '-':>2} {o.abits or '-':>2}")
     budget = alloc.budget
@@ -313,6 +317,10 @@ def _describe_allocation(run: Path) -> str:
     rows.append(f"  weights {size}, {bops}, predicted loss {alloc.predicted_loss:.4g} nats; "
                 f"sensitivity pass {alloc.sensitivity_s:.1f}s; bits saved in {run / rundir.ALLOCATION}")  # fmt: skip
     return "\n".join(rows)
+
+
+def _bit_list(bits: list[int] | None) -> str:
+    return "/".join(map(str, bits or []))
 
 
 def _check_export(path: Path, protocol: str, overwrite: bool) -> None:
