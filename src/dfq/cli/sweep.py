@@ -2,7 +2,8 @@
 
 Each point is an ordinary run directory under ``--out`` (``uniform-w4a4``, ``mixed-w4a4``); finished points are
 kept, so an interrupted sweep continues where it stopped. A mixed point ``W4A4`` is solved under the size and the
-bit-operations of uniform W4A4, and every mixed point reuses the sensitivities the first one measured.
+bit-operations of uniform W4A4, and every mixed point reuses the sensitivities the first one measured when it
+searches the same bit-widths (``recon`` searches each budget's own weight bits, so each of its points measures).
 """
 
 from __future__ import annotations
