@@ -1,0 +1,97 @@
+"""Do `recon`'s defaults transfer across depth and family? Where each CIFAR model loses its W4A4 accuracy.
+
+For each model, `dfq.quantize` with the default `recon` at W4A4 under the deploy protocol (the CLI's defaults), then
+the same run with one thing changed, so the rows say which part of Q the drop comes from:
+
+- ``default``: every layer and activation at 4 bits;
+- ``w8``: weights at 8 bits (activations still 4);
+- ``a8``: activations at 8 bits (weights still 4);
+- ``ends8``: the first and last layers with their activations at 8 bits (BRECQ's, QDrop's and Genie's exception);
+- ``real-pool``: the synthetic pool replaced by the first 1,024 images of the JPEG-75 CIFAR-10 test set, a
+  **diagnostic, not a method** (it bounds what better synthesis could buy; those photos include JPEG copies of the
+  lossless set's images, so it is an upper bound);
+- ``label-ce``: the pool synthesized with P's cross-entropy to a label assigned to each image in turn added to the
+  BatchNorm-statistics loss (``method.label_weight=1``), so that it is class-balanced.
+
+Every row is the final model on the 4-class lossless set (no selection), seed 0, with the model's full precision.
+
+Usage: python benchmarks/recon_transfer.py [--models resnet8_mlperf_cifar10 ...] [--variants default w8 ...]
+Writes benchmarks/results/recon_transfer.json, replacing rows of the same model and variant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+
+import torch
+from _common import JPEG, LOSSLESS, RESULTS, SHARED_DATA, WEIGHTS, command, top1_on, write_result
+
+import dfq
+from dfq.config import resolve_config
+from dfq.data import open_dataset
+from dfq.data.loader import make_loader
+from dfq.methods.recon import reconstruct
+from dfq.models import create_model
+from dfq.utils.seed import seed_everything
+
+MODELS = {
+    "resnet8_mlperf_cifar10": SHARED_DATA / "resnet8-mlperf-tiny-54f3da95.pt",
+    "resnet20a_cifar10": WEIGHTS,
+}
+VARIANTS = {
+    "default": {},
+    "w8": {"quant.wbits": 8},
+    "a8": {"quant.abits": 8},
+    "ends8": {"quant.ends_bits": 8},
+    "real-pool": {},
+    "label-ce": {"method.label_weight": 1.0},
+}
+POOL = 1024
+
+
+def run_variant(model: str, name: str) -> dict:
+    p = create_model(model, pretrained=False, weights=MODELS[model])
+    config = resolve_config(None, {"method.name": "recon", "quant.wbits": 4, "quant.abits": 4, **VARIANTS[name]})
+    start = time.perf_counter()
+    if name == "real-pool":
+        info = p.dfq_info
+        pool = torch.cat([x for x, _ in make_loader(open_dataset(JPEG), info.mean, info.std, limit=POOL)])
+        quant = dataclasses.replace(config.quant, input_range=info.input_range())
+        seed_everything(0)
+        q = reconstruct(p, quant, config.method, pool, generator=torch.Generator().manual_seed(0), progress=False)
+    else:
+        q = dfq.quantize(p, config.quant, config.method, seed=0, progress=False).model
+    seconds = round(time.perf_counter() - start, 1)
+    return {"model": model, "variant": name, "overrides": VARIANTS[name], "seconds": seconds,
+            **top1_on(q, {"lossless": LOSSLESS}), "command": command()}  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    args = parser.parse_args()
+    missing = [str(path) for path in [LOSSLESS, JPEG, *(MODELS[m] for m in args.models)] if not path.is_file()]
+    if missing:
+        print(f"skipped: not found: {', '.join(missing)}", file=sys.stderr)
+        return 0
+    old = RESULTS / "recon_transfer.json"
+    previous = json.loads(old.read_text()) if old.is_file() else {}
+    rows, fp = previous.get("results", []), previous.get("fp_top1", {})
+    for model in args.models:
+        fp[model] = top1_on(create_model(model, pretrained=False, weights=MODELS[model]), {"lossless": LOSSLESS})
+        for name in args.variants:
+            row = run_variant(model, name)
+            rows = [r for r in rows if (r["model"], r["variant"]) != (model, name)] + [row]
+            print(json.dumps(row), flush=True)
+            path = write_result("recon_transfer", {"fp_top1": fp, "results": rows})
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
