@@ -142,7 +142,7 @@ def run_part(name: str, size: int, part: str, timeout: float) -> dict:
     steps = {}
     for line in out.splitlines():
         if line.startswith(MARK):
-            rec = json.loads(line[len(MARK):])
+            rec = json.loads(line[len(MARK) :])
             steps[rec.pop("step")] = rec
     expected = ["recon"] if part == "recon" else ["zeroq", "export"]
     if "build" not in steps:

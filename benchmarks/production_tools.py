@@ -97,9 +97,14 @@ def aimet_row(p, info, wbits: int, abits: int, loader: list) -> dict:
     with torch.no_grad():
         sim.compute_encodings(lambda m, _: [m(b) for b in calib.split(50)], None)
     seconds = round(time.perf_counter() - t, 1)
-    return {"tool": f"AIMET {aimet_torch.__version__} CLE", "calibration": f"{CALIBRATION} uniform-pixels inputs",
-            "quant": f"W{wbits}A{abits} (simulated)", "seconds": seconds,
-            "top1": evaluate(sim.model.eval(), loader, progress=False)["top1"], "runtime": "pytorch (simulated)"}
+    return {
+        "tool": f"AIMET {aimet_torch.__version__} CLE",
+        "calibration": f"{CALIBRATION} uniform-pixels inputs",
+        "quant": f"W{wbits}A{abits} (simulated)",
+        "seconds": seconds,
+        "top1": evaluate(sim.model.eval(), loader, progress=False)["top1"],
+        "runtime": "pytorch (simulated)",
+    }
 
 
 def dfq_row(p, bits: int, abits: int, method, loader: list, tmp: Path) -> dict:
@@ -108,10 +113,15 @@ def dfq_row(p, bits: int, abits: int, method, loader: list, tmp: Path) -> dict:
                           progress=False)  # fmt: skip
     seconds = round(time.perf_counter() - t, 1)
     exported = dfq.export_onnx(result, tmp / f"dfq-w{bits}a{abits}.onnx")
-    return {"tool": f"dfq {dfq.__version__} {result.method_name}", "calibration": "data-free (synthetic images)",
-            "quant": f"W{bits}A{abits} deploy", "seconds": seconds,
-            "top1": evaluate(OnnxClassifier(exported["out"]), loader, progress=False)["top1"],
-            "top1_pytorch": evaluate(result.model.eval(), loader, progress=False)["top1"], "runtime": "onnxruntime"}
+    return {
+        "tool": f"dfq {dfq.__version__} {result.method_name}",
+        "calibration": "data-free (synthetic images)",
+        "quant": f"W{bits}A{abits} deploy",
+        "seconds": seconds,
+        "top1": evaluate(OnnxClassifier(exported["out"]), loader, progress=False)["top1"],
+        "top1_pytorch": evaluate(result.model.eval(), loader, progress=False)["top1"],
+        "runtime": "onnxruntime",
+    }
 
 
 def run_model(key: str, args: argparse.Namespace, tmp: Path) -> dict:

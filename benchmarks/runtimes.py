@@ -131,12 +131,19 @@ def run_model(key: str, args: argparse.Namespace, tmp: Path) -> dict:
         q_preds = np.concatenate([result.model(torch.from_numpy(x)).argmax(1).numpy() for x in batches])
     rows = runtime_rows({k: Path(v) for k, v in files.items()}, shape, batches, labels, q_preds, args.threads,
                         args.repeats)  # fmt: skip
-    return {"model": name, "data": data.name, "images": len(labels), "threads": args.threads,
-            "method": f"zeroq W8A8 deploy ({zq.num_samples} images x {zq.steps} steps)",
-            "data_free_seconds": data_free_s,
-            "top1_pytorch_q": round(100.0 * float((q_preds == labels).mean()), 3),
-            "int8_kernels": kernels(Path(files["int8"])), "rows": rows,
-            "weight_storage": storage_rows(p, shape, args.threads, args.repeats, tmp), "command": command()}
+    return {
+        "model": name,
+        "data": data.name,
+        "images": len(labels),
+        "threads": args.threads,
+        "method": f"zeroq W8A8 deploy ({zq.num_samples} images x {zq.steps} steps)",
+        "data_free_seconds": data_free_s,
+        "top1_pytorch_q": round(100.0 * float((q_preds == labels).mean()), 3),
+        "int8_kernels": kernels(Path(files["int8"])),
+        "rows": rows,
+        "weight_storage": storage_rows(p, shape, args.threads, args.repeats, tmp),
+        "command": command(),
+    }
 
 
 def main() -> int:

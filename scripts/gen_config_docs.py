@@ -78,8 +78,10 @@ def render() -> str:
     parts = [INTRO, "## `quant`\n", _table("quantization", QuantConfig, "quant.", QuantConfig())]
     mixed = MixedConfig(size="W4A4")
     mixed.size = None  # no budget by default: the section is absent and every layer takes quant's bits
-    parts.append("## `mixed`\n\nMixed precision under a budget ([docs/mixed_precision.md](mixed_precision.md)); "
-                 "absent by default. At least one of `size`, `bops`, `avg_wbits` is required.\n")
+    parts.append(
+        "## `mixed`\n\nMixed precision under a budget ([docs/mixed_precision.md](mixed_precision.md)); "
+        "absent by default. At least one of `size`, `bops`, `avg_wbits` is required.\n"
+    )
     parts.append(_table("mixed precision", MixedConfig, "mixed.", mixed).split("\n", 2)[2])
     parts.append("## `method`\n\n`method.name` picks the method (`dfq methods` lists them); its keys follow.\n")
     for name in METHODS.names():

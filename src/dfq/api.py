@@ -269,4 +269,3 @@ def run(
     if dist.main:
         save_json(summary, out / rundir.SUMMARY)
     return summary
-

@@ -178,6 +178,7 @@ def test_distill_inputs_lowers_the_bns_loss_and_leaves_the_teacher_alone() -> No
 
 def test_distill_inputs_is_deterministic_for_a_seed() -> None:
     teacher = _three_bn()
+
     def distil(seed: int) -> torch.Tensor:
         gen = torch.Generator().manual_seed(seed)
         return distill_inputs(teacher, (3, 8, 8), 4, steps=5, generator=gen, progress=False)

@@ -144,8 +144,11 @@ def _build_parser() -> argparse.ArgumentParser:
         help="keep the first and last layers (weights and the activations next to them) at B bits, as "
         "BRECQ/QDrop/Genie do; not the DFQ papers' protocol (quant.ends_bits)",
     )
-    p.add_argument("--export", metavar="FILE.onnx",
-                   help="also write Q as ONNX (deploy protocol) and, with --data, report its ONNX Runtime top-1")
+    p.add_argument(
+        "--export",
+        metavar="FILE.onnx",
+        help="also write Q as ONNX (deploy protocol) and, with --data, report its ONNX Runtime top-1",
+    )
     _add_mixed_args(p)
     _add_data_args(p, batch_flag="--eval-batch-size")
     p.set_defaults(func=cmd_quantize)
@@ -153,16 +156,25 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", parents=[common], help="uniform and mixed-precision runs, and their report")
     p.add_argument("model", help="model name from `dfq models`")
     p.add_argument("--uniform", metavar="W8A8,W4A4", help="uniform settings to run")
-    p.add_argument("--mixed", metavar="W4A4,W3A3",
-                   help="mixed precision under the size and bit-operations of each of these uniform settings")
+    p.add_argument(
+        "--mixed",
+        metavar="W4A4,W3A3",
+        help="mixed precision under the size and bit-operations of each of these uniform settings",
+    )
     p.add_argument("--out", required=True, help="directory of the runs (one per point) and of report/")
     p.add_argument("--method", help="data-free method (default: recon)")
     p.add_argument("--weights", help="float checkpoint (default: the published weights)")
     p.add_argument("--config", help="YAML preset; command-line values override it")
     p.add_argument("--seed", type=int, help="seed of every random stream (default 0)")
     p.add_argument("--data", help="real test set, used only to report accuracy")
-    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
-                   help="any config key, for every point (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="settings",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any config key, for every point (repeatable)",
+    )
     _add_data_args(p, batch_flag="--eval-batch-size")
     p.set_defaults(func=cmd_sweep)
 
@@ -171,8 +183,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="float checkpoint (default: the published weights)")
     p.add_argument("--num-samples", "--num", dest="num", type=int, default=256, help="number of images (default 256)")
     p.add_argument("--out", required=True, help=".npz (images, mean, std) or .npy file to write")
-    p.add_argument("--synthesizer", choices=["decoder", "pixels"], default="decoder",
-                   help="decoder: latent maps and a decoder (recon's pool); pixels: ZeroQ's pixel optimisation")
+    p.add_argument(
+        "--synthesizer",
+        choices=["decoder", "pixels"],
+        default="decoder",
+        help="decoder: latent maps and a decoder (recon's pool); pixels: ZeroQ's pixel optimisation",
+    )
     p.add_argument("--steps", type=int, help="optimisation steps (default: 150 per batch for recon, 500 for zeroq)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthesis")
     p.add_argument("--overwrite", action="store_true", help="replace an existing file")
@@ -212,13 +228,22 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def _add_mixed_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("mixed precision (choose each layer's bits under a budget; see docs/mixed_precision.md)")
-    g.add_argument("--size-budget", metavar="SIZE",
-                   help="weight storage, e.g. 180KB, 0.5MB, or W4A4 (the size of uniform W4A4) (mixed.size)")
-    g.add_argument("--bops-budget", metavar="BOPS",
-                   help="bit-operations per input, e.g. 0.65G, or W4A4 (those of uniform W4A4) (mixed.bops)")
+    g.add_argument(
+        "--size-budget",
+        metavar="SIZE",
+        help="weight storage, e.g. 180KB, 0.5MB, or W4A4 (the size of uniform W4A4) (mixed.size)",
+    )
+    g.add_argument(
+        "--bops-budget",
+        metavar="BOPS",
+        help="bit-operations per input, e.g. 0.65G, or W4A4 (those of uniform W4A4) (mixed.bops)",
+    )
     g.add_argument("--avg-wbits", type=float, metavar="B", help="average bits per weight (mixed.avg_wbits)")
-    g.add_argument("--pairs", metavar="W4A8,W8A8",
-                   help="the only (weight, input) bit pairs the target runs, e.g. W4A8,W8A8 (mixed.pairs)")
+    g.add_argument(
+        "--pairs",
+        metavar="W4A8,W8A8",
+        help="the only (weight, input) bit pairs the target runs, e.g. W4A8,W8A8 (mixed.pairs)",
+    )
 
 
 def _add_runtime_arg(p: argparse.ArgumentParser, what: str) -> None:

@@ -71,8 +71,9 @@ def _make_evaluator(args: argparse.Namespace, info: Any):
 
     if args.eval_batch_size < 1:
         raise DFQError(f"the evaluation batch size must be >= 1, got {args.eval_batch_size}")
-    dataset = open_dataset(args.data, image_size=info.input_size[-1], crop_fraction=info.crop_fraction,
-                           interpolation=info.interpolation)
+    dataset = open_dataset(
+        args.data, image_size=info.input_size[-1], crop_fraction=info.crop_fraction, interpolation=info.interpolation
+    )
     if dataset.num_classes > info.num_classes:
         raise DFQError(
             f"{args.data} has {dataset.num_classes} classes but model '{info.name}' predicts {info.num_classes}"
@@ -189,8 +190,12 @@ def _verify_batches(args: argparse.Namespace, model: nn.Module) -> list[torch.Te
         from dfq.data import make_loader, open_dataset
 
         info = model.dfq_info
-        dataset = open_dataset(args.data, image_size=info.input_size[-1], crop_fraction=info.crop_fraction,
-                           interpolation=info.interpolation)
+        dataset = open_dataset(
+            args.data,
+            image_size=info.input_size[-1],
+            crop_fraction=info.crop_fraction,
+            interpolation=info.interpolation,
+        )
         loader = make_loader(dataset, info.mean, info.std, batch_size=args.eval_batch_size, limit=args.limit or 1000)
         return [x for x, _ in loader]
     g = torch.Generator().manual_seed(0)

@@ -14,6 +14,7 @@ from dfq.quant.functional import quantize_affine
 
 INT32_LIMIT = 2**31 - 1
 
+
 def slice_inputs(name: str, index: Any) -> dict[str, list[int]]:
     """ONNX Slice's starts/ends/axes/steps for a Python index made of slices (full slices skipped)."""
     index = index if isinstance(index, tuple) else (index,)
@@ -94,6 +95,7 @@ def conv_attrs(conv: nn.Conv2d, name: str) -> dict[str, Any]:
         "dilations": list(pair(conv.dilation)),
         "group": conv.groups,
     }
+
 
 def pool_attrs(pool: nn.MaxPool2d | nn.AvgPool2d, name: str) -> dict[str, Any]:
     if getattr(pool, "return_indices", False) or pair(getattr(pool, "dilation", 1)) != (1, 1):

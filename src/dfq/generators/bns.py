@@ -59,9 +59,7 @@ class BNStatsLoss:
     def __init__(self, model: nn.Module) -> None:
         self.layers = {m: name for name, m in model.named_modules() if isinstance(m, _BN)}
         if not self.layers:
-            raise DFQError(
-                "data-free synthesis matches BatchNorm statistics, and this model has no BatchNorm layer"
-            )
+            raise DFQError("data-free synthesis matches BatchNorm statistics, and this model has no BatchNorm layer")
         self._stats: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 

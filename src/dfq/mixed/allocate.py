@@ -101,8 +101,13 @@ class MixedConfig:
         if self.wbits is not None:
             return self
         uniform = None if self.size is None else _uniform_or_none(self.size)
-        narrow = (learns_rounding and uniform is not None and self.avg_wbits is None and not self.pairs
-                  and not self.pointwise_only_wbits)
+        narrow = (
+            learns_rounding
+            and uniform is not None
+            and self.avg_wbits is None
+            and not self.pairs
+            and not self.pointwise_only_wbits
+        )
         return replace(self, wbits=[uniform[0]] if narrow else list(_CANDIDATES))
 
     def sensitivity_settings(self, seed: int) -> dict[str, Any]:

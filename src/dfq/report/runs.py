@@ -35,7 +35,6 @@ __all__ = [
 ]
 
 
-
 @dataclass
 class Run:
     """What one run directory holds (missing files as ``None`` / empty)."""

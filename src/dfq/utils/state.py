@@ -36,4 +36,3 @@ def no_param_grads(model: nn.Module) -> Iterator[None]:
     finally:
         for p in params:
             p.requires_grad_(True)
-
