@@ -113,13 +113,9 @@ def _build_parser() -> argparse.ArgumentParser:
         help="deploy: what integer runtimes run, exportable (default); paper: the DFQ papers' fake quantization "
         "(the papers' presets set it)",
     )
-    p.add_argument(
-        "--set",
-        dest="settings",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any config key, e.g. method.train.epochs=10, method.iters=200, quant.act_observer=minmax "
+    _add_set_arg(
+        p,
+        "any config key, e.g. method.train.epochs=10, method.iters=200, quant.act_observer=minmax "
         "(repeatable; docs/configuration.md lists them)",
     )
     p.add_argument("--device", default="auto", help="generator-based methods: cpu, cuda or auto (CUDA when available)")
@@ -167,14 +163,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML preset; command-line values override it")
     p.add_argument("--seed", type=int, help="seed of every random stream (default 0)")
     p.add_argument("--data", help="real test set, used only to report accuracy")
-    p.add_argument(
-        "--set",
-        dest="settings",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any config key, for every point (repeatable)",
-    )
+    _add_set_arg(p, "any config key, for every point (repeatable)")
     _add_data_args(p, batch_flag="--eval-batch-size")
     p.set_defaults(func=cmd_sweep)
 
@@ -248,6 +237,11 @@ def _add_mixed_args(p: argparse.ArgumentParser) -> None:
 
 def _add_runtime_arg(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--runtime", choices=list(RUNTIMES), default="onnxruntime", help=f"the runtime {what}")
+
+
+def _add_set_arg(p: argparse.ArgumentParser, help: str) -> None:
+    """``--set KEY=VALUE`` (repeatable), as ``quantize`` and ``sweep`` both take it."""
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE", help=help)
 
 
 def _add_data_args(p: argparse.ArgumentParser, batch_flag: str = "--batch-size") -> None:
