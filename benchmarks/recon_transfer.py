@@ -11,12 +11,14 @@ the same run with one thing changed, so the rows say which part of Q the drop co
   **diagnostic, not a method** (it bounds what better synthesis could buy; those photos include JPEG copies of the
   lossless set's images, so it is an upper bound);
 - ``label-ce``: the pool synthesized with P's cross-entropy to a label assigned to each image in turn added to the
-  BatchNorm-statistics loss (``method.label_weight=1``), so that it is class-balanced.
+  BatchNorm-statistics loss (``method.label_weight=1``), so that it is class-balanced;
+- ``bns-norm``: the pool synthesized with the BatchNorm statistics matched in units of each BatchNorm's running
+  standard deviation (``method.bns_normalized=true``).
 
-Every row is the final model on the 4-class lossless set (no selection), seed 0, with the model's full precision.
+Every row is the final model on the 4-class lossless set (no selection), with the model's full precision.
 
-Usage: python benchmarks/recon_transfer.py [--models resnet8_mlperf_cifar10 ...] [--variants default w8 ...]
-Writes benchmarks/results/recon_transfer.json, replacing rows of the same model and variant.
+Usage: python benchmarks/recon_transfer.py [--models resnet8_mlperf_cifar10 ...] [--variants default w8 ...] [--seed 0]
+Writes benchmarks/results/recon_transfer.json, replacing rows of the same model, variant and seed.
 """
 
 from __future__ import annotations
@@ -49,11 +51,12 @@ VARIANTS = {
     "ends8": {"quant.ends_bits": 8},
     "real-pool": {},
     "label-ce": {"method.label_weight": 1.0},
+    "bns-norm": {"method.bns_normalized": True},
 }
 POOL = 1024
 
 
-def run_variant(model: str, name: str) -> dict:
+def run_variant(model: str, name: str, seed: int) -> dict:
     p = create_model(model, pretrained=False, weights=MODELS[model])
     config = resolve_config(None, {"method.name": "recon", "quant.wbits": 4, "quant.abits": 4, **VARIANTS[name]})
     start = time.perf_counter()
@@ -61,12 +64,12 @@ def run_variant(model: str, name: str) -> dict:
         info = p.dfq_info
         pool = torch.cat([x for x, _ in make_loader(open_dataset(JPEG), info.mean, info.std, limit=POOL)])
         quant = dataclasses.replace(config.quant, input_range=info.input_range())
-        seed_everything(0)
-        q = reconstruct(p, quant, config.method, pool, generator=torch.Generator().manual_seed(0), progress=False)
+        seed_everything(seed)
+        q = reconstruct(p, quant, config.method, pool, generator=torch.Generator().manual_seed(seed), progress=False)
     else:
-        q = dfq.quantize(p, config.quant, config.method, seed=0, progress=False).model
+        q = dfq.quantize(p, config.quant, config.method, seed=seed, progress=False).model
     seconds = round(time.perf_counter() - start, 1)
-    return {"model": model, "variant": name, "overrides": VARIANTS[name], "seconds": seconds,
+    return {"model": model, "variant": name, "seed": seed, "overrides": VARIANTS[name], "seconds": seconds,
             **top1_on(q, {"lossless": LOSSLESS}), "command": command()}  # fmt: skip
 
 
@@ -74,6 +77,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     missing = [str(path) for path in [LOSSLESS, JPEG, *(MODELS[m] for m in args.models)] if not path.is_file()]
     if missing:
@@ -85,8 +89,8 @@ def main() -> int:
     for model in args.models:
         fp[model] = top1_on(create_model(model, pretrained=False, weights=MODELS[model]), {"lossless": LOSSLESS})
         for name in args.variants:
-            row = run_variant(model, name)
-            rows = [r for r in rows if (r["model"], r["variant"]) != (model, name)] + [row]
+            row = run_variant(model, name, args.seed)
+            rows = [r for r in rows if (r["model"], r["variant"], r.get("seed", 0)) != (model, name, args.seed)] + [row]
             print(json.dumps(row), flush=True)
             path = write_result("recon_transfer", {"fp_top1": fp, "results": rows})
     print(f"wrote {path}")

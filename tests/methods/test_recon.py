@@ -767,6 +767,17 @@ def test_recon_end_to_end_on_a_tiny_residual_net() -> None:
         assert torch.equal(v, w), k
 
 
+def test_recon_bns_normalized_reaches_the_synthesis() -> None:
+    """``method.bns_normalized`` changes the pool (the same seed otherwise), and so Q."""
+    kwargs = {"batch": 4, "steps": 3, "progress": False}
+    plain = synthesize_pool(_tiny(), SHAPE, 4, generator=_gen(5), **kwargs)
+    assert not torch.equal(plain, synthesize_pool(_tiny(), SHAPE, 4, generator=_gen(5), normalized=True, **kwargs))
+    model, quant = _tiny(), QuantConfig(wbits=4, abits=4)
+    qs = [dfq.quantize(model, quant, dataclasses.replace(TINY, bns_normalized=flag), example_inputs=EXAMPLE,
+                       progress=False).model.state_dict() for flag in (False, True)]  # fmt: skip
+    assert any(not torch.equal(qs[0][k], qs[1][k]) for k in qs[0])
+
+
 def test_recon_spilling_to_mapped_files_changes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With every pool-sized tensor in a memory-mapped file (spill_mb=0), Q is bitwise the one made in memory, and
     no file is left in TMPDIR."""

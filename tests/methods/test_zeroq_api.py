@@ -102,6 +102,43 @@ def test_bns_loss_matches_hand_computation() -> None:
     torch.testing.assert_close(loss, torch.stack(list(expected.values())).mean(), rtol=1e-5, atol=1e-6)
 
 
+def test_normalized_bns_loss_matches_hand_computation_in_units_of_the_running_std() -> None:
+    model = _three_bn()
+    x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 + 0.3
+    with torch.no_grad(), BNStatsLoss(model, normalized=True) as bns:
+        model(x)
+        per_layer = bns.per_layer()
+    for name, inp in model.bn_inputs(x).items():
+        bn = model.get_submodule(name)
+        dims = [0, *range(2, inp.dim())]
+        mean, var = inp.mean(dim=dims), inp.var(dim=dims, unbiased=False)
+        scale = bn.running_var + bn.eps
+        expected = ((mean - bn.running_mean) ** 2 / scale).mean() + (((var - bn.running_var) / scale) ** 2).mean()
+        torch.testing.assert_close(per_layer[name], expected.detach(), rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_normalized_bns_loss_does_not_depend_on_the_units_of_a_layer() -> None:
+    """Scaling a convolution and its BatchNorm's statistics by c leaves the network's function unchanged: the
+    normalized loss is unchanged at every layer, where the plain loss of that layer grows by about c**4."""
+    c = 50.0
+    model, scaled = _three_bn(), _three_bn()
+    with torch.no_grad():
+        scaled.conv1.weight.mul_(c), scaled.conv1.bias.mul_(c)
+        scaled.bn_a.running_mean.mul_(c), scaled.bn_a.running_var.mul_(c * c)
+        scaled.bn_a.eps *= c * c
+    x = torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    losses = {}
+    for normalized in (False, True):
+        for key, net in (("base", model), ("scaled", scaled)):
+            with torch.no_grad(), BNStatsLoss(net, normalized=normalized) as bns:
+                net(x)
+                losses[normalized, key] = bns.per_layer()
+    for name in ("bn_a", "bn_b", "head_bn"):
+        torch.testing.assert_close(losses[True, "scaled"][name], losses[True, "base"][name], rtol=1e-4, atol=1e-7)
+    ratio = losses[False, "scaled"]["bn_a"] / losses[False, "base"]["bn_a"]
+    assert float(ratio) > c**3
+
+
 def test_bns_loss_hooks_are_removed_and_state_cleared() -> None:
     model = _three_bn()
     bns_modules = [m for m in model.modules() if isinstance(m, nn.BatchNorm1d | nn.BatchNorm2d)]

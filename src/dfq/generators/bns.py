@@ -7,6 +7,11 @@ the BN's running statistics:
 
     L_BNS = (1/L) * sum_l [ MSE(mu_l, running_mean_l) + MSE(var_l, running_var_l) ]
 
+With ``normalized=True`` both statistics are first divided by the BN's own scale,
+``mu / sqrt(running_var + eps)`` and ``var / (running_var + eps)`` (targets alike):
+the loss of a layer no longer grows with the square of its units, so a stem fed
+raw 0-255 pixels or a wide expansion layer does not outweigh all the others.
+
 Statistics are keyed by module, never by list position, and the hooks are
 removed on exit.
 """
@@ -56,7 +61,8 @@ def channel_mean_var(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class BNStatsLoss:
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, *, normalized: bool = False) -> None:
+        self.normalized = normalized
         self.layers = {m: name for name, m in model.named_modules() if isinstance(m, _BN)}
         if not self.layers:
             raise DFQError("data-free synthesis matches BatchNorm statistics, and this model has no BatchNorm layer")
@@ -80,7 +86,11 @@ class BNStatsLoss:
         """BNS loss of each BN layer seen in the last forward, by layer name."""
         out = {}
         for m, (mean, var) in self._stats.items():
-            out[self.layers[m]] = F.mse_loss(mean, m.running_mean) + F.mse_loss(var, m.running_var)
+            rm, rv = m.running_mean, m.running_var
+            if self.normalized:
+                scale = (rv + m.eps).detach()
+                mean, rm, var, rv = mean / scale.sqrt(), rm / scale.sqrt(), var / scale, rv / scale
+            out[self.layers[m]] = F.mse_loss(mean, rm) + F.mse_loss(var, rv)
         return out
 
     def loss(self) -> torch.Tensor:

@@ -152,6 +152,7 @@ def synthesize_pool(
     swing: bool = True,
     lowpass: float = 0.0,
     label_weight: float = 0.0,
+    normalized: bool = False,
     generator: torch.Generator,
     progress: bool = True,
     input_stats: InputStats | None = None,
@@ -159,13 +160,14 @@ def synthesize_pool(
 ) -> torch.Tensor:
     """``num_samples`` images, ``batch`` at a time, each batch's latents and decoder optimised for ``steps``
     Adam steps (cosine learning rate from ``lr``) against P's BNS loss, plus ``label_weight`` times P's
-    cross-entropy to a label assigned in turn (a class-balanced pool; 0: BNS only, as Genie). The decoder
+    cross-entropy to a label assigned in turn (a class-balanced pool; 0: BNS only, as Genie); ``normalized``: the
+    BNS loss in units of each BatchNorm's running standard deviation (:class:`BNStatsLoss`). The decoder
     makes standardised images, mapped by :func:`to_input_space` with ``input_stats``. A pool over ``spill_bytes``
     lives in a memory-mapped temporary file (:func:`dfq.utils.buffers.pool_tensor`)."""
     pool = pool_tensor((num_samples, *input_size), spill_bytes=spill_bytes)
     starts = range(0, num_samples, batch)
     bar = tqdm(total=len(starts) * steps, desc="synthesize", disable=not progress)
-    with _frozen(teacher), BNStatsLoss(teacher) as bns, bar:
+    with _frozen(teacher), BNStatsLoss(teacher, normalized=normalized) as bns, bar:
         for start in starts:
             n = min(batch, num_samples - start)
             decoder = LatentDecoder(n, input_size, generator=generator)

@@ -65,6 +65,9 @@ class ReconConfig:
         Nyquist frequency (0: off).
     label_weight: weight of P's cross-entropy to a label assigned to each image (classes in
         turn, so the pool is class-balanced), added to the BNS loss (0: BNS only, as Genie).
+    bns_normalized: match each BatchNorm's statistics in units of its running standard deviation, so that every
+        layer weighs the same whatever the scale of its values (False: in the layer's own units, as Genie and ZeroQ,
+        where one layer can outweigh all others, such as the stem of a model fed raw pixels).
     iters: reconstruction steps per unit.
     batch_size: images per reconstruction step.
     lr_round, lr_wstep, lr_astep: Adam learning rates of the rounding variables, the weight
@@ -87,6 +90,7 @@ class ReconConfig:
     swing: bool = True
     lowpass: float = 0.0
     label_weight: float = 0.0
+    bns_normalized: bool = False
     iters: int = 1000
     batch_size: int = 32
     lr_round: float = 1e-2
@@ -342,7 +346,8 @@ class Recon(Method):
             units(quantize_model(teacher, quant))  # an unsupported layer or graph is refused before the synthesis
         pool = synthesize_pool(
             teacher, ctx.input_size, c.num_samples, batch=c.synth_batch, steps=c.synth_steps, lr=c.synth_lr,
-            swing=c.swing, lowpass=c.lowpass, label_weight=c.label_weight, generator=ctx.generator,
+            swing=c.swing, lowpass=c.lowpass, label_weight=c.label_weight, normalized=c.bns_normalized,
+            generator=ctx.generator,
             input_stats=ctx.input_stats, progress=ctx.progress, spill_bytes=c.spill_bytes,
         )  # fmt: skip
         synthesized = time.perf_counter()
