@@ -347,8 +347,7 @@ class Recon(Method):
         pool = synthesize_pool(
             teacher, ctx.input_size, c.num_samples, batch=c.synth_batch, steps=c.synth_steps, lr=c.synth_lr,
             swing=c.swing, lowpass=c.lowpass, label_weight=c.label_weight, normalized=c.bns_normalized,
-            generator=ctx.generator,
-            input_stats=ctx.input_stats, progress=ctx.progress, spill_bytes=c.spill_bytes,
+            generator=ctx.generator, input_stats=ctx.input_stats, progress=ctx.progress, spill_bytes=c.spill_bytes,
         )  # fmt: skip
         synthesized = time.perf_counter()
         q = reconstruct(teacher, quant, c, pool, generator=ctx.generator, progress=ctx.progress)
