@@ -89,7 +89,8 @@ class BNStatsLoss:
             rm, rv = m.running_mean, m.running_var
             if self.normalized:
                 scale = (rv + m.eps).detach()
-                mean, rm, var, rv = mean / scale.sqrt(), rm / scale.sqrt(), var / scale, rv / scale
+                std = scale.sqrt()
+                mean, rm, var, rv = mean / std, rm / std, var / scale, rv / scale
             out[self.layers[m]] = F.mse_loss(mean, rm) + F.mse_loss(var, rv)
         return out
 
