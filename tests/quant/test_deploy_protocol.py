@@ -264,6 +264,36 @@ def test_conv_batchnorm_equals_the_explicitly_folded_integer_conv():
     assert torch.allclose(batchnorm_affine(bn)[0], gain)
 
 
+class _ChainedResiduals(nn.Module):
+    """Residual blocks with no activation after the sum (MobileNetV2's): the first sum feeds a convolution and the
+    second addition, the second sum the pooling."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.conv1, self.bn1 = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.conv2, self.bn2 = nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        x = x + self.bn1(self.conv1(x))
+        return self.head(x + self.bn2(self.conv2(x)))
+
+
+@pytest.mark.parametrize("output_bits", [None, 4, 8])
+def test_every_layer_reads_abits_and_only_elementwise_inputs_take_output_bits(output_bits):
+    """The default keeps the sites that only additions read at 8 bits and every layer's input at abits, the first
+    sum included (a convolution reads it); ``output_bits=4`` puts those sites at 4 bits too."""
+    q = quantize_model(_ChainedResiduals().eval(), QuantConfig(wbits=4, abits=4, output_bits=output_bits))
+    layers = [m for m in q.modules() if isinstance(m, QuantConv2d | QuantLinear)]
+    assert [m.input_site.spec.bits for m in layers] == [8, 4, 4, 4]  # the image at input_bits
+    read = {id(m.input_site) for m in layers}
+    elementwise = [aq.spec.bits for _, aq in act_quantizers(q) if id(aq) not in read]
+    assert sorted(elementwise) == [output_bits or 8] * 3  # bn1, bn2 and the second sum (pooled)
+    assert q.bn1.output_quantizer.spec.bits == q.bn2.output_quantizer.spec.bits == (output_bits or 8)
+
+
 def test_output_bits_sets_the_sites_that_feed_additions_and_overrides_still_win():
     """quant.output_bits: the inputs of residual additions at their own bit-width, every other site at abits."""
     q = quantize_model(create_model(MODEL), QuantConfig(wbits=4, abits=4, output_bits=8,

@@ -121,11 +121,13 @@ class QuantConfig:
         quantize_residual: deploy protocol: quantize the BatchNorm outputs (or Conv2d/Linear outputs that
             no BatchNorm follows) that enter residual additions and concatenations, so the convolutions before
             them run on integer kernels too.
-        output_bits: deploy protocol: bit-width of those output sites (and of the inputs of activations outside the
-            ReLU family); ``None``: ``abits``. The inputs of ResNet-20's additions at 4 bits cost its W4A4 model
-            0.95 points against the papers' protocol, which leaves them in float; at 8 bits they run on the same
-            int8 kernels of ONNX Runtime and OpenVINO, whose activation containers are 8-bit anyway. Per-site
-            ``overrides`` still win.
+        output_bits: deploy protocol: bit-width of the output sites that no Conv2d/Linear reads (the inputs of
+            additions and concatenations, of activations outside the ReLU family); ``None``: 8 (``abits`` where
+            higher). A site that a layer reads stays at ``abits``: every multiply-accumulate reads ``abits``
+            codes. The others feed element-wise operators, which ONNX Runtime and OpenVINO run on 8-bit
+            containers whatever the codes' width; at 4 bits the inputs of ResNet-20's additions cost its W4A4
+            model 0.95 points against the papers' protocol, which leaves them in float. Per-site ``overrides``
+            still win.
     """
 
     protocol: str = "deploy"
@@ -206,10 +208,13 @@ class QuantConfig:
                 abits = o.abits if o.abits is not None else abits
         return wbits, abits
 
-    def output_bits_for(self, name: str) -> int:
-        """Bits of the deploy protocol's output site of layer ``name``: ``output_bits`` unless an override sets them."""
+    def output_bits_for(self, name: str, *, layer_reads: bool) -> int:
+        """Bits of the deploy protocol's output site ``name``: an override's; else ``abits`` where a Conv2d/Linear
+        reads it (``layer_reads``), else ``output_bits``."""
         overridden = any(fnmatch.fnmatchcase(name, p) and o.abits is not None for p, o in self.overrides.items())
-        return self.bits_for(name)[1] if overridden or self.output_bits is None else self.output_bits
+        if overridden or layer_reads:
+            return self.bits_for(name)[1]
+        return max(8, self.abits) if self.output_bits is None else self.output_bits
 
 
 def quantize_model(model: nn.Module, config: QuantConfig, *, inplace: bool = False) -> nn.Module:

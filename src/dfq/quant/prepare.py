@@ -224,9 +224,9 @@ def _split_local(module: nn.Module, name: str, tracer: fx.Tracer) -> nn.Module |
     return gm
 
 
-def insert_after(model: nn.Module, targets: list[fx.Node], make: Callable[[str], nn.Module]) -> nn.Module:
-    """``model`` with a new module ``make(name)`` applied to the output of each of ``targets`` (function or method
-    calls of a whole-model trace of ``model``, :func:`dfq.quant.graph.trace`).
+def insert_after(model: nn.Module, targets: list[fx.Node], make: Callable[[str, fx.Node], nn.Module]) -> nn.Module:
+    """``model`` with a new module ``make(name, target)`` applied to the output of each of ``targets`` (function or
+    method calls of a whole-model trace of ``model``, :func:`dfq.quant.graph.trace`).
 
     The module whose own ``forward`` makes a target is rewritten with torch.fx (a GraphModule with its class name
     and submodule names, as :func:`split_activation_sites` does) and the new module is its child
@@ -253,7 +253,7 @@ def insert_after(model: nn.Module, targets: list[fx.Node], make: Callable[[str],
 
 
 def _insert_local(
-    module: nn.Module, picks: list[int], whole: list[fx.Node], make: Callable[[str], nn.Module], owner: str
+    module: nn.Module, picks: list[int], whole: list[fx.Node], make: Callable[[str, fx.Node], nn.Module], owner: str
 ) -> fx.GraphModule | None:
     try:
         graph = _ShallowTracer(module).trace(module)
@@ -266,7 +266,7 @@ def _insert_local(
     for i in picks:
         node = local[i]
         child = f"{node.name}_out"
-        gm.add_submodule(child, make(f"{owner}.{child}" if owner else child))
+        gm.add_submodule(child, make(f"{owner}.{child}" if owner else child, whole[i]))
         with graph.inserting_after(node):
             new = graph.call_module(child, args=(node,))
         node.replace_all_uses_with(new, delete_user_cb=lambda user, new=new: user is not new)

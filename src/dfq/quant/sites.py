@@ -51,7 +51,7 @@ def add_deploy_sites(model: nn.Module, config: QuantConfig) -> nn.Module:
     modules = dict(model.named_modules())
     joins = _ungridded_joins(graph, modules, config)
     if joins:  # their grids are new modules: trace the rewritten model again
-        model = insert_after(model, joins, lambda name: _deploy_act_quantizer(config.output_bits_for(name), config))
+        model = insert_after(model, joins, lambda name, join: _output_quantizer(name, join, modules, config))
         graph = trace(model, "the deploy protocol")
         modules = dict(model.named_modules())
     nodes = list(graph.nodes)
@@ -151,10 +151,19 @@ def _quantize_output(model: nn.Module, source: fx.Node, modules: dict, config: Q
     name = str(source.target)
     m = modules[name]
     if type(m) is nn.BatchNorm2d:
-        modules[name] = QuantBatchNorm2d.from_float(m, _deploy_act_quantizer(config.output_bits_for(name), config))
+        modules[name] = QuantBatchNorm2d.from_float(m, _output_quantizer(name, source, modules, config))
         set_submodule(model, name, modules[name])
     elif isinstance(m, QuantConv2d | QuantLinear) and following_batchnorm(source, modules) is None:
-        m.output_quantizer = _deploy_act_quantizer(config.output_bits_for(name), config)
+        m.output_quantizer = _output_quantizer(name, source, modules, config)
+
+
+def _output_quantizer(name: str, node: fx.Node, modules: dict, config: QuantConfig) -> ActQuantizer:
+    """The grid of the output site ``name`` on ``node``: ``abits`` where a Conv2d/Linear reads it, else
+    ``output_bits`` (see :class:`dfq.quant.QuantConfig`)."""
+    layer_reads = any(
+        isinstance(modules.get(str(r.target)), QuantConv2d | QuantLinear) for r in _readers(node, modules)
+    )
+    return _deploy_act_quantizer(config.output_bits_for(name, layer_reads=layer_reads), config)
 
 
 def _site(node: fx.Node, modules: dict) -> ActQuantizer | None:
