@@ -126,6 +126,7 @@ def migrate(data: dict[str, Any], method: str | None = None) -> dict[str, Any]:
     Earlier run directories saved every section; those of other methods are dropped where they hold only
     defaults, and are an error where they set something (they would otherwise be silently ignored).
     """
+    _migrate_output_bits(data)
     if isinstance(data.get("method"), dict):
         return data
     name = data.pop("method", None) or method or DEFAULT_METHOD
@@ -141,6 +142,14 @@ def migrate(data: dict[str, Any], method: str | None = None) -> dict[str, Any]:
             raise DFQError(f"config section '{key}' does not apply to method '{name}'")
     data["method"] = section
     return data
+
+
+def _migrate_output_bits(data: dict[str, Any]) -> None:
+    """A config saved while ``quant.output_bits: null`` meant ``abits`` (today it resolves to 8 when the config is
+    built, so saved configs hold a number): its model's sites were at ``abits``, and reload so."""
+    quant = data.get("quant")
+    if isinstance(quant, dict) and "output_bits" in quant and quant["output_bits"] is None and "abits" in quant:
+        quant["output_bits"] = quant["abits"]
 
 
 def _fields_of(name: str) -> set[str]:

@@ -204,6 +204,25 @@ def test_deploy_checkpoint_round_trip(tmp_path):
     assert torch.equal(loaded(x), q.eval()(x))
 
 
+def test_a_checkpoint_saved_when_output_bits_null_meant_abits_reloads_its_4_bit_sites(tmp_path):
+    """Configs saved before output_bits defaulted to 8 hold ``null``: their residual sites were at abits and must
+    reload so (the state holds no bit-width); a config built today saves the resolved 8."""
+    torch.manual_seed(0)
+    old = QuantConfig(wbits=4, abits=4, output_bits=4)
+    q = quantize_model(create_model(MODEL), old)
+    calibrate(q, [torch.randn(2, 3, 32, 32)])
+    config = RunConfig(model=MODEL, quant=old, method=ZeroQConfig())
+    save_quantized(tmp_path / "model.pt", q, config)
+    payload = torch.load(tmp_path / "model.pt", weights_only=False)
+    payload["config"]["quant"]["output_bits"] = None  # as dfq wrote it then
+    torch.save(payload, tmp_path / "model.pt")
+    loaded, loaded_config = load_quantized(tmp_path)
+    assert loaded_config.quant.output_bits == 4 and loaded.layer1[0].bn2.output_quantizer.spec.bits == 4
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(loaded(x), q.eval()(x))
+    assert QuantConfig(wbits=4, abits=4).to_dict()["output_bits"] == 8
+
+
 # --------------------------------------------------------------------------- integer-grid biases
 
 

@@ -123,11 +123,11 @@ class QuantConfig:
             them run on integer kernels too.
         output_bits: deploy protocol: bit-width of the output sites that no Conv2d/Linear reads (the inputs of
             additions and concatenations, of activations outside the ReLU family); ``None``: 8 (``abits`` where
-            higher). A site that a layer reads stays at ``abits``: every multiply-accumulate reads ``abits``
-            codes. The others feed element-wise operators, which ONNX Runtime and OpenVINO run on 8-bit
-            containers whatever the codes' width; at 4 bits the inputs of ResNet-20's additions cost its W4A4
-            model 0.95 points against the papers' protocol, which leaves them in float. Per-site ``overrides``
-            still win.
+            higher), resolved when the config is built. A site that a layer reads stays at ``abits``: every
+            multiply-accumulate reads ``abits`` codes. The others feed element-wise operators, which ONNX Runtime
+            and OpenVINO run on 8-bit containers whatever the codes' width; at 4 bits the inputs of ResNet-20's
+            additions cost its W4A4 model 0.95 points against the papers' protocol, which leaves them in float.
+            Per-site ``overrides`` still win.
     """
 
     protocol: str = "deploy"
@@ -155,8 +155,9 @@ class QuantConfig:
         check_bits(self.input_bits, "input_bits")
         if self.ends_bits is not None:
             check_bits(self.ends_bits, "ends_bits")
-        if self.output_bits is not None:
-            check_bits(self.output_bits, "output_bits")
+        if self.output_bits is None:  # resolved here, so that a saved config says which grids its model has
+            self.output_bits = max(8, self.abits)
+        check_bits(self.output_bits, "output_bits")
         if self.input_range is not None:
             lo, hi = self.input_range = tuple(float(v) for v in self.input_range)  # type: ignore[assignment]
             if not lo < hi:
@@ -212,9 +213,7 @@ class QuantConfig:
         """Bits of the deploy protocol's output site ``name``: an override's; else ``abits`` where a Conv2d/Linear
         reads it (``layer_reads``), else ``output_bits``."""
         overridden = any(fnmatch.fnmatchcase(name, p) and o.abits is not None for p, o in self.overrides.items())
-        if overridden or layer_reads:
-            return self.bits_for(name)[1]
-        return max(8, self.abits) if self.output_bits is None else self.output_bits
+        return self.bits_for(name)[1] if overridden or layer_reads else self.output_bits
 
 
 def quantize_model(model: nn.Module, config: QuantConfig, *, inplace: bool = False) -> nn.Module:
