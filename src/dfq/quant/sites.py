@@ -160,9 +160,8 @@ def _quantize_output(model: nn.Module, source: fx.Node, modules: dict, config: Q
 def _output_quantizer(name: str, node: fx.Node, modules: dict, config: QuantConfig) -> ActQuantizer:
     """The grid of the output site ``name`` on ``node``: ``abits`` where a Conv2d/Linear reads it, else
     ``output_bits`` (see :class:`dfq.quant.QuantConfig`)."""
-    layer_reads = any(
-        isinstance(modules.get(str(r.target)), QuantConv2d | QuantLinear) for r in _readers(node, modules)
-    )
+    readers = [modules[str(r.target)] for r in _readers(node, modules) if r.op == "call_module"]
+    layer_reads = any(isinstance(m, QuantConv2d | QuantLinear) for m in readers)
     return _deploy_act_quantizer(config.output_bits_for(name, layer_reads=layer_reads), config)
 
 
