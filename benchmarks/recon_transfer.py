@@ -73,9 +73,9 @@ def run_variant(model: str, name: str, seed: int) -> dict:
     else:
         q = dfq.quantize(p, config.quant, config.method, seed=seed, progress=False).model
     seconds = round(time.perf_counter() - start, 1)
-    output_bits = config.quant.output_bits_for("", layer_reads=False)  # of the additions' inputs
-    return {"model": model, "variant": name, "seed": seed, "overrides": VARIANTS[name], "output_bits": output_bits,
-            "seconds": seconds, **top1_on(q, {"lossless": LOSSLESS}), "command": command()}  # fmt: skip
+    return {"model": model, "variant": name, "seed": seed, "overrides": VARIANTS[name],
+            "output_bits": config.quant.output_bits, "seconds": seconds, **top1_on(q, {"lossless": LOSSLESS}),
+            "command": command()}  # fmt: skip
 
 
 def _key(row: dict) -> tuple:
