@@ -12,6 +12,8 @@ the same run with one thing changed, so the rows say which part of Q the drop co
 - ``real-pool``: the synthetic pool replaced by the first 1,024 images of the JPEG-75 CIFAR-10 test set, a
   **diagnostic, not a method** (it bounds what better synthesis could buy; those photos include JPEG copies of the
   lossless set's images, so it is an upper bound);
+- ``real-pool-w8``: the same real pool with weights at 8 bits (what is left when neither the pool nor the weights
+  cost anything);
 - ``label-ce``: the pool synthesized with P's cross-entropy to a label assigned to each image in turn added to the
   BatchNorm-statistics loss (``method.label_weight=1``), so that it is class-balanced;
 - ``bns-norm``: the pool synthesized with the BatchNorm statistics matched in units of each BatchNorm's running
@@ -54,6 +56,7 @@ VARIANTS = {
     "a8": {"quant.abits": 8},
     "ends8": {"quant.ends_bits": 8},
     "real-pool": {},
+    "real-pool-w8": {"quant.wbits": 8},
     "label-ce": {"method.label_weight": 1.0},
     "bns-norm": {"method.bns_normalized": True},
 }
@@ -64,7 +67,7 @@ def run_variant(model: str, name: str, seed: int) -> dict:
     p = create_model(model, pretrained=False, weights=MODELS[model])
     config = resolve_config(None, {"method.name": "recon", "quant.wbits": 4, "quant.abits": 4, **VARIANTS[name]})
     start = time.perf_counter()
-    if name == "real-pool":
+    if name.startswith("real-pool"):
         info = p.dfq_info
         pool = torch.cat([x for x, _ in make_loader(open_dataset(JPEG), info.mean, info.std, limit=POOL)])
         quant = dataclasses.replace(config.quant, input_range=info.input_range())
