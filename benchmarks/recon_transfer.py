@@ -61,13 +61,14 @@ VARIANTS = {
     "bns-norm": {"method.bns_normalized": True},
 }
 POOL = 1024
+REAL_POOL = {"real-pool", "real-pool-w8"}  # the variants reconstructing from real images
 
 
 def run_variant(model: str, name: str, seed: int) -> dict:
     p = create_model(model, pretrained=False, weights=MODELS[model])
     config = resolve_config(None, {"method.name": "recon", "quant.wbits": 4, "quant.abits": 4, **VARIANTS[name]})
     start = time.perf_counter()
-    if name.startswith("real-pool"):
+    if name in REAL_POOL:
         info = p.dfq_info
         pool = torch.cat([x for x, _ in make_loader(open_dataset(JPEG), info.mean, info.std, limit=POOL)])
         quant = dataclasses.replace(config.quant, input_range=info.input_range())
