@@ -37,6 +37,27 @@ class DeadChannel(nn.Module):
         return self.fc(torch.flatten(self.pool(self.relu(self.bn(self.conv(x)))), 1))
 
 
+class TinyWeightLargeBias(nn.Module):
+    """Channel 0 with weights ~1e-5 but a bias of 100 (with ``bn``: a gain of 1e-6 and a shift of 50), as cross-layer
+    equalization leaves some of Lite0's channels: on its own weight step the bias needs a code beyond int32."""
+
+    def __init__(self, bn: bool) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=not bn)
+        self.bn = nn.BatchNorm2d(4) if bn else nn.Identity()
+        self.relu, self.pool, self.fc = nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Linear(4, 5)
+        with torch.no_grad():
+            self.conv.weight.mul_(0.1)
+            if bn:
+                self.bn.weight[0], self.bn.bias[0] = 1e-6, 50.0
+            else:
+                self.conv.weight[0].mul_(1e-4)
+                self.conv.bias[0] = 100.0
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(self.relu(self.bn(self.conv(x)))), 1))
+
+
 class ProjectionShortcut(nn.Module):
     """ResNet-8's block: a 1x1 strided conv with bias and no BatchNorm added to a conv-BN branch."""
 
@@ -85,6 +106,32 @@ def test_step_floor_never_binds_on_resnet20():
         if isinstance(m, nn.Conv2d | nn.Linear):
             top = m.weight.detach().abs().flatten(1).amax(1)
             assert top.min() / top.max() > 8 * STEP_FLOOR
+
+
+@pytest.mark.parametrize("bn", [False, True], ids=["bias", "batchnorm"])
+def test_weight_step_rises_until_the_bias_fits_int32_and_the_export_stays_exact(tmp_path, bn):
+    torch.manual_seed(0)
+    q, batches = _calibrated(TinyWeightLargeBias(bn))
+    wq, w = q.conv.weight_quantizer, q.conv.weight
+    own, step = wq.minmax_qparams(w)[0].flatten(), wq.qparams(w)[0].flatten()
+    floor = q.conv.bias_step_floor()
+    assert step[0] > own[0] and torch.isclose(step[0].double(), floor[0].float().double())  # raised to the floor
+    torch.testing.assert_close(step[1:], own[1:], rtol=0, atol=0)  # the other channels keep their own step
+    result = export(q, tmp_path / "m.onnx", {"input_size": list(SHAPE)}, verify_batches=batches)
+    assert result["integer_ops"]["QLinearConv"] == 1 and not result["float_ops"]
+    parity = result["verify"]
+    assert parity["top1_agreement"] == 1.0 and all(s["max_lsb"] <= 1 for s in parity["sites"]), parity["sites"]
+
+
+def test_bias_step_floor_never_binds_on_resnet20():
+    """Deploy-protocol ResNet-20 keeps its own weight steps: every bias fits int32 with room to spare."""
+    require_shared(RESNET20_WEIGHTS)
+    q = quantize_model(create_model("resnet20a_cifar10", weights=RESNET20_WEIGHTS).eval(), DEPLOY)
+    calibrate(q, [torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))])
+    layers = [m for m in q.eval().modules() if hasattr(m, "bias_step_floor")]
+    assert len(layers) == 20 and all(m.bias_step_floor() is not None for m in layers)  # 19 convolutions, 1 linear
+    for m in layers:
+        assert (m.weight_quantizer.minmax_qparams(m.weight)[0].flatten() > 8 * m.bias_step_floor()).all()
 
 
 def test_projection_shortcut_gets_an_output_site_and_runs_on_integer_kernels(tmp_path):

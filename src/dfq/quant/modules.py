@@ -36,6 +36,10 @@ __all__ = [
 ]
 
 
+# Bias codes stay within half of int32's range, so that float32 steps and rounding cannot push them over.
+_BIAS_CODE_LIMIT = 2.0**30
+
+
 def batchnorm_affine(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """BatchNorm with fixed statistics as ``gain * x + shift`` (float64, per channel)."""
     std = torch.sqrt(bn.running_var.detach().double() + bn.eps)
@@ -86,10 +90,36 @@ class _IntegerLayerMixin:
     weight_quantizer: WeightQuantizer
     input_site: ActQuantizer | None = None
     bn_follows: bool = False
+    folded_bn: QuantBatchNorm2d | None = None
 
     def set_input_site(self, site: ActQuantizer | None, bn_follows: bool) -> None:
         object.__setattr__(self, "input_site", site)
         object.__setattr__(self, "bn_follows", bn_follows)
+        self.weight_quantizer.set_step_floor(self.bias_step_floor)
+
+    def bias_step_floor(self) -> torch.Tensor | None:
+        """The smallest weight step per output channel at which the (folded) bias fits in int32 on the accumulator
+        grid ``s_x * |g * s_w|``, with half the range to spare; ``None`` when the input is not on a grid.
+
+        A channel whose weights are almost 0 but whose bias is not (EfficientNet-Lite0 after cross-layer
+        equalization: weights ~1e-7, bias -1.27) would otherwise need a bias code beyond int32 (4.1e9 there).
+        ONNX Runtime's quantization tool raises such a channel's weight step the same way; the weights then round
+        to few codes, which changes the channel by less than their ~1e-7 values.
+        """
+        x_scale = _site_scale(self.input_site)
+        bn = self.folded_bn
+        if x_scale is None or (self.bn_follows and (bn is None or bn.training or bn.running_var is None)):
+            return None
+        if self.bn_follows:
+            gain, shift = batchnorm_affine(bn)
+            shift = shift if self.bias is None else shift + gain * self.bias.detach().double()
+        elif self.bias is not None:
+            shift = self.bias.detach().double()
+            gain = torch.ones_like(shift)
+        else:
+            return None
+        floor = shift.abs() / (x_scale.double() * gain.abs() * _BIAS_CODE_LIMIT)
+        return torch.where(gain == 0, 0.0, floor)  # a zero gain folds to step 1 (folded_weight_scale)
 
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.input_quantizer is None else self.input_quantizer(x)
@@ -212,8 +242,9 @@ class QuantBatchNorm2d(nn.BatchNorm2d):
         return q
 
     def set_conv(self, conv: QuantConv2d) -> None:
-        """The convolution this BatchNorm folds into (a plain reference, not a submodule)."""
+        """The convolution this BatchNorm folds into (plain references both ways, not submodules)."""
         object.__setattr__(self, "conv", conv)
+        object.__setattr__(conv, "folded_bn", self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)

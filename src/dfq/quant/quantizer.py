@@ -52,6 +52,13 @@ class WeightQuantizer(nn.Module):
         self.alpha: nn.Parameter | None = None
         self.learns_step = False
         self.soft_rounding = False  # while rounding learns: h(alpha) in [0, 1]; else the hard 0/1 decision
+        self.step_floor: Callable[[], torch.Tensor | None] | None = None
+
+    def set_step_floor(self, floor: Callable[[], torch.Tensor | None] | None) -> None:
+        """The smallest step of each output channel that something outside the weights needs (under the deploy
+        protocol: the bias must fit in int32 on the accumulator grid, see
+        :meth:`dfq.quant.modules.QuantConv2d.bias_step_floor`). It binds only on steps below it."""
+        self.step_floor = floor
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if self.spec.is_noop:
@@ -69,8 +76,16 @@ class WeightQuantizer(nn.Module):
         """Grid of ``w``, shaped to broadcast against it (while a step learns: the learned step)."""
         if self.stored:
             scale = self.step.detach().abs().clamp(min=1e-8) if hasattr(self, "step") else self.scale
-            return scale, self.zero_point, int(self.code_range[0]), int(self.code_range[1])
-        return self.minmax_qparams(w)
+            return self._floored(scale), self.zero_point, int(self.code_range[0]), int(self.code_range[1])
+        scale, zero_point, qmin, qmax = self.minmax_qparams(w)
+        return self._floored(scale), zero_point, qmin, qmax
+
+    def _floored(self, scale: torch.Tensor) -> torch.Tensor:
+        floor = self.step_floor() if self.step_floor is not None and self.spec.symmetric else None
+        if floor is None:
+            return scale
+        floor = floor.to(scale).reshape(scale.shape) if scale.numel() == floor.numel() else floor.max().to(scale)
+        return torch.maximum(scale, floor)
 
     def minmax_qparams(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """The min/max grid of ``w``.
