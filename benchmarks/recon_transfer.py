@@ -17,7 +17,10 @@ the same run with one thing changed, so the rows say which part of Q the drop co
 - ``label-ce``: the pool synthesized with P's cross-entropy to a label assigned to each image in turn added to the
   BatchNorm-statistics loss (``method.label_weight=1``), so that it is class-balanced;
 - ``bns-norm``: the pool synthesized with the BatchNorm statistics matched in units of each BatchNorm's running
-  standard deviation (``method.bns_normalized=true``).
+  standard deviation (``method.bns_normalized=true``);
+- ``cifar-stats``: the synthetic images start at CIFAR-10's pixel statistics through the model's normalisation
+  (the preprocessing record's ``pixel_mean``/``pixel_std``), where the record leaves them standardised
+  (``resnet20a_cifar10`` is normalised with ImageNet's statistics; ResNet-8's record has CIFAR-10's already).
 
 Every row is the final model on the 4-class lossless set (no selection), with the model's full precision.
 
@@ -43,6 +46,7 @@ from dfq.data import open_dataset
 from dfq.data.loader import make_loader
 from dfq.methods.recon import reconstruct
 from dfq.models import create_model
+from dfq.models._registry import CIFAR10_MEAN, CIFAR10_STD
 from dfq.utils.seed import seed_everything
 
 MODELS = {
@@ -59,6 +63,7 @@ VARIANTS = {
     "real-pool-w8": {"quant.wbits": 8},
     "label-ce": {"method.label_weight": 1.0},
     "bns-norm": {"method.bns_normalized": True},
+    "cifar-stats": {},
 }
 POOL = 1024
 REAL_POOL = {"real-pool", "real-pool-w8"}  # the variants reconstructing from real images
@@ -66,6 +71,8 @@ REAL_POOL = {"real-pool", "real-pool-w8"}  # the variants reconstructing from re
 
 def run_variant(model: str, name: str, seed: int) -> dict:
     p = create_model(model, pretrained=False, weights=MODELS[model])
+    if name == "cifar-stats":
+        p.dfq_info = dataclasses.replace(p.dfq_info, pixel_mean=CIFAR10_MEAN, pixel_std=CIFAR10_STD)
     config = resolve_config(None, {"method.name": "recon", "quant.wbits": 4, "quant.abits": 4, **VARIANTS[name]})
     start = time.perf_counter()
     if name in REAL_POOL:

@@ -90,6 +90,7 @@ def run_setting(key: str, bits: int, abits: int, method, verify_images: int, tmp
         "method_config": dataclasses.asdict(result.method), "data_free_seconds": data_free_s,
         "top1_fp": fp_top1, "top1_q_pytorch": q_top1, "top1_q_onnx": onnx_top1,
         "agreement_q_with_fp": agreement(q_preds, fp_preds), "agreement_onnx_with_q": agreement(onnx_preds, q_preds),
+        "agreement_onnx_with_fp": agreement(onnx_preds, fp_preds),
         "eval_seconds": {"q_pytorch": q_s, "onnx": onnx_s},
         "export": {k: v for k, v in exported.items() if k != "out"},
         "verify": {"images": parity["images"], "top1_agreement": parity["top1_agreement"],
