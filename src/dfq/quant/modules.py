@@ -111,8 +111,7 @@ class _IntegerLayerMixin:
         if x_scale is None or (self.bn_follows and (bn is None or bn.training or bn.running_var is None)):
             return None
         if self.bn_follows:
-            gain, shift = batchnorm_affine(bn)
-            shift = shift if self.bias is None else shift + gain * self.bias.detach().double()
+            gain, shift = bn.folded_affine()
         elif self.bias is not None:
             shift = self.bias.detach().double()
             gain = torch.ones_like(shift)
@@ -252,11 +251,17 @@ class QuantBatchNorm2d(nn.BatchNorm2d):
             y = y + self._bias_correction().to(y.dtype)[:, None, None]
         return y if self.output_quantizer is None else self.output_quantizer(y)
 
+    def folded_affine(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gain and shift (float64, per channel) of this BatchNorm folded into its convolution, whose bias joins
+        the shift."""
+        gain, shift = batchnorm_affine(self)
+        if self.conv is not None and self.conv.bias is not None:
+            shift = shift + gain * self.conv.bias.detach().double()
+        return gain, shift
+
     def _bias_correction(self) -> torch.Tensor:
         """Folded bias on the accumulator grid minus the float one (0 when the grid is not integer)."""
-        gain, shift = batchnorm_affine(self)
-        if self.conv.bias is not None:
-            shift = shift + gain * self.conv.bias.detach().double()
+        gain, shift = self.folded_affine()
         grid = self.conv.accumulator_grid(gain)
         if grid is None:
             return torch.zeros_like(shift)
