@@ -236,7 +236,10 @@ def quantize_model(model: nn.Module, config: QuantConfig, *, inplace: bool = Fal
     info = getattr(model, "dfq_info", None)
     config = config.resolved()
     model = model if inplace else copy.deepcopy(model)
-    model = split_activation_sites(unfuse_norm_act(model))
+    model = unfuse_norm_act(model)
+    if config.protocol == "deploy":
+        trace(model, "the deploy protocol")  # refuse an untraceable model before the papers' fallback warns
+    model = split_activation_sites(model)
     check_supported(model)
     if config.ends_bits is not None:
         ends = end_overrides(model, config.ends_bits)
