@@ -23,7 +23,7 @@ from dfq.generators import lowpass
 from dfq.methods import Outputs
 from dfq.methods.losses import kd_loss
 from dfq.quant import ActMode, act_quantizers, set_act_mode, weight_quantizers
-from dfq.quant.functional import lsq_fake_quantize
+from dfq.quant.functional import lsq_fake_quantize, round_ste
 from dfq.quant.learning import LEARNED_SUFFIXES
 from dfq.testing import INPUT_SIZE, tiny_classifier, tiny_config, tiny_game, tiny_trainer
 from dfq.train import read_train_checkpoint
@@ -558,6 +558,38 @@ def test_lsq_fake_quantize_by_hand():
     step = torch.tensor(s, requires_grad=True)
     lsq_fake_quantize(x, step, torch.tensor(zp), qmin, qmax, g).sum().backward()
     assert_close(step.grad, expected_ds.sum())
+
+
+def _lsq_reference(x, step, zp, qmin, qmax, g, divide, keep):
+    """LSQ composed of autograd's own operations (the step's gradient scaled by the detach trick, the rounding's
+    straight-through gradient, clamp's mask), QDrop as a select."""
+    step = step * g + (step - step * g).detach()
+    divided = x / step if divide else x * (1.0 / step)
+    out = (torch.clamp(round_ste(divided + zp), qmin, qmax) - zp) * step
+    return out if keep is None else torch.where(keep, x, out)
+
+
+@pytest.mark.parametrize("divide", [False, True])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("drop", [False, True])
+def test_lsq_fake_quantize_matches_autograd_of_the_composed_operations(divide, per_channel, drop):
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 3, 5, 5, generator=gen) * 2).requires_grad_(True)
+    step = (torch.rand(4, 1, 1, 1, generator=gen) * 0.3 + 0.2) if per_channel else torch.tensor(0.37)
+    step.requires_grad_(True)
+    zp, qmin, qmax, g = torch.tensor(3.0), 0, 15, 0.1
+    keep = torch.rand(x.shape, generator=gen) < 0.5 if drop else None
+    weights = torch.randn(x.shape, generator=gen)
+    out = lsq_fake_quantize(x, step, zp, qmin, qmax, g, divide, keep)
+    grads = torch.autograd.grad((out * weights).sum(), [x, step])
+    x_ref, step_ref = x.detach().clone().requires_grad_(True), step.detach().clone().requires_grad_(True)
+    ref = _lsq_reference(x_ref, step_ref, zp, qmin, qmax, g, divide, keep)
+    grads_ref = torch.autograd.grad((ref * weights).sum(), [x_ref, step_ref])
+    assert_close(out, ref, rtol=0, atol=1e-6)  # equal up to the last bit of the step in the forward
+    assert torch.equal(grads[0] != 0, grads_ref[0] != 0)  # the straight-through mask; QDrop's kept elements pass
+    assert_close(grads[0], grads_ref[0], rtol=1e-6, atol=0)  # the reference multiplies by step and 1 / step
+    assert_close(grads[1], grads_ref[1], rtol=1e-5, atol=1e-6)  # LSQ's step gradient, summed to the step's shape
+    assert grads[1].shape == step.shape
 
 
 def _lsq_trainer(**overrides):

@@ -115,6 +115,36 @@ def fake_quantize(
     return _FakeQuantizeSTE.apply(x, scale, zero_point, qmin, qmax, divide)
 
 
+class _LSQFakeQuantize(torch.autograd.Function):
+    """LSQ's forward and its gradients in one function, with QDrop's select: it keeps two tensors for the backward
+    (the straight-through mask and the step's per-element gradient), where autograd through the composed operations
+    kept the input, the codes and clamp's masks and made about twenty passes over every activation."""
+
+    @staticmethod
+    def forward(ctx, x, step, zero_point, qmin, qmax, grad_scale, divide, keep):  # type: ignore[override]
+        scaled = x / step if divide else x * (1.0 / step)
+        codes = (scaled + zero_point).round_()
+        inside = (codes >= qmin).logical_and_(codes <= qmax)  # where the clamp passes x's gradient
+        q = codes.clamp_(qmin, qmax).sub_(zero_point)
+        out = q * step
+        # d out / d step: q - x / step inside the clamp range, q at its ends (Esser et al., eq. 3)
+        dstep = q.sub_(scaled.mul_(inside))
+        if keep is not None:  # QDrop: the kept elements are x itself, with x's gradient and none for the step
+            out = torch.where(keep, x, out)
+            dstep.masked_fill_(keep, 0.0)
+            inside.logical_or_(keep)
+        ctx.save_for_backward(inside, dstep)
+        ctx.step_shape, ctx.grad_scale = step.shape, grad_scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        inside, dstep = ctx.saved_tensors
+        grad_x = grad * inside if ctx.needs_input_grad[0] else None
+        grad_step = (grad * dstep).sum_to_size(ctx.step_shape) * ctx.grad_scale if ctx.needs_input_grad[1] else None
+        return grad_x, grad_step, None, None, None, None, None, None
+
+
 def lsq_fake_quantize(
     x: torch.Tensor,
     step: torch.Tensor,
@@ -123,14 +153,14 @@ def lsq_fake_quantize(
     qmax: int,
     grad_scale: float,
     divide: bool = False,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fake quantization with a trainable ``step`` (LSQ, Esser et al. 2020).
 
     ``x`` gets the straight-through gradient inside the clamp range and none outside it;
-    ``step`` gets LSQ's gradient multiplied by ``grad_scale`` (LSQ uses ``1/sqrt(numel * qmax)``
-    so that steps and weights learn at comparable rates).
+    ``step`` (broadcasting against ``x``: a scalar, or one per output channel) gets LSQ's gradient multiplied by
+    ``grad_scale`` (LSQ uses ``1/sqrt(numel * qmax)`` so that steps and weights learn at comparable rates).
+    ``keep`` (QDrop, Wei et al. 2022): a boolean mask of the elements left in float, which pass ``x`` and its
+    gradient through unchanged.
     """
-    step = step * grad_scale + (step - step * grad_scale).detach()
-    divided = x / step if divide else x * (1.0 / step)
-    codes = torch.clamp(round_ste(divided + zero_point), qmin, qmax)
-    return (codes - zero_point) * step
+    return _LSQFakeQuantize.apply(x, step, zero_point, qmin, qmax, grad_scale, divide, keep)

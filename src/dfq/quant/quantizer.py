@@ -280,10 +280,8 @@ class ActQuantizer(nn.Module):
     def _lsq(self, x: torch.Tensor) -> torch.Tensor:
         zero_point, qmin, qmax = self._grid
         g = 1.0 / math.sqrt(x[0].numel() * max(qmax, 1))  # LSQ's gradient scale for the step
-        out = lsq_fake_quantize(x, self.step, zero_point, qmin, qmax, g, self.spec.deploy)
-        if self.training and self.drop_prob:  # QDrop: keep a random subset of elements in float
-            out = torch.where(torch.rand_like(x) < self.drop_prob, x, out)
-        return out
+        keep = torch.rand_like(x) < self.drop_prob if self.training and self.drop_prob else None  # QDrop
+        return lsq_fake_quantize(x, self.step, zero_point, qmin, qmax, g, self.spec.deploy, keep)
 
     @torch.no_grad()
     def end_learning(self) -> None:
