@@ -22,13 +22,17 @@ the same run with one thing changed, so the rows say which part of Q the drop co
   (the preprocessing record's ``pixel_mean``/``pixel_std``), where the record leaves them standardised
   (``resnet20a_cifar10`` is normalised with ImageNet's statistics; ResNet-8's record has CIFAR-10's already);
 - ``synth500``: the pool synthesized with 500 Adam steps per batch instead of 150 (``method.synth_steps=500``), so
-  its BatchNorm statistics match P's more closely.
+  its BatchNorm statistics match P's more closely;
+- ``cold``: every synthesis batch starts from a new random decoder (``method.warm_decoder=false``, the
+  former default) instead of the decoder the previous batch ended with.
 
 Every row is the final model on the 4-class lossless set (no selection), with the model's full precision.
 
 Usage: python benchmarks/recon_transfer.py [--models resnet8_mlperf_cifar10 ...] [--variants default w8 ...] [--seed 0]
-Writes benchmarks/results/recon_transfer.json, replacing rows of the same model, variant, seed and ``output_bits``
-(the bits of the additions' inputs, ``quant.output_bits``).
+[--results recon_transfer]
+Writes benchmarks/results/RESULTS.json, replacing rows of the same model, variant, seed and ``output_bits``
+(the bits of the additions' inputs, ``quant.output_bits``); a study at a later commit names its own file, so the rows
+it compares were all measured with one version of the code.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ VARIANTS = {
     "bns-norm": {"method.bns_normalized": True},
     "cifar-stats": {},
     "synth500": {"method.synth_steps": 500},
+    "cold": {"method.warm_decoder": False},
 }
 POOL = 1024
 REAL_POOL = {"real-pool", "real-pool-w8"}  # the variants reconstructing from real images
@@ -101,12 +106,13 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--results", default="recon_transfer", help="name of the JSON file under benchmarks/results")
     args = parser.parse_args()
     missing = [str(path) for path in [LOSSLESS, JPEG, *(MODELS[m] for m in args.models)] if not path.is_file()]
     if missing:
         print(f"skipped: not found: {', '.join(missing)}", file=sys.stderr)
         return 0
-    old = RESULTS / "recon_transfer.json"
+    old = RESULTS / f"{args.results}.json"
     previous = json.loads(old.read_text()) if old.is_file() else {}
     rows, fp = previous.get("results", []), previous.get("fp_top1", {})
     for model in args.models:
@@ -115,7 +121,7 @@ def main() -> int:
             row = run_variant(model, name, args.seed)
             rows = [r for r in rows if _key(r) != _key(row)] + [row]
             print(json.dumps(row), flush=True)
-            path = write_result("recon_transfer", {"fp_top1": fp, "results": rows, "note": previous.get("note", "")})
+            path = write_result(args.results, {"fp_top1": fp, "results": rows, "note": previous.get("note", "")})
     print(f"wrote {path}")
     return 0
 

@@ -13,7 +13,7 @@ from torch import nn
 
 from dfq.errors import DFQError
 from dfq.generators import lowpass, synthesize_pool
-from dfq.generators.synthesis import _Swing
+from dfq.generators.synthesis import LatentDecoder, _Swing
 from dfq.methods.recon import ReconConfig
 
 # --------------------------------------------------------------------------- 1. lowpass
@@ -130,3 +130,21 @@ def test_label_weight_pushes_each_image_toward_its_assigned_class() -> None:
     assert assigned[5.0] > assigned[0.0] + 0.05
     with pytest.raises(DFQError, match="label_weight"):
         ReconConfig(label_weight=-1.0)
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_warm_decoder_starts_each_batch_from_the_previous_decoder(warm: bool) -> None:
+    """With ``warm_decoder`` the second batch is the first batch's decoder applied to the second batch's latents;
+    without it, a decoder of its own. At learning rate 0 the decoders keep their initial weights, so both are
+    rebuilt exactly from the same random streams."""
+    torch.manual_seed(5)
+    pool = synthesize_pool(_tiny(), SHAPE, 8, batch=4, steps=2, lr=0.0, swing=False, warm_decoder=warm,
+                           generator=_gen(7), progress=False)  # fmt: skip
+    torch.manual_seed(5)
+    _tiny()  # the same draws from the global stream as above
+    latents = _gen(7)
+    first, second = LatentDecoder(4, SHAPE, generator=latents), LatentDecoder(4, SHAPE, generator=latents)
+    with torch.no_grad():
+        torch.testing.assert_close(pool[:4], first(), rtol=0, atol=0)
+        second.net = first.net if warm else second.net
+        torch.testing.assert_close(pool[4:], second(), rtol=0, atol=0)

@@ -296,6 +296,15 @@ def test_recon_bns_normalized_reaches_the_synthesis() -> None:
     assert any(not torch.equal(qs[0][k], qs[1][k]) for k in qs[0])
 
 
+def test_recon_warm_decoder_reaches_the_synthesis() -> None:
+    """``method.warm_decoder`` changes Q when the pool takes more than one synthesis batch (the same seed)."""
+    model, quant = _tiny(), QuantConfig(wbits=4, abits=4)
+    config = dataclasses.replace(TINY, synth_batch=8)
+    qs = [dfq.quantize(model, quant, dataclasses.replace(config, warm_decoder=flag), example_inputs=EXAMPLE,
+                       progress=False).model.state_dict() for flag in (False, True)]  # fmt: skip
+    assert any(not torch.equal(qs[0][k], qs[1][k]) for k in qs[0])
+
+
 def test_recon_spilling_to_mapped_files_changes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With every pool-sized tensor in a memory-mapped file (spill_mb=0), Q is bitwise the one made in memory, and
     no file is left in TMPDIR."""

@@ -153,6 +153,7 @@ def synthesize_pool(
     lowpass: float = 0.0,
     label_weight: float = 0.0,
     normalized: bool = False,
+    warm_decoder: bool = False,
     generator: torch.Generator,
     progress: bool = True,
     input_stats: InputStats | None = None,
@@ -161,16 +162,21 @@ def synthesize_pool(
     """``num_samples`` images, ``batch`` at a time, each batch's latents and decoder optimised for ``steps``
     Adam steps (cosine learning rate from ``lr``) against P's BNS loss, plus ``label_weight`` times P's
     cross-entropy to a label assigned in turn (a class-balanced pool; 0: BNS only, as Genie); ``normalized``: the
-    BNS loss in units of each BatchNorm's running standard deviation (:class:`BNStatsLoss`). The decoder
-    makes standardised images, mapped by :func:`to_input_space` with ``input_stats``. A pool over ``spill_bytes``
-    lives in a memory-mapped temporary file (:func:`dfq.utils.buffers.pool_tensor`)."""
+    BNS loss in units of each BatchNorm's running standard deviation (:class:`BNStatsLoss`); ``warm_decoder``:
+    every batch after the first starts from the decoder weights the previous batch ended with (its latents and
+    Adam state fresh), so later batches reach a lower BNS loss in the same steps. The decoder makes standardised
+    images, mapped by :func:`to_input_space` with ``input_stats``. A pool over ``spill_bytes`` lives in a
+    memory-mapped temporary file (:func:`dfq.utils.buffers.pool_tensor`)."""
     pool = pool_tensor((num_samples, *input_size), spill_bytes=spill_bytes)
     starts = range(0, num_samples, batch)
     bar = tqdm(total=len(starts) * steps, desc="synthesize", disable=not progress)
+    previous: dict[str, torch.Tensor] | None = None
     with _frozen(teacher), BNStatsLoss(teacher, normalized=normalized) as bns, bar:
         for start in starts:
             n = min(batch, num_samples - start)
             decoder = LatentDecoder(n, input_size, generator=generator)
+            if warm_decoder and previous is not None:
+                decoder.net.load_state_dict(previous)
             opt = torch.optim.Adam(decoder.parameters(), lr=lr)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
             for _ in range(steps):
@@ -187,6 +193,7 @@ def synthesize_pool(
                 sched.step()
                 bar.update()
             bar.set_postfix(bns=f"{loss.item():.4f}")
+            previous = decoder.net.state_dict()
             with torch.no_grad():
                 images = to_input_space(decoder(), input_stats)  # batch statistics, as optimised
                 pool[start : start + n] = lowpass_filter(images, lowpass) if lowpass else images

@@ -4,8 +4,8 @@ dfq's own post-training method, in the line of Genie (Jeon et al., CVPR 2023) an
 BRECQ/QDrop, built for a small compute budget:
 
 1. **Synthesis.** A pool of images optimised against P's BatchNorm-statistics loss
-   (:func:`dfq.generators.synthesize_pool`: per-sample latents and a small decoder,
-   "swing" convolutions, optional low-pass filter).
+   (:func:`dfq.generators.synthesize_pool`: per-sample latents and a small decoder carried
+   from batch to batch, "swing" convolutions, optional low-pass filter).
 2. **Initial grids.** Under the deploy protocol the pool is first clipped to the valid input range, which Q's fixed
    input grid keeps, so that P and Q see the same images. Activation ranges are calibrated on the pool, then every step
    (weights per channel, activations per tensor) is set to the one that minimises its
@@ -68,6 +68,9 @@ class ReconConfig:
     bns_normalized: match each BatchNorm's statistics in units of its running standard deviation, so that every
         layer weighs the same whatever the scale of its values (False: in the layer's own units, as Genie and ZeroQ,
         where one layer can outweigh all others, such as the stem of a model fed raw pixels).
+    warm_decoder: start every synthesis batch after the first from the decoder the previous batch ended with
+        (fresh latents), so later batches reach a lower BNS loss in the same steps (False: a new random decoder for
+        every batch, the former default).
     iters: reconstruction steps per unit.
     batch_size: images per reconstruction step.
     lr_round, lr_wstep, lr_astep: Adam learning rates of the rounding variables, the weight
@@ -91,6 +94,7 @@ class ReconConfig:
     lowpass: float = 0.0
     label_weight: float = 0.0
     bns_normalized: bool = False
+    warm_decoder: bool = True
     iters: int = 1000
     batch_size: int = 32
     lr_round: float = 1e-2
@@ -347,7 +351,8 @@ class Recon(Method):
         pool = synthesize_pool(
             teacher, ctx.input_size, c.num_samples, batch=c.synth_batch, steps=c.synth_steps, lr=c.synth_lr,
             swing=c.swing, lowpass=c.lowpass, label_weight=c.label_weight, normalized=c.bns_normalized,
-            generator=ctx.generator, input_stats=ctx.input_stats, progress=ctx.progress, spill_bytes=c.spill_bytes,
+            warm_decoder=c.warm_decoder, generator=ctx.generator, input_stats=ctx.input_stats, progress=ctx.progress,
+            spill_bytes=c.spill_bytes,
         )  # fmt: skip
         synthesized = time.perf_counter()
         q = reconstruct(teacher, quant, c, pool, generator=ctx.generator, progress=ctx.progress)
