@@ -11,13 +11,16 @@ The same reconstruction (deploy protocol, W4A8, 400 steps per unit at batch 16, 
   give at this reconstruction budget;
 - ``real_dw8``: the same photos with the 16 depthwise convolutions at 8 bits (3.9% of the weights);
 - ``synthetic_norm_dw8``: the ``synthetic_norm`` pool with the depthwise convolutions at 8 bits, what the docs
-  recommend for a depthwise model without data.
+  recommend for a depthwise model without data;
+- ``synthetic_warm``, ``synthetic_norm_warm_dw8``: ``synthetic`` and ``synthetic_norm_dw8`` with the synthesis decoder
+  carried from batch to batch (``recon``'s ``method.warm_decoder``, its default since it was measured on the CIFAR
+  ResNets).
 
 Every row is evaluated on the other 872 photos (a seed-0 permutation picks the 128), with full precision on the same
 872 beside it.
 
-Usage: python benchmarks/lite0_w4a8_bound.py [--rows synthetic synthetic_norm real real_dw8 synthetic_norm_dw8]
-       [--iters 400]
+Usage: python benchmarks/lite0_w4a8_bound.py [--rows synthetic synthetic_norm real real_dw8 synthetic_norm_dw8
+       synthetic_warm synthetic_norm_warm_dw8] [--iters 400]
 Writes benchmarks/results/lite0_w4a8_bound.json, replacing the rows this run redoes.
 """
 
@@ -80,6 +83,7 @@ def main() -> int:
         start = time.perf_counter()
         if row.startswith("synthetic"):
             pool = synthesize_pool(p, info.input_size, POOL, batch=32, steps=60, normalized="_norm" in row,
+                                   warm_decoder="_warm" in row,
                                    generator=torch.Generator().manual_seed(0), input_stats=info.input_stats(),
                                    progress=False)  # fmt: skip
         else:
