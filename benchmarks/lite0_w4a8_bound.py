@@ -20,8 +20,9 @@ Every row is evaluated on the other 872 photos (a seed-0 permutation picks the 1
 872 beside it.
 
 Usage: python benchmarks/lite0_w4a8_bound.py [--rows synthetic synthetic_norm real real_dw8 synthetic_norm_dw8
-       synthetic_warm synthetic_norm_warm_dw8] [--iters 400]
-Writes benchmarks/results/lite0_w4a8_bound.json, replacing the rows this run redoes.
+       synthetic_warm synthetic_norm_warm_dw8] [--iters 400] [--results lite0_w4a8_bound]
+Writes benchmarks/results/RESULTS.json, replacing the rows this run redoes (the rows of another ``--iters`` are not
+kept: give such a run its own ``--results``).
 """
 
 from __future__ import annotations
@@ -51,9 +52,9 @@ def _quant(p: torch.nn.Module, dw8: bool) -> dfq.QuantConfig:
     return from_preprocessing(p, dfq.QuantConfig(wbits=4, abits=8, overrides=overrides, weight_scales="stored"))[0]
 
 
-def _previous_rows(iters: int) -> list[dict]:
+def _previous_rows(name: str, iters: int) -> list[dict]:
     """The rows of an earlier run at the same budget, which this run keeps unless it redoes them."""
-    old = RESULTS / "lite0_w4a8_bound.json"
+    old = RESULTS / f"{name}.json"
     previous = json.loads(old.read_text()) if old.is_file() else {}
     return previous.get("rows", []) if previous.get("iters") == iters else []
 
@@ -62,6 +63,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="+", default=["synthetic", "synthetic_norm", "real", "real_dw8"])
     parser.add_argument("--iters", type=int, default=400)
+    parser.add_argument("--results", default="lite0_w4a8_bound", help="name of the JSON file under benchmarks/results")
     args = parser.parse_args()
     torch.manual_seed(0)
     p, batches = lite0_photos(batch_size=100)
@@ -77,7 +79,7 @@ def main() -> int:
     config = ReconConfig(**SETTINGS, iters=args.iters)
     result = {"model": "efficientnet_lite0", "bits": "W4A8", "protocol": "deploy", "settings": SETTINGS,
               "iters": args.iters, "eval_images": len(held), "fp_top1": top1(p),
-              "rows": _previous_rows(args.iters)}  # fmt: skip
+              "rows": _previous_rows(args.results, args.iters)}  # fmt: skip
     print(result, flush=True)
     for row in args.rows:
         start = time.perf_counter()
@@ -96,7 +98,7 @@ def main() -> int:
         result["rows"].append({"pool": row, "top1": top1(q), "pool_s": round(pooled - start, 1),
                                "reconstruct_s": round(done - pooled, 1)})  # fmt: skip
         print(result["rows"][-1], flush=True)
-        write_result("lite0_w4a8_bound", result)
+        write_result(args.results, result)
     return 0
 
 
