@@ -16,8 +16,8 @@ The same reconstruction (deploy protocol, W4A8, 400 steps per unit at batch 16, 
   carried from batch to batch (``recon``'s ``method.warm_decoder``, its default since it was measured on the CIFAR
   ResNets).
 
-Every row is evaluated on the other 872 photos (a seed-0 permutation picks the 128), with full precision on the same
-872 beside it.
+The allocator is set up as the CLI sets it (``dfq.utils.allocator``). Every row is evaluated on the other 872 photos
+(a seed-0 permutation picks the 128), with full precision on the same 872 beside it.
 
 Usage: python benchmarks/lite0_w4a8_bound.py [--rows synthetic synthetic_norm real real_dw8 synthetic_norm_dw8
        synthetic_warm synthetic_norm_warm_dw8] [--iters 400] [--seed 0]
@@ -43,6 +43,7 @@ from dfq.evaluate import evaluate
 from dfq.generators import synthesize_pool
 from dfq.methods.recon import ReconConfig, reconstruct
 from dfq.quant import LayerOverride
+from dfq.utils.allocator import reuse_freed_memory
 
 POOL = 128
 SETTINGS = {"num_samples": POOL, "synth_batch": 32, "synth_steps": 60, "batch_size": 16}
@@ -69,6 +70,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthesis and the reconstruction")
     parser.add_argument("--results", default="lite0_w4a8_bound", help="name of the JSON file under benchmarks/results")
     args = parser.parse_args()
+    allocator = reuse_freed_memory()
     torch.manual_seed(0)
     p, batches = lite0_photos(batch_size=100)
     info = p.dfq_info
@@ -82,7 +84,8 @@ def main() -> int:
 
     config = ReconConfig(**SETTINGS, iters=args.iters)
     result = {"model": "efficientnet_lite0", "bits": "W4A8", "protocol": "deploy", "settings": SETTINGS,
-              "iters": args.iters, "seed": args.seed, "eval_images": len(held), "fp_top1": top1(p),
+              "iters": args.iters, "seed": args.seed, "allocator_tuned": allocator, "eval_images": len(held),
+              "fp_top1": top1(p),
               "rows": _previous_rows(args.results, args.iters, args.seed)}  # fmt: skip
     print(result, flush=True)
     for row in args.rows:

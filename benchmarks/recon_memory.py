@@ -6,9 +6,11 @@ pool size runs in its own process, which reports its wall time, its peak residen
 included, so it grows with whatever the process reads, reclaimable or not) and the peak of its anonymous memory
 (``RssAnon`` sampled every 20 ms: what cannot be paged out without swap). ``--spill-mb`` sets ``method.spill_mb``
 (a huge value keeps every activation in memory). With ``--limit-mb``, each process runs in the cgroup-v1 memory
-group ``--cgroup`` limited to that many MB, and the row says whether it finished or was killed.
+group ``--cgroup`` limited to that many MB, and the row says whether it finished or was killed. With
+``--cli-allocator`` each process first sets glibc's allocator up as the CLI does (``dfq.utils.allocator``).
 
 Usage: python benchmarks/recon_memory.py [--samples 64 256 1024] [--spill-mb MB] [--limit-mb MB] [--label NAME]
+       [--cli-allocator]
 Writes (or extends) benchmarks/results/recon_memory.json.
 """
 
@@ -34,10 +36,14 @@ def _anon_kb() -> int:
     return 0
 
 
-def child(samples: int, spill_mb: float) -> None:
+def child(samples: int, spill_mb: float, cli_allocator: bool) -> None:
     import torch
 
     import dfq
+    from dfq.utils.allocator import reuse_freed_memory
+
+    if cli_allocator and not reuse_freed_memory():
+        sys.exit("recon_memory: glibc's allocator could not be set up as the CLI does")
 
     peak = [0]
     done = threading.Event()
@@ -67,8 +73,9 @@ def child(samples: int, spill_mb: float) -> None:
     print(json.dumps(row))
 
 
-def _run(samples: int, spill_mb: float, cgroup: Path | None) -> dict:
+def _run(samples: int, spill_mb: float, cgroup: Path | None, cli_allocator: bool) -> dict:
     cmd = [sys.executable, __file__, "--child", str(samples), "--spill-mb", str(spill_mb)]
+    cmd += ["--cli-allocator"] if cli_allocator else []
 
     def enter() -> None:
         if cgroup is not None:
@@ -87,10 +94,11 @@ def main() -> int:
     parser.add_argument("--limit-mb", type=int)
     parser.add_argument("--cgroup", type=Path, default=Path("/sys/fs/cgroup/memory/dfqtest"))
     parser.add_argument("--label", default="default")
+    parser.add_argument("--cli-allocator", action="store_true", help="set glibc's allocator up as the CLI does")
     parser.add_argument("--child", type=int)
     args = parser.parse_args()
     if args.child is not None:
-        child(args.child, args.spill_mb)
+        child(args.child, args.spill_mb, args.cli_allocator)
         return 0
     cgroup = None
     if args.limit_mb:
@@ -98,7 +106,8 @@ def main() -> int:
         (cgroup / "memory.limit_in_bytes").write_text(str(args.limit_mb * 2**20))
     rows = []
     for samples in args.samples:
-        rows.append({"spill_mb": args.spill_mb, "limit_mb": args.limit_mb, **_run(samples, args.spill_mb, cgroup)})
+        row = _run(samples, args.spill_mb, cgroup, args.cli_allocator)
+        rows.append({"spill_mb": args.spill_mb, "limit_mb": args.limit_mb, **row})
         print(rows[-1], flush=True)
     if cgroup is not None:
         (cgroup / "memory.limit_in_bytes").write_text("-1")

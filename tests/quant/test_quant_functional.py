@@ -12,6 +12,7 @@ from dfq.quant import (
     quantize_affine,
     round_ste,
 )
+from dfq.quant.functional import bernoulli_mask
 from dfq.quant.spec import Granularity
 
 SEED = 123
@@ -136,3 +137,25 @@ def test_bad_bits_are_a_clear_error(bad):
 
     with pytest.raises(DFQError, match="2 to 8"):
         QuantSpec(bad)
+
+
+@pytest.mark.parametrize("p", [0.5, 0.25, 0.9])
+def test_bernoulli_mask_has_the_probability_at_every_byte_of_a_draw(p):
+    """Each element True with probability p, independently of where its byte sits in the 64-bit draw (a draw over
+    [0, 2^63) would leave the top byte's high bit at 0 and bias every eighth element)."""
+    shape = (64, 33, 17)  # not a multiple of 8: the last draw is partly used
+    mask = bernoulli_mask(shape, p, torch.Generator().manual_seed(SEED))
+    assert mask.dtype == torch.bool and mask.shape == shape
+    n = mask.numel()
+    sd = (p * (1 - p) / n) ** 0.5
+    assert abs(float(mask.float().mean()) - p) < 5 * sd
+    per_byte = mask.flatten()[: n - n % 8].view(-1, 8).float().mean(0)
+    assert bool(((per_byte - p).abs() < 5 * sd * 8**0.5).all())
+
+
+def test_bernoulli_mask_follows_its_generator_and_rounds_p_to_256ths():
+    a = bernoulli_mask((1000,), 0.5, torch.Generator().manual_seed(1))
+    assert torch.equal(a, bernoulli_mask((1000,), 0.5, torch.Generator().manual_seed(1)))
+    assert not torch.equal(a, bernoulli_mask((1000,), 0.5, torch.Generator().manual_seed(2)))
+    assert bool(bernoulli_mask((10,), 1.0).all()) and not bool(bernoulli_mask((10,), 0.0).any())
+    assert not bool(bernoulli_mask((1000,), 0.001).any())  # 0.256 / 256 rounds to 0

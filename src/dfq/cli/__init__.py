@@ -28,6 +28,7 @@ from dfq.errors import DFQError
 from dfq.export.onnx import WEIGHT_STORAGES
 from dfq.export.runtime import RUNTIMES
 from dfq.train import RunInterrupted
+from dfq.utils.allocator import reuse_freed_memory
 
 __all__ = ["EXIT_USER_ERROR", "main"]
 
@@ -38,6 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what --nproc re-runs under torchrun
+    if not args.low_memory:
+        reuse_freed_memory()  # large CPU tensors reuse freed memory: recon 1.4-1.6x faster at 224 px
     try:
         return int(args.func(args) or 0)
     except RunInterrupted as e:
@@ -73,10 +76,12 @@ def _build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
     common.add_argument("--debug", action="store_true", help="show tracebacks of errors")
     common.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    common.add_argument("--low-memory", action="store_true",
+                        help="leave glibc's allocator as it is: less peak memory, slower on 224-px models")  # fmt: skip
 
     parser = _Parser(prog="dfq", description="Data-free quantization of neural networks.")
     parser.add_argument("--version", action="version", version=f"dfq {dfq.__version__}")
-    parser.set_defaults(debug=False)
+    parser.set_defaults(debug=False, low_memory=False)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("methods", parents=[common], help="list the data-free methods")

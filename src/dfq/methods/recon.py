@@ -46,6 +46,7 @@ from dfq.quant import (
     weight_quantizers,
 )
 from dfq.quant.clip import least_error_act_range, least_error_weight_grid
+from dfq.quant.functional import bernoulli_mask
 from dfq.quant.graph import is_add, owner_of, trace
 from dfq.quant.learning import BetaSchedule, QuantizerLearning, cosine_anneal
 from dfq.utils.buffers import pool_tensor
@@ -292,7 +293,7 @@ def reconstruct_unit(
         idx = torch.randint(0, len(x_q), (config.batch_size,), generator=generator)
         xin = x_q[idx]
         if config.drop_prob:
-            keep_fp = torch.rand(xin.shape, generator=generator) < config.drop_prob
+            keep_fp = bernoulli_mask(xin.shape, config.drop_prob, generator)
             xin = torch.where(keep_fp, x_fp[idx], xin)
         out = unit(xin)
         loss = (out - y_fp[idx]).pow(2).sum(1).mean()

@@ -16,9 +16,19 @@ estimator: identity for x, with no mask on clamped elements.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["choose_qparams", "dequantize_affine", "fake_quantize", "lsq_fake_quantize", "quantize_affine", "round_ste"]
+__all__ = [
+    "bernoulli_mask",
+    "choose_qparams",
+    "dequantize_affine",
+    "fake_quantize",
+    "lsq_fake_quantize",
+    "quantize_affine",
+    "round_ste",
+]
 
 _EPS = 1e-8  # the papers' floor on (hi - lo)
 
@@ -84,6 +94,25 @@ def quantize_affine(
     """
     scaled = x / scale if divide else x * (1.0 / scale)
     return torch.clamp(torch.round(scaled + zero_point), qmin, qmax)
+
+
+def bernoulli_mask(
+    shape: torch.Size | tuple[int, ...], p: float, generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Boolean mask whose elements are independently ``True`` with probability ``p`` rounded to a multiple of 1/256.
+
+    One random byte per element, eight drawn at once as a 64-bit integer: on CPU ``torch.rand(shape) < p`` makes a
+    32-bit draw per element and took a quarter of ``recon``'s time for QDrop's masks; this is about five times
+    cheaper. ``p = 0.5`` (QDrop's) is exact.
+    """
+    threshold = min(max(round(p * 256), 0), 256)
+    if threshold in (0, 256):
+        return torch.full(shape, threshold == 256, dtype=torch.bool, device=device)
+    n = math.prod(shape)
+    words = torch.empty((n + 7) // 8, dtype=torch.int64, device=device)
+    words.random_(-(2**63), None, generator=generator)  # the whole int64 range: every byte uniform
+    return words.view(torch.uint8)[:n].view(shape) < threshold
 
 
 def dequantize_affine(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from dfq.errors import DFQError
-from dfq.quant.functional import choose_qparams, fake_quantize, lsq_fake_quantize
+from dfq.quant.functional import bernoulli_mask, choose_qparams, fake_quantize, lsq_fake_quantize
 from dfq.quant.spec import Granularity, QuantSpec
 
 __all__ = ["OBSERVERS", "ActMode", "ActQuantizer", "WeightQuantizer"]
@@ -280,7 +280,7 @@ class ActQuantizer(nn.Module):
     def _lsq(self, x: torch.Tensor) -> torch.Tensor:
         zero_point, qmin, qmax = self._grid
         g = 1.0 / math.sqrt(x[0].numel() * max(qmax, 1))  # LSQ's gradient scale for the step
-        keep = torch.rand_like(x) < self.drop_prob if self.training and self.drop_prob else None  # QDrop
+        keep = bernoulli_mask(x.shape, self.drop_prob, device=x.device) if self.training and self.drop_prob else None
         return lsq_fake_quantize(x, self.step, zero_point, qmin, qmax, g, self.spec.deploy, keep)
 
     @torch.no_grad()
