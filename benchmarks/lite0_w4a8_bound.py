@@ -84,8 +84,7 @@ def main() -> int:
 
     config = ReconConfig(**SETTINGS, iters=args.iters)
     result = {"model": "efficientnet_lite0", "bits": "W4A8", "protocol": "deploy", "settings": SETTINGS,
-              "iters": args.iters, "seed": args.seed, "allocator_tuned": allocator, "eval_images": len(held),
-              "fp_top1": top1(p),
+              "iters": args.iters, "seed": args.seed, "eval_images": len(held), "fp_top1": top1(p),
               "rows": _previous_rows(args.results, args.iters, args.seed)}  # fmt: skip
     print(result, flush=True)
     for row in args.rows:
@@ -103,7 +102,7 @@ def main() -> int:
         done = time.perf_counter()
         result["rows"] = [r for r in result["rows"] if r["pool"] != row]
         result["rows"].append({"pool": row, "top1": top1(q), "pool_s": round(pooled - start, 1),
-                               "reconstruct_s": round(done - pooled, 1)})  # fmt: skip
+                               "reconstruct_s": round(done - pooled, 1), "allocator_tuned": allocator})  # fmt: skip
         print(result["rows"][-1], flush=True)
         write_result(args.results, result)
     return 0

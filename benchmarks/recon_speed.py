@@ -1,9 +1,9 @@
 """Seconds of ``recon``'s reconstruction per step, on ResNet-20 (W4A4) and EfficientNet-Lite0 (W4A8, 224 px).
 
 Times the library's ``reconstruct`` (deploy protocol, QDrop on, the defaults' batch per model: 32 for the CIFAR
-model, 16 for Lite0 as its CPU rows run it) on a fixed standard-normal pool; the accuracy does not
-matter here, only the time of the steps. Each model runs ``--iters`` and ``2 * --iters`` steps per unit,
-``--repeats`` times alternately, so the difference of the medians is the time of ``--iters`` steps on every unit
+model, 16 for Lite0 as its CPU rows run it) on a fixed standard-normal pool; the accuracy does not matter here, only
+the time of the steps. Each model runs ``--iters`` and ``2 * --iters`` steps per unit, ``--repeats`` times
+alternately after one untimed run, so the difference of the medians is the time of ``--iters`` steps on every unit
 without the pool passes that do not depend on the steps. Run it at two commits to compare them (``--label``): the
 rows of other labels are kept. The allocator is set up as the CLI sets it (``dfq.utils.allocator``, where that
 module exists) unless ``--glibc-defaults``; each row says which, with the process's peak resident set so far.
@@ -24,7 +24,7 @@ import sys
 import time
 
 import torch
-from _common import LITE0, RESULTS, WEIGHTS, write_result
+from _common import LITE0, RESULTS, WEIGHTS, provenance, write_result
 
 import dfq
 from dfq.api import from_preprocessing
@@ -51,10 +51,12 @@ def measure(model: str, iters: int, repeats: int) -> dict:
     p = create_model(model, weights=weights).eval()
     pool = torch.randn((size, *p.dfq_info.input_size), generator=torch.Generator().manual_seed(0))
     quant = from_preprocessing(p, dfq.QuantConfig(wbits=wbits, abits=abits, weight_scales="stored"))[0]
+    _time(p, quant, pool, 1, batch)  # the first run pays one-off costs (lazy initialisation, page faults)
     short, long = [], []
-    for _ in range(repeats):
-        short.append(_time(p, quant, pool, iters, batch))
-        long.append(_time(p, quant, pool, 2 * iters, batch))
+    for i in range(repeats):  # alternately first, so that neither length gets the machine's slow moments
+        runs = [(short, iters), (long, 2 * iters)]
+        for times, n in runs if i % 2 == 0 else runs[::-1]:
+            times.append(_time(p, quant, pool, n, batch))
     steps = (statistics.median(long) - statistics.median(short)) / iters
     return {"model": model, "bits": f"W{wbits}A{abits}", "batch": batch, "iters": [iters, 2 * iters],
             "seconds_short": [round(t, 2) for t in short], "seconds_long": [round(t, 2) for t in long],
@@ -85,7 +87,8 @@ def main() -> int:
     rows = json.loads(old.read_text())["rows"] if old.is_file() else []
     for model in args.models:
         row = {"label": args.label, "allocator": allocator, **measure(model, args.iters, args.repeats),
-               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}  # fmt: skip
+               "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+               "command": provenance()["command"], "git_commit": provenance()["git_commit"]}  # fmt: skip
         rows = [r for r in rows if (r["label"], r["model"]) != (args.label, model)] + [row]
         print(row, flush=True)
         write_result("recon_speed", {"rows": rows})

@@ -64,6 +64,12 @@ def isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DFQ_HOME", str(tmp_path / "dfq_home"))
 
 
+@pytest.fixture(autouse=True)
+def _allocator_left_alone(monkeypatch):
+    """CLI tests call ``dfq.cli.main`` in this process: the allocator it sets up would outlive the test."""
+    monkeypatch.setattr("dfq.cli.reuse_freed_memory", lambda: False)
+
+
 @pytest.fixture(scope="session")
 def random_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A state dict of a randomly initialised resnet20a_cifar10, so nothing is downloaded."""

@@ -139,11 +139,11 @@ def test_bad_bits_are_a_clear_error(bad):
         QuantSpec(bad)
 
 
-@pytest.mark.parametrize("p", [0.5, 0.25, 0.9])
+@pytest.mark.parametrize("p", [0.5, 0.25, 0.3, 0.9])
 def test_bernoulli_mask_has_the_probability_at_every_byte_of_a_draw(p):
     """Each element True with probability p, independently of where its byte sits in the 64-bit draw (a draw over
-    [0, 2^63) would leave the top byte's high bit at 0 and bias every eighth element)."""
-    shape = (64, 33, 17)  # not a multiple of 8: the last draw is partly used
+    [0, 2^63) would leave the top byte's high bit at 0 and bias every eighth element); 0.3 is no multiple of 1/256."""
+    shape = (63, 33, 17)  # 35,343 elements, not a multiple of 8: the last draw is partly used
     mask = bernoulli_mask(shape, p, torch.Generator().manual_seed(SEED))
     assert mask.dtype == torch.bool and mask.shape == shape
     n = mask.numel()
@@ -153,9 +153,13 @@ def test_bernoulli_mask_has_the_probability_at_every_byte_of_a_draw(p):
     assert bool(((per_byte - p).abs() < 5 * sd * 8**0.5).all())
 
 
-def test_bernoulli_mask_follows_its_generator_and_rounds_p_to_256ths():
-    a = bernoulli_mask((1000,), 0.5, torch.Generator().manual_seed(1))
-    assert torch.equal(a, bernoulli_mask((1000,), 0.5, torch.Generator().manual_seed(1)))
-    assert not torch.equal(a, bernoulli_mask((1000,), 0.5, torch.Generator().manual_seed(2)))
+@pytest.mark.parametrize("p", [0.5, 0.3])
+def test_bernoulli_mask_follows_its_generator(p):
+    a = bernoulli_mask((1000,), p, torch.Generator().manual_seed(1))
+    assert torch.equal(a, bernoulli_mask((1000,), p, torch.Generator().manual_seed(1)))
+    assert not torch.equal(a, bernoulli_mask((1000,), p, torch.Generator().manual_seed(2)))
+
+
+def test_bernoulli_mask_at_the_ends_and_below_one_256th():
     assert bool(bernoulli_mask((10,), 1.0).all()) and not bool(bernoulli_mask((10,), 0.0).any())
-    assert not bool(bernoulli_mask((1000,), 0.001).any())  # 0.256 / 256 rounds to 0
+    assert bool(bernoulli_mask((100_000,), 0.001, torch.Generator().manual_seed(0)).any())  # not rounded to 0

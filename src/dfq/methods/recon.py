@@ -81,8 +81,7 @@ class ReconConfig:
     round_weight: weight of AdaRound's rounding regulariser.
     round_warmup: fraction of the steps before the regulariser starts.
     beta: the regulariser's exponent, annealed from the first to the second value.
-    drop_prob: probability of keeping an activation in float during reconstruction (QDrop), rounded to a multiple
-        of 1/256.
+    drop_prob: probability of keeping an activation in float during reconstruction (QDrop).
     spill_mb: the pool and the activations kept for it at a unit boundary go to memory-mapped temporary files
         (under ``TMPDIR``) when one of them is larger than this, so the memory a run needs does not grow with
         ``num_samples`` (0: always; the files are deleted as soon as they are mapped).

@@ -97,22 +97,27 @@ def quantize_affine(
 
 
 def bernoulli_mask(
-    shape: torch.Size | tuple[int, ...], p: float, generator: torch.Generator | None = None,
+    shape: torch.Size | tuple[int, ...],
+    p: float,
+    generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
-) -> torch.Tensor:  # fmt: skip
-    """Boolean mask whose elements are independently ``True`` with probability ``p`` rounded to a multiple of 1/256.
+) -> torch.Tensor:
+    """Boolean mask whose elements are independently ``True`` with probability ``p``.
 
-    One random byte per element, eight drawn at once as a 64-bit integer: on CPU ``torch.rand(shape) < p`` makes a
-    32-bit draw per element and took a quarter of ``recon``'s time for QDrop's masks; this is about five times
-    cheaper. ``p = 0.5`` (QDrop's) is exact.
+    Where ``p`` is a multiple of 1/256 (QDrop's 0.5), one random byte per element, eight drawn at once as a 64-bit
+    integer, instead of ``torch.rand(shape) < p``'s 32-bit draw per element: on CPU those draws were the largest
+    single cost of ``recon``'s steps on CIFAR models. Other ``p`` take the ``torch.rand`` path. The device defaults to
+    the generator's.
     """
-    threshold = min(max(round(p * 256), 0), 256)
-    if threshold in (0, 256):
-        return torch.full(shape, threshold == 256, dtype=torch.bool, device=device)
+    if device is None and generator is not None:
+        device = generator.device
+    threshold = p * 256
+    if p <= 0 or p >= 1 or threshold != int(threshold):
+        return torch.rand(shape, generator=generator, device=device) < p
     n = math.prod(shape)
     words = torch.empty((n + 7) // 8, dtype=torch.int64, device=device)
     words.random_(-(2**63), None, generator=generator)  # the whole int64 range: every byte uniform
-    return words.view(torch.uint8)[:n].view(shape) < threshold
+    return words.view(torch.uint8)[:n].view(shape) < int(threshold)
 
 
 def dequantize_affine(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
