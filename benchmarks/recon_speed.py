@@ -85,10 +85,11 @@ def main() -> int:
     allocator = "glibc defaults" if args.glibc_defaults else _tune_allocator()
     old = RESULTS / "recon_speed.json"
     rows = json.loads(old.read_text())["rows"] if old.is_file() else []
+    origin = provenance()  # once: it runs git
     for model in args.models:
         row = {"label": args.label, "allocator": allocator, **measure(model, args.iters, args.repeats),
                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
-               "command": provenance()["command"], "git_commit": provenance()["git_commit"]}  # fmt: skip
+               "command": origin["command"], "git_commit": origin["git_commit"]}  # fmt: skip
         rows = [r for r in rows if (r["label"], r["model"]) != (args.label, model)] + [row]
         print(row, flush=True)
         write_result("recon_speed", {"rows": rows})
