@@ -20,11 +20,11 @@ The allocator is set up as the CLI sets it (``dfq.utils.allocator``). Every row 
 (a seed-0 permutation picks the 128), with full precision on the same 872 beside it.
 
 Usage: python benchmarks/lite0_w4a8_bound.py [--rows synthetic synthetic_norm real real_dw8 synthetic_norm_dw8
-       synthetic_warm synthetic_norm_warm_dw8] [--iters 400] [--seed 0]
-       [--results lite0_w4a8_bound]
-Writes benchmarks/results/RESULTS.json, replacing the rows this run redoes (the rows of another ``--iters`` or
-``--seed`` are not kept: give such a run its own ``--results``). The 128 real photos and the held-out
-872 are the same at every seed.
+       synthetic_warm synthetic_norm_warm_dw8] [--iters 400] [--seed 0] [--synthetic-pool 128]
+       [--synth-steps 60] [--results lite0_w4a8_bound]
+Writes benchmarks/results/RESULTS.json, replacing the rows this run redoes (the rows of another ``--iters``,
+``--seed``, ``--synthetic-pool`` or ``--synth-steps`` are not kept: give such a run its own ``--results``). The 128
+real photos and the held-out 872 are the same at every seed and synthetic pool size.
 """
 
 from __future__ import annotations
@@ -55,11 +55,12 @@ def _quant(p: torch.nn.Module, dw8: bool) -> dfq.QuantConfig:
     return from_preprocessing(p, dfq.QuantConfig(wbits=4, abits=8, overrides=overrides, weight_scales="stored"))[0]
 
 
-def _previous_rows(name: str, iters: int, seed: int) -> list[dict]:
+def _previous_rows(name: str, budget: dict) -> list[dict]:
     """The rows of an earlier run at the same budget and seed, which this run keeps unless it redoes them."""
     old = RESULTS / f"{name}.json"
     previous = json.loads(old.read_text()) if old.is_file() else {}
-    same = previous.get("iters") == iters and previous.get("seed", 0) == seed
+    same = previous.get("iters") == budget["iters"] and previous.get("seed", 0) == budget["seed"]
+    same = same and previous.get("settings", SETTINGS) == budget["settings"]
     return previous.get("rows", []) if same else []
 
 
@@ -68,6 +69,8 @@ def main() -> int:
     parser.add_argument("--rows", nargs="+", default=["synthetic", "synthetic_norm", "real", "real_dw8"])
     parser.add_argument("--iters", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthesis and the reconstruction")
+    parser.add_argument("--synthetic-pool", type=int, default=POOL, help="images of the synthetic pools")
+    parser.add_argument("--synth-steps", type=int, default=SETTINGS["synth_steps"], help="steps per synthesis batch")
     parser.add_argument("--results", default="lite0_w4a8_bound", help="name of the JSON file under benchmarks/results")
     args = parser.parse_args()
     allocator = reuse_freed_memory()
@@ -82,15 +85,17 @@ def main() -> int:
     def top1(m: torch.nn.Module) -> float:
         return evaluate(m.eval(), held_out, progress=False)["top1"]
 
-    config = ReconConfig(**SETTINGS, iters=args.iters)
-    result = {"model": "efficientnet_lite0", "bits": "W4A8", "protocol": "deploy", "settings": SETTINGS,
-              "iters": args.iters, "seed": args.seed, "eval_images": len(held), "fp_top1": top1(p),
-              "rows": _previous_rows(args.results, args.iters, args.seed)}  # fmt: skip
+    settings = {**SETTINGS, "num_samples": args.synthetic_pool, "synth_steps": args.synth_steps}
+    config = ReconConfig(**settings, iters=args.iters)
+    budget = {"settings": settings, "iters": args.iters, "seed": args.seed}
+    result = {"model": "efficientnet_lite0", "bits": "W4A8", "protocol": "deploy", **budget,
+              "eval_images": len(held), "fp_top1": top1(p), "rows": _previous_rows(args.results, budget)}  # fmt: skip
     print(result, flush=True)
     for row in args.rows:
         start = time.perf_counter()
         if row.startswith("synthetic"):
-            pool = synthesize_pool(p, info.input_size, POOL, batch=32, steps=60, normalized="_norm" in row,
+            pool = synthesize_pool(p, info.input_size, settings["num_samples"], batch=32, steps=settings["synth_steps"],
+                                   normalized="_norm" in row,
                                    warm_decoder="_warm" in row,
                                    generator=torch.Generator().manual_seed(args.seed), input_stats=info.input_stats(),
                                    progress=False)  # fmt: skip
