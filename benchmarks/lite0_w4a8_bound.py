@@ -94,8 +94,8 @@ def main() -> int:
     for row in args.rows:
         start = time.perf_counter()
         if row.startswith("synthetic"):
-            pool = synthesize_pool(p, info.input_size, settings["num_samples"], batch=32, steps=settings["synth_steps"],
-                                   normalized="_norm" in row,
+            pool = synthesize_pool(p, info.input_size, settings["num_samples"], batch=settings["synth_batch"],
+                                   steps=settings["synth_steps"], normalized="_norm" in row,
                                    warm_decoder="_warm" in row,
                                    generator=torch.Generator().manual_seed(args.seed), input_stats=info.input_stats(),
                                    progress=False)  # fmt: skip
