@@ -1,7 +1,7 @@
-"""The fast post-training methods (`cle`, `zeroq`) at 8 bits on the CIFAR-10 models, deploy protocol.
+"""The fast post-training methods (`cle`, `squant`, `zeroq`, `gptq`) on the CIFAR-10 models, deploy protocol.
 
 Usage: python benchmarks/fast_methods.py [--methods cle zeroq] [--bits 8] [--models M ...] [--set KEY=VALUE ...]
-       [--append]
+       [--seeds 0 ...] [--protocol deploy] [--append]
 Writes benchmarks/results/fast_methods.json: per model, method and bit-width the final top-1 on the lossless 4-class
 set (and JPEG-75 for ResNet-20), the full-precision top-1 beside it, and the data-free seconds.
 """
@@ -9,6 +9,7 @@ set (and JPEG-75 for ResNet-20), the full-precision top-1 beside it, and the dat
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -28,6 +29,8 @@ def main() -> int:
     parser.add_argument("--bits", type=int, nargs="+", default=[8])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--set", dest="settings", nargs="*", default=[], help="method settings passed to --set")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--protocol", choices=["deploy", "paper"], default="deploy")
     parser.add_argument("--append", action="store_true", help="keep the rows already in the result file")
     args = parser.parse_args()
     paths = [*(w for w, _ in MODELS.values()), LOSSLESS, JPEG]
@@ -40,19 +43,19 @@ def main() -> int:
         for model in args.models:
             weights, sets = MODELS[model]
             fp = cli_top1([model, "--weights", str(weights)], sets)
-            for method in args.methods:
-                for bits in args.bits:
-                    out = Path(tmp) / f"{model}-{method}-{bits}"
-                    cmd = ["quantize", model, "--method", method, "--wbits", str(bits), "--abits", str(bits),
-                           "--protocol", "deploy", "--weights", str(weights), "--out", str(out)]  # fmt: skip
-                    cmd += [arg for item in args.settings for arg in ("--set", item)]
-                    summary = run_cli(cmd)
-                    top1 = cli_top1([str(out)], sets)
-                    row = {"model": model, "method": method, "bits": bits, "protocol": "deploy",
-                           "seconds": summary["seconds"], "top1": top1, "fp_top1": fp,
-                           "settings": args.settings, "command": "dfq " + " ".join(cmd)}  # fmt: skip
-                    print(row, flush=True)
-                    rows.append(row)
+            for method, bits, seed in itertools.product(args.methods, args.bits, args.seeds):
+                out = Path(tmp) / f"{model}-{method}-{bits}-{seed}"
+                cmd = ["quantize", model, "--method", method, "--wbits", str(bits), "--abits", str(bits),
+                       "--protocol", args.protocol, "--seed", str(seed), "--weights", str(weights),
+                       "--out", str(out)]  # fmt: skip
+                cmd += [arg for item in args.settings for arg in ("--set", item)]
+                summary = run_cli(cmd)
+                top1 = cli_top1([str(out)], sets)
+                row = {"model": model, "method": method, "bits": bits, "protocol": args.protocol, "seed": seed,
+                       "seconds": summary["seconds"], "top1": top1, "fp_top1": fp,
+                       "settings": args.settings, "command": "dfq " + " ".join(cmd)}  # fmt: skip
+                print(row, flush=True)
+                rows.append(row)
     path = RESULTS / "fast_methods.json"
     if args.append and path.is_file():
         rows = [*json.loads(path.read_text())["rows"], *rows]

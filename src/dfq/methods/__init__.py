@@ -3,7 +3,7 @@
 Importing this package registers the built-in methods. Each owns its math only; none sees real data.
 """
 
-from dfq.methods import adadfq, cle, gdfq, recon, squant, zaq, zeroq  # noqa: F401  (registers methods)
+from dfq.methods import adadfq, cle, gdfq, gptq, recon, squant, zaq, zeroq  # noqa: F401  (registers methods)
 from dfq.methods.adadfq import AdaDFQConfig, AdaSGConfig
 from dfq.methods.base import (
     DEFAULT_METHOD,
@@ -19,6 +19,7 @@ from dfq.methods.base import (
 from dfq.methods.cle import CLEConfig
 from dfq.methods.game import GameConfig, GameMethod, Outputs
 from dfq.methods.gdfq import GDFQConfig
+from dfq.methods.gptq import GPTQConfig
 from dfq.methods.recon import ReconConfig
 from dfq.methods.squant import SQuantConfig
 from dfq.methods.zaq import ZAQConfig
@@ -31,6 +32,7 @@ __all__ = [
     "AdaSGConfig",
     "CLEConfig",
     "GDFQConfig",
+    "GPTQConfig",
     "GameConfig",
     "GameMethod",
     "Method",
