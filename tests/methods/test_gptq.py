@@ -77,6 +77,15 @@ def test_an_input_that_is_always_zero_keeps_no_weight() -> None:
     assert torch.equal(codes[0, :, 2], torch.zeros(3, dtype=codes.dtype))
 
 
+def test_nan_or_a_hessian_without_cholesky_factor_is_one_clear_error() -> None:
+    w, h, scale, zp, _ = _problem(groups=1, rows=2, d=4, seed=4)
+    h[0, 1, 1] = float("nan")
+    with pytest.raises(DFQError, match="NaN/Inf"):
+        gptq_codes(w, h, scale, zp, QMIN, QMAX)
+    with pytest.raises(DFQError, match=r"not positive definite.*raise method\.damp"):
+        gptq_codes(w, -torch.eye(4, dtype=torch.float64)[None], scale, zp, QMIN, QMAX)
+
+
 class _Grouped(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -23,9 +23,10 @@ from dfq.cli import main
 from dfq.config import resolve_config
 from dfq.errors import DFQError
 from dfq.generators import synthesize_pool
-from dfq.methods.recon import ReconConfig, init_grids, reconstruct, reconstruct_unit, units
+from dfq.methods.recon import ReconConfig, reconstruct, reconstruct_unit, units
 from dfq.models import create_model
 from dfq.quant import ActMode, ActQuantizer, QuantConfig, act_quantizers, calibrate, quant_disabled, quantize_model
+from dfq.quant.clip import init_grids
 from dfq.testing import ChainedSumsNet
 
 TINY = ReconConfig(num_samples=16, synth_batch=16, synth_steps=3, iters=5, batch_size=8)

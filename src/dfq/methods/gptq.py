@@ -38,9 +38,9 @@ from tqdm.auto import tqdm
 from dfq.errors import DFQError
 from dfq.generators import synthesize_pool
 from dfq.methods.base import Method, MethodContext, register_method
-from dfq.methods.recon import init_grids
 from dfq.quant import QuantConfig, quantize_model
 from dfq.quant.api import weight_quantizers
+from dfq.quant.clip import init_grids
 from dfq.quant.quantizer import WeightQuantizer
 
 __all__ = ["GPTQ", "GPTQConfig", "gptq_codes", "gptq_quantize", "layer_hessian"]
@@ -82,8 +82,10 @@ def _inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of the dampened ``H⁻¹``, batched (float64)."""
     eye = torch.eye(h.shape[-1], dtype=h.dtype, device=h.device)
     h = h + damp * h.diagonal(dim1=-2, dim2=-1).mean(-1)[..., None, None] * eye
-    hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    return torch.linalg.cholesky(hinv, upper=True)
+    try:
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except torch.linalg.LinAlgError:
+        raise DFQError(f"the Hessian is not positive definite with {damp:g} dampening; raise method.damp") from None
 
 
 @torch.no_grad()
@@ -101,7 +103,13 @@ def gptq_codes(
 ) -> torch.Tensor:
     """GPTQ's integer codes (as floats) of ``w``: ``(G, R, D)``, G independent groups of R rows sharing the
     ``(G, D, D)`` Hessian ``h``, each row on its own grid ``scale``/``zero_point`` (``(G, R)``), codes in
-    ``[qmin, qmax]``. An input that is always zero (``H_ii = 0``) keeps no weight."""
+    ``[qmin, qmax]``. An input that is always zero (``H_ii = 0``) keeps no weight.
+
+    Raises:
+        DFQError: ``w`` or ``h`` holds NaN/Inf, or the dampened Hessian has no Cholesky factor.
+    """
+    if not (bool(torch.isfinite(h).all()) and bool(torch.isfinite(w).all())):
+        raise DFQError("the weights or the Hessian of their inputs hold NaN/Inf (the pool overflows the model?)")
     w, h = w.double().clone(), h.double().clone()
     scale, zero_point = scale.double(), zero_point.double()
     dead = h.diagonal(dim1=-2, dim2=-1) == 0
@@ -172,9 +180,10 @@ def layer_hessian(q: nn.Module, layer: nn.Module, pool: torch.Tensor, batch_size
     return hessian[0]
 
 
-def _run_order(q: nn.Module, x: torch.Tensor) -> list[tuple[nn.Module, WeightQuantizer]]:
-    """Q's weighted layers in the order its forward calls them."""
+def _run_order(q: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module, WeightQuantizer]]:
+    """Q's weighted layers (name, layer, weight quantizer) in the order its forward first calls them."""
     pairs = dict(weight_quantizers(q))
+    names = {m: name for name, m in q.named_modules() if m in pairs}
     order: list[nn.Module] = []
     handles = [m.register_forward_pre_hook(lambda m, a: order.append(m) if m not in order else None) for m in pairs]
     try:
@@ -183,28 +192,31 @@ def _run_order(q: nn.Module, x: torch.Tensor) -> list[tuple[nn.Module, WeightQua
     finally:
         for h in handles:
             h.remove()
-    return [(m, pairs[m]) for m in order]
+    return [(names[m], m, pairs[m]) for m in order]
 
 
 def _grouped(t: torch.Tensor, groups: int) -> torch.Tensor:
     return t.reshape(groups, t.shape[0] // groups, *t.shape[1:])
 
 
-def quantize_layer(layer: nn.Module, wq: WeightQuantizer, hessian: torch.Tensor, config: GPTQConfig) -> None:
+def quantize_layer(name: str, layer: nn.Module, wq: WeightQuantizer, hessian: torch.Tensor, config: GPTQConfig) -> None:
     """Write GPTQ's rounding of ``layer``'s weight on its stored grid (Q's forward then reproduces the codes)."""
     w = layer.weight.detach()
     scale, zero_point, qmin, qmax = wq.qparams(w)
     rows = w.shape[0]
     scale, zero_point = (t.reshape(-1).expand(rows) if t.numel() == 1 else t.reshape(rows) for t in (scale, zero_point))
     g = hessian.shape[0]
-    codes = gptq_codes(_grouped(w.reshape(rows, -1), g), hessian, _grouped(scale, g), _grouped(zero_point, g), qmin,
-                       qmax, damp=config.damp, block=config.block, act_order=config.act_order)  # fmt: skip
+    try:
+        codes = gptq_codes(_grouped(w.reshape(rows, -1), g), hessian, _grouped(scale, g), _grouped(zero_point, g),
+                           qmin, qmax, damp=config.damp, block=config.block, act_order=config.act_order)  # fmt: skip
+    except DFQError as e:
+        raise DFQError(f"gptq: layer {name}: {e}") from None
     codes = codes.reshape(rows, -1).to(w.dtype)
     with torch.no_grad():
         layer.weight.copy_(((codes - zero_point[:, None].to(w.dtype)) * scale[:, None].to(w.dtype)).reshape(w.shape))
 
 
-def _layers(q: nn.Module, pool: torch.Tensor, progress: bool) -> Iterator[tuple[nn.Module, WeightQuantizer]]:
+def _layers(q: nn.Module, pool: torch.Tensor, progress: bool) -> Iterator[tuple[str, nn.Module, WeightQuantizer]]:
     order = _run_order(q, pool[:1])
     with tqdm(order, desc="gptq: layers", disable=not progress) as bar:
         yield from bar
@@ -253,6 +265,6 @@ def gptq_quantize(
         pool = pool.clamp(*quant.input_range)
     init_grids(q, pool, config.synth_batch)
     batch = max(1, _FORWARD_PIXELS // math.prod(pool.shape[2:]))
-    for layer, wq in _layers(q, pool, progress):
-        quantize_layer(layer, wq, layer_hessian(q, layer, pool, batch), config)
+    for name, layer, wq in _layers(q, pool, progress):
+        quantize_layer(name, layer, wq, layer_hessian(q, layer, pool, batch), config)
     return q

@@ -40,12 +40,11 @@ from dfq.quant import (
     ActQuantizer,
     QuantConfig,
     WeightQuantizer,
-    calibrate,
     quant_disabled,
     quantize_model,
     weight_quantizers,
 )
-from dfq.quant.clip import least_error_act_range, least_error_weight_grid
+from dfq.quant.clip import init_grids
 from dfq.quant.functional import bernoulli_mask
 from dfq.quant.graph import is_add, owner_of, trace
 from dfq.quant.learning import BetaSchedule, QuantizerLearning, cosine_anneal
@@ -125,36 +124,7 @@ class ReconConfig:
         return int(self.spill_mb * 2**20)
 
 
-# -- 2. initial grids --------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def init_grids(q: nn.Module, pool: torch.Tensor, batch_size: int) -> None:
-    """Calibrate activation ranges on the pool, then shrink every range to its least-error clip."""
-    calibrate(q, pool.split(batch_size))
-    for layer, wq in weight_quantizers(q):
-        if wq.stored:
-            least_error_weight_grid(wq, layer.weight.detach())
-    inputs = _site_inputs(q, pool[:batch_size])
-    for aq, x in inputs.items():
-        least_error_act_range(aq, x)
-
-
-def _site_inputs(q: nn.Module, x: torch.Tensor) -> dict[ActQuantizer, torch.Tensor]:
-    store: dict[ActQuantizer, torch.Tensor] = {}
-    hooks = [
-        m.register_forward_pre_hook(lambda mod, args: store.__setitem__(mod, args[0].detach()))
-        for m in q.modules()
-        if isinstance(m, ActQuantizer) and m.get_mode() is not ActMode.DISABLED and not m.spec.is_noop and not m.fixed
-    ]
-    try:
-        q(x)
-    finally:
-        for h in hooks:
-            h.remove()
-    return store
-
-
+# -- 2. initial grids: dfq.quant.clip.init_grids ----------------------------------------------
 # -- 3. block reconstruction -------------------------------------------------------------------
 
 

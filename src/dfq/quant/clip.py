@@ -10,10 +10,12 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
-from dfq.quant.quantizer import ActQuantizer, WeightQuantizer
+from dfq.quant.api import calibrate, weight_quantizers
+from dfq.quant.quantizer import ActMode, ActQuantizer, WeightQuantizer
 
-__all__ = ["CLIP_FACTORS", "least_error_act_range", "least_error_weight_grid"]
+__all__ = ["CLIP_FACTORS", "init_grids", "least_error_act_range", "least_error_weight_grid"]
 
 CLIP_FACTORS = torch.linspace(0.3, 1.0, 15)
 
@@ -52,3 +54,30 @@ def least_error_act_range(aq: ActQuantizer, x: torch.Tensor) -> None:
             best_err, best_f = err, float(f)
     aq.lo.copy_(lo * best_f)
     aq.hi.copy_(hi * best_f)
+
+
+@torch.no_grad()
+def init_grids(q: nn.Module, pool: torch.Tensor, batch_size: int) -> None:
+    """Calibrate activation ranges on the pool, then shrink every range to its least-error clip."""
+    calibrate(q, pool.split(batch_size))
+    for layer, wq in weight_quantizers(q):
+        if wq.stored:
+            least_error_weight_grid(wq, layer.weight.detach())
+    inputs = _site_inputs(q, pool[:batch_size])
+    for aq, x in inputs.items():
+        least_error_act_range(aq, x)
+
+
+def _site_inputs(q: nn.Module, x: torch.Tensor) -> dict[ActQuantizer, torch.Tensor]:
+    store: dict[ActQuantizer, torch.Tensor] = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args: store.__setitem__(mod, args[0].detach()))
+        for m in q.modules()
+        if isinstance(m, ActQuantizer) and m.get_mode() is not ActMode.DISABLED and not m.spec.is_noop and not m.fixed
+    ]
+    try:
+        q(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return store
