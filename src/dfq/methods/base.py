@@ -80,6 +80,8 @@ class Method(ABC):
         config_cls: the method's config dataclass (its section of the run config).
         description: one line for ``dfq methods``.
         log_labels: metric keys of ``metrics.jsonl`` -> what they mean, for reports.
+        stored_grids: why the method needs weight grids stored in buffers (``quant.weight_scales: stored``, its
+            default for it); another choice is refused with this reason. Empty: no such need.
         learns_rounding: the method learns how each weight rounds against its quantized inputs (``recon``), so it
             recovers low-bit weights far better than nearest rounding; mixed precision then keeps the weights at
             the budget's bits (:meth:`dfq.mixed.MixedConfig.for_method`).
@@ -89,6 +91,7 @@ class Method(ABC):
     config_cls: ClassVar[type]
     description: ClassVar[str] = ""
     log_labels: ClassVar[dict[str, str]] = {}
+    stored_grids: ClassVar[str] = ""
     learns_rounding: ClassVar[bool] = False
 
     def __init__(self, config: Any = None) -> None:
@@ -98,7 +101,7 @@ class Method(ABC):
 
     def quant_defaults(self) -> dict[str, str]:
         """Quantization settings this method needs unless the user chose them (``QuantConfig`` keys)."""
-        return {}
+        return {"weight_scales": "stored"} if self.stored_grids else {}
 
     def float_model(self, teacher: nn.Module) -> nn.Module:
         """The float architecture this method's Q is built on, rebuilt when a saved Q is loaded (its weights do not
@@ -116,7 +119,8 @@ class Method(ABC):
 
     def check(self, quant: QuantConfig) -> None:
         """Refuse a quantization config this method cannot honour (one clear :class:`DFQError`)."""
-        return None
+        if self.stored_grids and quant.weight_scales not in (None, "stored"):
+            raise DFQError(f"the {self.name} method {self.stored_grids}: set quant.weight_scales to stored")
 
     @abstractmethod
     def quantize(self, teacher: nn.Module, quant: QuantConfig, ctx: MethodContext) -> tuple[nn.Module, dict[str, Any]]:

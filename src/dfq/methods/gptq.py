@@ -232,13 +232,7 @@ class GPTQ(Method):
     name = "gptq"
     config_cls = GPTQConfig
     description = "GPTQ (ICLR'23) on a synthesized pool: one-shot rounding with Hessian error compensation"
-
-    def quant_defaults(self) -> dict[str, str]:
-        return {"weight_scales": "stored"}
-
-    def check(self, quant: QuantConfig) -> None:
-        if quant.weight_scales not in (None, "stored"):
-            raise DFQError("the gptq method rounds onto fixed weight grids: set quant.weight_scales to stored")
+    stored_grids = "rounds onto fixed weight grids"
 
     def quantize(self, teacher: nn.Module, quant: QuantConfig, ctx: MethodContext) -> tuple[nn.Module, dict[str, Any]]:
         c = self.config

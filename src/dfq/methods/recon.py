@@ -305,14 +305,8 @@ class Recon(Method):
     name = "recon"
     config_cls = ReconConfig
     description = "dfq's default: a synthesized pool, then block-wise reconstruction (AdaRound, LSQ, QDrop)"
+    stored_grids = "learns weight grids"
     learns_rounding = True
-
-    def quant_defaults(self) -> dict[str, str]:
-        return {"weight_scales": "stored"}
-
-    def check(self, quant: QuantConfig) -> None:
-        if quant.weight_scales not in (None, "stored"):
-            raise DFQError("the recon method learns weight grids: set quant.weight_scales to stored")
 
     def quantize(self, teacher: nn.Module, quant: QuantConfig, ctx: MethodContext) -> tuple[nn.Module, dict[str, Any]]:
         c = self.config

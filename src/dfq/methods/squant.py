@@ -142,13 +142,7 @@ class SQuant(Method):
     name = "squant"
     config_cls = SQuantConfig
     description = "SQuant (ICLR'22): data-free flipped rounding of the weights (CASE), distilled activation ranges"
-
-    def quant_defaults(self) -> dict[str, str]:
-        return {"weight_scales": "stored"}
-
-    def check(self, quant: QuantConfig) -> None:
-        if quant.weight_scales not in (None, "stored"):
-            raise DFQError("the squant method rounds onto fixed weight grids: set quant.weight_scales to stored")
+    stored_grids = "rounds onto fixed weight grids"
 
     def quantize(self, teacher: nn.Module, quant: QuantConfig, ctx: MethodContext) -> tuple[nn.Module, dict[str, Any]]:
         c = self.config
