@@ -9,7 +9,7 @@ and its mirror images); ``base:`` is GPTQ's defaults. Deploy protocol, evaluated
 
 Usage: python benchmarks/lite0_gptq_variants.py [--pool 128] [--steps 60] [--cache FILE]
        [--variants base: fc8:fc=8 damp0.1:damp=0.1 mirror:mirror=1 natural:act_order=false]
-Writes benchmarks/results/lite0_gptq_variants.json.
+Writes benchmarks/results/lite0_gptq_variants.json (``--results NAME``: NAME.json).
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--cache", type=Path, default=None, help="where the pool is kept (default: a temporary file)")
     parser.add_argument("--variants", nargs="+", default=DEFAULT)
+    parser.add_argument("--results", default="lite0_gptq_variants", help="name of the JSON in benchmarks/results/")
     args = parser.parse_args()
     reuse_freed_memory()
     torch.manual_seed(0)
@@ -87,7 +88,7 @@ def main() -> int:
                "top1": evaluate(q.eval(), held_out, progress=False)["top1"]}  # fmt: skip
         result["rows"].append(row)
         print(row, flush=True)
-        write_result("lite0_gptq_variants", result)
+        write_result(args.results, result)
     return 0
 
 

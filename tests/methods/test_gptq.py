@@ -11,7 +11,7 @@ import dfq
 import dfq.testing
 from dfq.errors import DFQError
 from dfq.methods import GPTQConfig
-from dfq.methods.gptq import gptq_codes, layer_hessian
+from dfq.methods.gptq import gptq_codes, gptq_quantize, layer_hessian
 from dfq.quant import quantize_model
 from dfq.quant.api import weight_quantizers
 
@@ -124,10 +124,32 @@ def test_hessian_is_the_layer_inputs_gram_matrix_per_group(name: str) -> None:
     assert torch.allclose((vg @ h * vg).sum(), out.pow(2).sum(), rtol=1e-9)
 
 
-@pytest.mark.parametrize("protocol", ["paper", "deploy"])
-def test_q_is_on_its_grids_and_exports(protocol: str, tmp_path) -> None:
+def _first_layer_error(keys: dict, **quant) -> tuple[float, torch.Tensor]:
+    """Output error ``Σ (w-ŵ)ᵀ H (w-ŵ)`` of conv1 (whose inputs do not depend on the other layers) and its grid."""
+    teacher, x = _Grouped().eval(), torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    config = dfq.QuantConfig(wbits=3, abits=8, weight_scales="stored", **quant)
+    q = gptq_quantize(teacher, config, GPTQConfig(synth_batch=8, **keys), x, progress=False)
+    wq = q.conv1.weight_quantizer
+    assert torch.equal(wq(q.conv1.weight), q.conv1.weight)  # on the grid it stores
+    h = layer_hessian(q, q.conv1, x, 8)
+    diff = (q.conv1.weight - teacher.conv1.weight).detach().double().reshape(1, 4, -1)
+    return float((diff @ h * diff).sum()), wq.scale.clone()
+
+
+@pytest.mark.parametrize("quant", [{}, {"protocol": "paper", "weight_granularity": "per_tensor"}])
+def test_grid_search_keeps_the_grid_with_the_least_output_error(quant: dict) -> None:
+    torch.manual_seed(0)
+    plain, plain_grid = _first_layer_error({}, **quant)
+    searched, searched_grid = _first_layer_error({"grid_search": True}, **quant)
+    assert searched_grid.shape == plain_grid.shape and not torch.equal(searched_grid, plain_grid)
+    assert searched <= plain * (1 + 1e-9), (searched, plain)
+
+
+@pytest.mark.parametrize(("protocol", "keys"), [("paper", {}), ("deploy", {}),
+                                                ("deploy", {"grid_search": True})])  # fmt: skip
+def test_q_is_on_its_grids_and_exports(protocol: str, keys: dict, tmp_path) -> None:
     r = dfq.quantize(dfq.testing.tiny_classifier(), dfq.QuantConfig(protocol=protocol, wbits=4, abits=8),
-                     GPTQConfig(**FAST), example_inputs=torch.zeros(1, *dfq.testing.INPUT_SIZE),
+                     GPTQConfig(**FAST, **keys), example_inputs=torch.zeros(1, *dfq.testing.INPUT_SIZE),
                      progress=False)  # fmt: skip
     assert r.method_name == "gptq" and r.quant.weight_scales == "stored" and r.summary["gptq_s"] > 0
     layers = list(weight_quantizers(r.model))
