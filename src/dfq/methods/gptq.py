@@ -44,7 +44,7 @@ from dfq.generators import synthesize_pool
 from dfq.methods.base import Method, MethodContext, register_method
 from dfq.quant import QuantConfig, quantize_model
 from dfq.quant.api import weight_quantizers
-from dfq.quant.clip import CLIP_FACTORS, init_grids
+from dfq.quant.clip import clipped_weight_grids, init_grids
 from dfq.quant.quantizer import WeightQuantizer
 
 __all__ = ["GPTQ", "GPTQConfig", "gptq_codes", "gptq_quantize", "layer_hessian"]
@@ -214,13 +214,9 @@ def _candidate_grids(wq: WeightQuantizer, w: torch.Tensor, search: bool) -> list
     def per_row(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1).expand(rows).clone() if t.numel() == 1 else t.reshape(rows).clone()
 
-    stored = (wq.scale.clone(), wq.zero_point.clone())
     grids = [tuple(per_row(t) for t in wq.qparams(w)[:2])]
-    for f in CLIP_FACTORS if search else ():
-        wq.store(w * f)
+    for _ in clipped_weight_grids(wq, w) if search else ():
         grids.append(tuple(per_row(t) for t in wq.qparams(w)[:2]))
-    wq.scale.copy_(stored[0])
-    wq.zero_point.copy_(stored[1])
     return grids
 
 

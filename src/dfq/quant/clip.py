@@ -8,6 +8,7 @@ initialisation) is the start every low-bit grid of dfq gets.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -15,9 +16,23 @@ from torch import nn
 from dfq.quant.api import calibrate, weight_quantizers
 from dfq.quant.quantizer import ActMode, ActQuantizer, WeightQuantizer
 
-__all__ = ["CLIP_FACTORS", "init_grids", "least_error_act_range", "least_error_weight_grid"]
+__all__ = ["CLIP_FACTORS", "clipped_weight_grids", "init_grids", "least_error_act_range", "least_error_weight_grid"]
 
 CLIP_FACTORS = torch.linspace(0.3, 1.0, 15)
+
+
+@torch.no_grad()
+def clipped_weight_grids(wq: WeightQuantizer, w: torch.Tensor) -> Iterator[float]:
+    """Set the stored grid to the min/max grid of ``w`` shrunk by each of ``CLIP_FACTORS`` in turn, yielding the
+    factor; the grid stored before is restored at the end."""
+    stored = wq.scale.clone(), wq.zero_point.clone()
+    try:
+        for f in CLIP_FACTORS:
+            wq.store(w * f)
+            yield float(f)
+    finally:
+        wq.scale.copy_(stored[0])
+        wq.zero_point.copy_(stored[1])
 
 
 @torch.no_grad()
@@ -25,8 +40,7 @@ def least_error_weight_grid(wq: WeightQuantizer, w: torch.Tensor) -> None:
     """Store the clipped min/max grid of ``w`` with the least squared error, per channel (or per tensor)."""
     per_channel = wq.scale.dim() > 0
     best = None
-    for f in CLIP_FACTORS:
-        wq.store(w * f)  # the min/max grid of w shrunk by f
+    for _ in clipped_weight_grids(wq, w):
         err = (wq(w) - w).pow(2).reshape(w.shape[0], -1).sum(1)
         err = err if per_channel else err.sum()
         if best is None:
