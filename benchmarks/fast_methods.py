@@ -1,7 +1,7 @@
 """The fast post-training methods (`cle`, `squant`, `zeroq`, `gptq`) on the CIFAR-10 models, deploy protocol.
 
-Usage: python benchmarks/fast_methods.py [--methods cle zeroq] [--bits 8] [--models M ...] [--set KEY=VALUE ...]
-       [--seeds 0 ...] [--protocol deploy] [--append]
+Usage: python benchmarks/fast_methods.py [--methods cle zeroq] [--bits 8] [--abits A] [--models M ...]
+       [--set KEY=VALUE ...] [--seeds 0 ...] [--protocol deploy] [--append]
 Writes benchmarks/results/fast_methods.json: per model, method and bit-width the final top-1 on the lossless 4-class
 set (and JPEG-75 for ResNet-20), the full-precision top-1 beside it, and the data-free seconds.
 """
@@ -27,6 +27,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--methods", nargs="+", default=["cle", "zeroq"])
     parser.add_argument("--bits", type=int, nargs="+", default=[8])
+    parser.add_argument("--abits", type=int, default=None, help="activation bits (default: the weights' --bits)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--set", dest="settings", nargs="*", default=[], help="method settings passed to --set")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -45,14 +46,15 @@ def main() -> int:
             fp = cli_top1([model, "--weights", str(weights)], sets)
             for method, bits, seed in itertools.product(args.methods, args.bits, args.seeds):
                 out = Path(tmp) / f"{model}-{method}-{bits}-{seed}"
-                cmd = ["quantize", model, "--method", method, "--wbits", str(bits), "--abits", str(bits),
+                abits = args.abits or bits
+                cmd = ["quantize", model, "--method", method, "--wbits", str(bits), "--abits", str(abits),
                        "--protocol", args.protocol, "--seed", str(seed), "--weights", str(weights),
                        "--out", str(out)]  # fmt: skip
                 cmd += [arg for item in args.settings for arg in ("--set", item)]
                 summary = run_cli(cmd)
                 top1 = cli_top1([str(out)], sets)
-                row = {"model": model, "method": method, "bits": bits, "protocol": args.protocol, "seed": seed,
-                       "seconds": summary["seconds"], "top1": top1, "fp_top1": fp,
+                row = {"model": model, "method": method, "bits": bits, "abits": abits, "protocol": args.protocol,
+                       "seed": seed, "seconds": summary["seconds"], "top1": top1, "fp_top1": fp,
                        "settings": args.settings, "command": "dfq " + " ".join(cmd)}  # fmt: skip
                 print(row, flush=True)
                 rows.append(row)

@@ -13,7 +13,7 @@ from dfq.errors import DFQError
 from dfq.methods import GPTQConfig
 from dfq.methods.gptq import gptq_codes, gptq_quantize, layer_hessian
 from dfq.quant import quantize_model
-from dfq.quant.api import weight_quantizers
+from dfq.quant.api import act_quantizers, weight_quantizers
 
 QMIN, QMAX = -8, 7
 FAST = {"num_samples": 8, "synth_batch": 8, "synth_steps": 2}
@@ -145,10 +145,11 @@ def test_grid_search_keeps_the_grid_with_the_least_output_error(quant: dict) -> 
     assert searched <= plain * (1 + 1e-9), (searched, plain)
 
 
-@pytest.mark.parametrize(("protocol", "keys"), [("paper", {}), ("deploy", {}),
-                                                ("deploy", {"grid_search": True})])  # fmt: skip
-def test_q_is_on_its_grids_and_exports(protocol: str, keys: dict, tmp_path) -> None:
-    r = dfq.quantize(dfq.testing.tiny_classifier(), dfq.QuantConfig(protocol=protocol, wbits=4, abits=8),
+@pytest.mark.parametrize(("protocol", "keys", "abits"), [("paper", {}, 8), ("deploy", {}, 8),
+                                                         ("deploy", {"grid_search": True}, 8),
+                                                         ("deploy", {"act_search": True}, 4)])  # fmt: skip
+def test_q_is_on_its_grids_and_exports(protocol: str, keys: dict, abits: int, tmp_path) -> None:
+    r = dfq.quantize(dfq.testing.tiny_classifier(), dfq.QuantConfig(protocol=protocol, wbits=4, abits=abits),
                      GPTQConfig(**FAST, **keys), example_inputs=torch.zeros(1, *dfq.testing.INPUT_SIZE),
                      progress=False)  # fmt: skip
     assert r.method_name == "gptq" and r.quant.weight_scales == "stored" and r.summary["gptq_s"] > 0
@@ -159,6 +160,24 @@ def test_q_is_on_its_grids_and_exports(protocol: str, keys: dict, tmp_path) -> N
     if protocol == "deploy":
         dfq.export_onnx(r, tmp_path / "q.onnx", verify=[torch.randn(8, *dfq.testing.INPUT_SIZE)])
         assert (tmp_path / "q.onnx").is_file()
+
+
+def test_act_search_lowers_the_output_error_on_the_pool() -> None:
+    """The searched activation ranges leave Q's logits closer to P's on the pool than the least-error ones do; the
+    8-bit sites keep their ranges."""
+    torch.manual_seed(0)
+    teacher, x = _Grouped().eval(), torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    quant = dfq.QuantConfig(wbits=4, abits=4, weight_scales="stored")
+    runs = {}
+    for search in (False, True):
+        q = gptq_quantize(teacher, quant, GPTQConfig(synth_batch=8, act_search=search), x, progress=False)
+        with torch.no_grad():
+            error = float((q(x) - teacher(x)).pow(2).sum())
+        runs[search] = error, {n: (aq.spec.bits, float(aq.lo), float(aq.hi)) for n, aq in act_quantizers(q)}
+    assert runs[True][0] < runs[False][0], runs
+    ranges = runs[False][1], runs[True][1]
+    assert any(ranges[0][n] != ranges[1][n] for n in ranges[0] if ranges[0][n][0] < 8)
+    assert all(ranges[0][n] == ranges[1][n] for n in ranges[0] if ranges[0][n][0] >= 8)
 
 
 def test_refuses_minmax_weight_scales() -> None:

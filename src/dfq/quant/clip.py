@@ -13,12 +13,14 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from dfq.quant.api import calibrate, weight_quantizers
+from dfq.quant.api import act_quantizers, calibrate, weight_quantizers
 from dfq.quant.quantizer import ActMode, ActQuantizer, WeightQuantizer
 
-__all__ = ["CLIP_FACTORS", "clipped_weight_grids", "init_grids", "least_error_act_range", "least_error_weight_grid"]
+__all__ = ["CLIP_FACTORS", "OUTPUT_FACTORS", "clipped_weight_grids", "init_grids", "least_error_act_range",
+           "least_error_weight_grid", "least_output_error_act_ranges"]  # fmt: skip
 
 CLIP_FACTORS = torch.linspace(0.3, 1.0, 15)
+OUTPUT_FACTORS = torch.linspace(0.5, 1.5, 21)  # around a least-error range, in both directions
 
 
 @torch.no_grad()
@@ -95,3 +97,38 @@ def _site_inputs(q: nn.Module, x: torch.Tensor) -> dict[ActQuantizer, torch.Tens
         for h in hooks:
             h.remove()
     return store
+
+
+@torch.no_grad()
+def least_output_error_act_ranges(
+    q: nn.Module, p: nn.Module, x: torch.Tensor, batch_size: int, *, max_bits: int = 7, passes: int = 2
+) -> float:
+    """Rescale each frozen activation range of ``q`` with at most ``max_bits`` bits, one site at a time in the
+    order of ``act_quantizers`` and ``passes`` times over, by the factor of ``OUTPUT_FACTORS`` whose Q leaves the
+    least squared error of its outputs against ``p``'s on ``x``; returns that error (summed over ``x``).
+
+    A site's own least error (:func:`least_error_act_range`) ignores what its rounding does downstream; at 4 bits
+    the clip that keeps the network's output closest is often another one. A coordinate-descent form of the
+    network-loss clipping of Nahshan et al., "Loss Aware Post-training Quantization" (Machine Learning, 2021).
+    Costs ``passes * len(OUTPUT_FACTORS)`` forwards of Q over ``x`` per site.
+    """
+    chunks = x.split(batch_size)
+    targets = [p(c) for c in chunks]
+
+    def error() -> float:
+        return sum(float((q(c) - t).pow(2).sum()) for c, t in zip(chunks, targets, strict=True))
+
+    sites = [aq for _, aq in act_quantizers(q) if not (aq.fixed or aq.spec.is_noop) and aq.spec.bits <= max_bits]
+    best = error()
+    for _ in range(passes):
+        for aq in sites:
+            lo, hi, chosen = aq.lo.clone(), aq.hi.clone(), 1.0
+            for f in OUTPUT_FACTORS.tolist():
+                aq.lo.copy_(lo * f)
+                aq.hi.copy_(hi * f)
+                err = error()
+                if err < best:
+                    best, chosen = err, f
+            aq.lo.copy_(lo * chosen)
+            aq.hi.copy_(hi * chosen)
+    return best
