@@ -236,12 +236,13 @@ def quantize_layer(name: str, layer: nn.Module, wq: WeightQuantizer, hessian: to
     grids = _candidate_grids(wq, w, config.grid_search)
     k = len(grids)
     scale, zero_point = (torch.cat([_grouped(grid[i], g) for grid in grids], 1).double() for i in (0, 1))
+    target = target.repeat(1, k, 1)  # each row once per candidate grid
     try:
-        codes = gptq_codes(target.repeat(1, k, 1), hessian, scale, zero_point, qmin, qmax, damp=config.damp,
-                           block=config.block, act_order=config.act_order)  # fmt: skip
+        codes = gptq_codes(target, hessian, scale, zero_point, qmin, qmax, damp=config.damp, block=config.block,
+                           act_order=config.act_order)  # fmt: skip
     except DFQError as e:
         raise DFQError(f"gptq: layer {name}: {e}") from None
-    diff = target.repeat(1, k, 1) - (codes - zero_point[..., None]) * scale[..., None]
+    diff = target - (codes - zero_point[..., None]) * scale[..., None]
     error = ((diff @ hessian) * diff).sum(-1).reshape(g, k, -1)  # (G, candidates, R)
     if wq.scale.numel() == 1:  # one grid for the whole tensor: the candidate best over all rows
         error = error.sum((0, 2), keepdim=True).expand_as(error)

@@ -8,7 +8,7 @@ initialisation) is the start every low-bit grid of dfq gets.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -56,20 +56,26 @@ def least_error_weight_grid(wq: WeightQuantizer, w: torch.Tensor) -> None:
     wq.zero_point.copy_(best[2])
 
 
+def _rescale_range(aq: ActQuantizer, factors: list[float], error: Callable[[], float], best: float = math.inf) -> float:
+    """Scale ``aq``'s range by the one of ``factors`` with the least ``error()``, kept as it is unless some factor
+    beats ``best``; returns the least error."""
+    lo, hi, chosen = aq.lo.clone(), aq.hi.clone(), 1.0
+    for f in factors:
+        aq.lo.copy_(lo * f)
+        aq.hi.copy_(hi * f)
+        err = error()
+        if err < best:
+            best, chosen = err, f
+    aq.lo.copy_(lo * chosen)
+    aq.hi.copy_(hi * chosen)
+    return best
+
+
 @torch.no_grad()
 def least_error_act_range(aq: ActQuantizer, x: torch.Tensor) -> None:
     """Shrink a calibrated (frozen) activation range to the one, among ``CLIP_FACTORS`` of it, with the least
     squared error on ``x``."""
-    lo, hi = aq.lo.clone(), aq.hi.clone()
-    best_err, best_f = math.inf, 1.0
-    for f in CLIP_FACTORS:
-        aq.lo.copy_(lo * f)
-        aq.hi.copy_(hi * f)
-        err = float((aq(x) - x).pow(2).sum())
-        if err < best_err:
-            best_err, best_f = err, float(f)
-    aq.lo.copy_(lo * best_f)
-    aq.hi.copy_(hi * best_f)
+    _rescale_range(aq, CLIP_FACTORS.tolist(), lambda: float((aq(x) - x).pow(2).sum()))
 
 
 @torch.no_grad()
@@ -122,13 +128,5 @@ def least_output_error_act_ranges(
     best = error()
     for _ in range(passes):
         for aq in sites:
-            lo, hi, chosen = aq.lo.clone(), aq.hi.clone(), 1.0
-            for f in OUTPUT_FACTORS.tolist():
-                aq.lo.copy_(lo * f)
-                aq.hi.copy_(hi * f)
-                err = error()
-                if err < best:
-                    best, chosen = err, f
-            aq.lo.copy_(lo * chosen)
-            aq.hi.copy_(hi * chosen)
+            best = _rescale_range(aq, OUTPUT_FACTORS.tolist(), error, best)
     return best
