@@ -17,13 +17,14 @@ The same reconstruction (deploy protocol, W4A8, 400 steps per unit at batch 16, 
   ResNets).
 
 ``--fit gptq`` fits Q to P on the same pools with GPTQ (``dfq.methods.gptq``, one shot) instead of the
-reconstruction, ``--fit gptq_grid`` with GPTQ's ``grid_search``. The allocator is set up as the CLI sets it
+reconstruction, ``--fit gptq_grid`` with GPTQ's ``grid_search``; ``--fit recon_gptq`` reconstructs with the learned
+rounding starting at GPTQ's (``recon``'s ``method.rounding_init=gptq``). The allocator is set up as the CLI sets it
 (``dfq.utils.allocator``). Every row is evaluated on the other 872 photos (a seed-0 permutation picks the 128),
 with full precision on the same 872 beside it.
 
 Usage: python benchmarks/lite0_w4a8_bound.py [--rows synthetic synthetic_norm real real_dw8 synthetic_norm_dw8
        synthetic_warm synthetic_norm_warm_dw8] [--iters 400] [--seed 0] [--synthetic-pool 128]
-       [--synth-steps 60] [--fit recon|gptq|gptq_grid] [--results lite0_w4a8_bound]
+       [--synth-steps 60] [--fit recon|recon_gptq|gptq|gptq_grid] [--results lite0_w4a8_bound]
 Writes benchmarks/results/RESULTS.json, replacing the rows this run redoes (the rows of another ``--iters``,
 ``--seed``, ``--synthetic-pool`` or ``--synth-steps`` are not kept: give such a run its own ``--results``). The 128
 real photos and the held-out 872 are the same at every seed and synthetic pool size.
@@ -75,7 +76,7 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthesis and the reconstruction")
     parser.add_argument("--synthetic-pool", type=int, default=POOL, help="images of the synthetic pools")
     parser.add_argument("--synth-steps", type=int, default=SETTINGS["synth_steps"], help="steps per synthesis batch")
-    fits = ["recon", "gptq", "gptq_grid"]
+    fits = ["recon", "recon_gptq", "gptq", "gptq_grid"]
     parser.add_argument("--fit", choices=fits, default="recon", help="what fits Q to P on each pool")
     parser.add_argument("--results", default="lite0_w4a8_bound", help="name of the JSON file under benchmarks/results")
     args = parser.parse_args()
@@ -92,9 +93,10 @@ def main() -> int:
         return evaluate(m.eval(), held_out, progress=False)["top1"]
 
     settings = {**SETTINGS, "num_samples": args.synthetic_pool, "synth_steps": args.synth_steps}
-    config = ReconConfig(**settings, iters=args.iters)
+    config = ReconConfig(**settings, iters=args.iters, rounding_init="gptq" if args.fit == "recon_gptq" else "nearest")
     gptq = args.fit.startswith("gptq")  # one-shot GPTQ instead of the reconstruction (``--iters`` does not apply)
-    budget = {"settings": settings, "iters": args.iters, "seed": args.seed, **({"fit": args.fit} if gptq else {})}
+    fit = {"fit": args.fit} if args.fit != "recon" else {}
+    budget = {"settings": settings, "iters": args.iters, "seed": args.seed, **fit}
     result = {"model": "efficientnet_lite0", "bits": "W4A8", "protocol": "deploy", **budget,
               "eval_images": len(held), "fp_top1": top1(p), "rows": _previous_rows(args.results, budget)}  # fmt: skip
     print(result, flush=True)

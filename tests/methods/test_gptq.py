@@ -11,9 +11,10 @@ import dfq
 import dfq.testing
 from dfq.errors import DFQError
 from dfq.methods import GPTQConfig
-from dfq.methods.gptq import gptq_codes, gptq_quantize, layer_hessian
+from dfq.methods.gptq import gptq_codes, gptq_quantize, gptq_round, layer_hessian
 from dfq.quant import quantize_model
 from dfq.quant.api import act_quantizers, weight_quantizers
+from dfq.quant.clip import init_grids
 
 QMIN, QMAX = -8, 7
 FAST = {"num_samples": 8, "synth_batch": 8, "synth_steps": 2}
@@ -178,6 +179,22 @@ def test_act_search_lowers_the_output_error_on_the_pool() -> None:
     ranges = runs[False][1], runs[True][1]
     assert any(ranges[0][n] != ranges[1][n] for n in ranges[0] if ranges[0][n][0] < 8)
     assert all(ranges[0][n] == ranges[1][n] for n in ranges[0] if ranges[0][n][0] >= 8)
+
+
+def test_gptq_round_returns_the_compensated_weights_it_rounded() -> None:
+    """Each layer's compensated weights round, on its grid, to the weights GPTQ wrote; they differ from P's (the
+    errors of the columns rounded before were spread over them)."""
+    teacher, x = _Grouped().eval(), torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    q = quantize_model(teacher, dfq.QuantConfig(wbits=3, abits=8, weight_scales="stored")).eval()
+    init_grids(q, x, 8)
+    starts = gptq_round(q, x, GPTQConfig(synth_batch=8), progress=False)
+    floats = dict(teacher.named_modules())
+    assert len(starts) == 3
+    with torch.no_grad():
+        for name, layer in q.named_modules():
+            if layer in starts:
+                assert torch.equal(layer.weight_quantizer(starts[layer]), layer.weight)
+                assert not torch.allclose(starts[layer], floats[name].weight)
 
 
 def test_refuses_minmax_weight_scales() -> None:

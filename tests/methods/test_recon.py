@@ -23,6 +23,7 @@ from dfq.cli import main
 from dfq.config import resolve_config
 from dfq.errors import DFQError
 from dfq.generators import synthesize_pool
+from dfq.methods.gptq import GPTQConfig, gptq_quantize
 from dfq.methods.recon import ReconConfig, reconstruct, reconstruct_unit, units
 from dfq.models import create_model
 from dfq.quant import ActMode, ActQuantizer, QuantConfig, act_quantizers, calibrate, quant_disabled, quantize_model
@@ -485,3 +486,34 @@ def test_units_never_cut_at_a_tuple() -> None:
     """A chunk's result is a tuple read by indexing: no unit may end there (it crashed on shufflenet_v2)."""
     chain, y, expected = _cut(_ChannelSplit())
     assert len(chain) == 3 and torch.equal(y, expected)
+
+
+
+@pytest.mark.parametrize("init", ["nearest", "gptq"])
+def test_rounding_init_is_where_the_learned_rounding_starts(init: str) -> None:
+    """With every learning rate at 0 the reconstruction keeps its start: round-to-nearest on the initial grids, or
+    exactly the Q that ``gptq`` makes on the same pool and grids."""
+    teacher, pool = _tiny().eval(), torch.randn(16, *SHAPE, generator=_gen(3))
+    frozen = dataclasses.replace(TINY, iters=1, rounding_init=init, lr_round=0.0, lr_wstep=0.0, lr_astep=0.0)
+    q = reconstruct(teacher, _stored(), frozen, pool, generator=_gen(), progress=False)
+    if init == "gptq":
+        ref = gptq_quantize(teacher, _stored(), GPTQConfig(synth_batch=TINY.synth_batch), pool, progress=False)
+    else:
+        ref = quantize_model(teacher, _stored()).eval()
+        init_grids(ref, pool, TINY.synth_batch)
+    floats, want = dict(teacher.named_modules()), dict(ref.named_modules())
+    got = [(name, m) for name, m in q.named_modules() if m in _weight_layers(q)]
+    assert len(got) == 7
+    moved = 0
+    with torch.no_grad():
+        for name, layer in got:
+            wq = layer.weight_quantizer
+            assert torch.equal(wq.scale, want[name].weight_quantizer.scale)
+            assert torch.equal(layer.weight, want[name].weight_quantizer(want[name].weight))
+            moved += int((layer.weight != wq(floats[name].weight)).sum())
+    assert (moved > 0) == (init == "gptq")  # GPTQ moves some weights off their nearest grid point
+
+
+def test_rounding_init_is_validated() -> None:
+    with pytest.raises(DFQError, match=r"recon\.rounding_init must be one of nearest, gptq, got 'adaround'"):
+        ReconConfig(rounding_init="adaround")

@@ -117,6 +117,28 @@ def test_begin_rounding_starts_at_nearest_rounding(name: str) -> None:
     assert not torch.equal(soft, nearest)  # really soft
 
 
+@pytest.mark.parametrize("name", list(SPECS))
+def test_begin_rounding_from_a_start_rounds_as_the_start_does(name: str) -> None:
+    """From ``start`` the hard rounding is ``start``'s own rounding on the grid, whatever the float weight; each
+    weight's two choices are the grid points around its start value."""
+    wq, weight, nearest = _rounding_setup(name)
+    scale = wq.scale.clone()
+    start = weight.detach() + torch.randn(weight.shape, generator=_gen(1)) * 1.5 * scale
+    with torch.no_grad():
+        wanted = wq(start)  # the start's nearest rounding on the stored grid
+    wq.begin_rounding(weight, start)
+    wq.soft_rounding = False
+    with torch.no_grad():
+        assert torch.equal(wq(weight), wanted) and not torch.equal(wanted, nearest)
+        wq.soft_rounding = True
+        soft = wq(weight)
+    zp, qmin, qmax = wq.zero_point, int(wq.code_range[0]), int(wq.code_range[1])
+    base = torch.floor(start / scale)
+    floor = (torch.clamp(base + zp, qmin, qmax) - zp) * scale
+    ceil = (torch.clamp(base + 1 + zp, qmin, qmax) - zp) * scale
+    assert bool((soft >= floor - 1e-6).all() and (soft <= ceil + 1e-6).all())
+
+
 def test_rounding_loss_is_zero_at_hard_values_and_maximal_at_one_half() -> None:
     """AdaRound's regulariser: 0 when every h is 0 or 1, one per element at h = 0.5, in between otherwise."""
     wq, weight, _ = _rounding_setup()

@@ -49,7 +49,7 @@ from dfq.quant.api import weight_quantizers
 from dfq.quant.clip import clipped_weight_grids, init_grids, least_output_error_act_ranges
 from dfq.quant.quantizer import WeightQuantizer
 
-__all__ = ["GPTQ", "GPTQConfig", "gptq_codes", "gptq_quantize", "layer_hessian"]
+__all__ = ["GPTQ", "GPTQConfig", "gptq_codes", "gptq_quantize", "gptq_round", "layer_hessian"]
 
 
 @dataclass
@@ -121,6 +121,18 @@ def gptq_codes(
     Raises:
         DFQError: ``w`` or ``h`` holds NaN/Inf, or the dampened Hessian has no Cholesky factor.
     """
+    return _gptq(w, h, scale, zero_point, qmin, qmax, damp=damp, block=block, act_order=act_order)[0]
+
+
+def _gptq(
+    w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int, *,
+    damp: float, block: int, act_order: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """:func:`gptq_codes` and the compensated weights, each column as it was when it was rounded (float64).
+
+    Raises:
+        DFQError: ``w`` or ``h`` holds NaN/Inf, or the dampened Hessian has no Cholesky factor.
+    """
     if not (bool(torch.isfinite(h).all()) and bool(torch.isfinite(w).all())):
         raise DFQError("the weights or the Hessian of their inputs hold NaN/Inf (the pool overflows the model?)")
     w, h = w.double().clone(), h.double().clone()
@@ -136,18 +148,19 @@ def gptq_codes(
     w = w.gather(2, perm[:, None, :].expand_as(w))
     h = h.gather(1, perm[:, :, None].expand_as(h)).gather(2, perm[:, None, :].expand_as(h))
     u = _inverse_factor(h, damp)
-    codes = torch.empty_like(w)
+    codes, compensated = torch.empty_like(w), torch.empty_like(w)
     for i1 in range(0, d, block):
         i2 = min(i1 + block, d)
         errors = torch.empty_like(w[:, :, i1:i2])
         for i in range(i1, i2):
-            col = w[:, :, i]
+            col = compensated[:, :, i] = w[:, :, i]
             code = torch.clamp(torch.round(col / scale + zero_point), qmin, qmax)
             err = (col - (code - zero_point) * scale) / u[:, i, i][:, None]
             w[:, :, i:i2] -= err[:, :, None] * u[:, i, i:i2][:, None, :]
             codes[:, :, i], errors[:, :, i - i1] = code, err
         w[:, :, i2:] -= errors @ u[:, i1:i2, i2:]
-    return torch.empty_like(codes).scatter_(2, perm[:, None, :].expand_as(codes), codes)  # back to the input order
+    index = perm[:, None, :].expand_as(codes)  # back to the input order
+    return torch.empty_like(codes).scatter_(2, index, codes), torch.empty_like(w).scatter_(2, index, compensated)
 
 
 # -- Hessians of Q's layers ---------------------------------------------------------------------------------------
@@ -226,9 +239,13 @@ def _candidate_grids(wq: WeightQuantizer, w: torch.Tensor, search: bool) -> list
     return grids
 
 
-def quantize_layer(name: str, layer: nn.Module, wq: WeightQuantizer, hessian: torch.Tensor, config: GPTQConfig) -> None:
+@torch.no_grad()
+def quantize_layer(
+    name: str, layer: nn.Module, wq: WeightQuantizer, hessian: torch.Tensor, config: GPTQConfig
+) -> torch.Tensor:
     """Write GPTQ's rounding of ``layer``'s weight on its stored grid (Q's forward then reproduces the codes); with
-    ``config.grid_search`` the grid, per row, whose rounding leaves the least output error ``(w-ŵ)ᵀ H (w-ŵ)``."""
+    ``config.grid_search`` the grid, per row, whose rounding leaves the least output error ``(w-ŵ)ᵀ H (w-ŵ)``.
+    Returns the compensated weights that were rounded (the weight's shape)."""
     w = layer.weight.detach()
     rows, g = w.shape[0], hessian.shape[0]
     _, _, qmin, qmax = wq.qparams(w)
@@ -238,8 +255,8 @@ def quantize_layer(name: str, layer: nn.Module, wq: WeightQuantizer, hessian: to
     scale, zero_point = (torch.cat([_grouped(grid[i], g) for grid in grids], 1).double() for i in (0, 1))
     target = target.repeat(1, k, 1)  # each row once per candidate grid
     try:
-        codes = gptq_codes(target, hessian, scale, zero_point, qmin, qmax, damp=config.damp, block=config.block,
-                           act_order=config.act_order)  # fmt: skip
+        codes, compensated = _gptq(target, hessian, scale, zero_point, qmin, qmax, damp=config.damp,
+                                   block=config.block, act_order=config.act_order)  # fmt: skip
     except DFQError as e:
         raise DFQError(f"gptq: layer {name}: {e}") from None
     diff = target - (codes - zero_point[..., None]) * scale[..., None]
@@ -252,11 +269,12 @@ def quantize_layer(name: str, layer: nn.Module, wq: WeightQuantizer, hessian: to
         t = t.reshape(g, k, -1, *t.shape[2:])
         return t.gather(1, best.reshape(*best.shape, *([1] * (t.dim() - 3))).expand(g, 1, *t.shape[2:]))[:, 0]
 
-    codes, scale, zero_point = (pick(t).reshape(rows, -1).to(w.dtype) for t in (codes, scale, zero_point))
-    with torch.no_grad():
-        layer.weight.copy_(((codes - zero_point) * scale).reshape(w.shape))
-        wq.scale.copy_(scale.reshape(-1)[: wq.scale.numel()].reshape(wq.scale.shape))
-        wq.zero_point.copy_(zero_point.reshape(-1)[: wq.zero_point.numel()].reshape(wq.zero_point.shape))
+    codes, compensated, scale, zero_point = (pick(t).reshape(rows, -1).to(w.dtype)
+                                             for t in (codes, compensated, scale, zero_point))  # fmt: skip
+    layer.weight.copy_(((codes - zero_point) * scale).reshape(w.shape))
+    wq.scale.copy_(scale.reshape(-1)[: wq.scale.numel()].reshape(wq.scale.shape))
+    wq.zero_point.copy_(zero_point.reshape(-1)[: wq.zero_point.numel()].reshape(wq.zero_point.shape))
+    return compensated.reshape(w.shape)
 
 
 def _layers(q: nn.Module, pool: torch.Tensor, progress: bool) -> Iterator[tuple[str, nn.Module, WeightQuantizer]]:
@@ -301,9 +319,22 @@ def gptq_quantize(
     if quant.input_range is not None:  # as recon: Q's input grid clips synthetic pixels outside the valid range
         pool = pool.clamp(*quant.input_range)
     init_grids(q, pool, config.synth_batch)
-    batch = max(1, _FORWARD_PIXELS // math.prod(pool.shape[2:]))
-    for name, layer, wq in _layers(q, pool, progress):
-        quantize_layer(name, layer, wq, layer_hessian(q, layer, pool, batch), config)
+    gptq_round(q, pool, config, progress=progress)
     if config.act_search:
-        least_output_error_act_ranges(q, teacher, pool, batch)
+        least_output_error_act_ranges(q, teacher, pool, _batch(pool))
     return q
+
+
+def _batch(pool: torch.Tensor) -> int:
+    return max(1, _FORWARD_PIXELS // math.prod(pool.shape[2:]))
+
+
+def gptq_round(
+    q: nn.Module, pool: torch.Tensor, config: GPTQConfig, *, progress: bool = True
+) -> dict[nn.Module, torch.Tensor]:
+    """Round every weighted layer of ``q`` (its grids and activation ranges set) by GPTQ on the inputs Q gives it
+    on ``pool``, in the order the layers run; returns each layer's compensated weights (what ``recon`` starts its
+    learned rounding from, ``recon.rounding_init``)."""
+    batch = _batch(pool)
+    return {layer: quantize_layer(name, layer, wq, layer_hessian(q, layer, pool, batch), config)
+            for name, layer, wq in _layers(q, pool, progress)}  # fmt: skip

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from dfq.errors import DFQError, UnsupportedLayerError
 from dfq.generators import synthesize_pool
 from dfq.methods.base import Method, MethodContext, register_method
+from dfq.methods.gptq import GPTQConfig, gptq_round
 from dfq.quant import (
     ActMode,
     ActQuantizer,
@@ -51,6 +52,9 @@ from dfq.quant.learning import BetaSchedule, QuantizerLearning, cosine_anneal
 from dfq.utils.buffers import pool_tensor
 
 __all__ = ["Recon", "ReconConfig", "reconstruct"]
+
+
+ROUNDING_INITS = ("nearest", "gptq")
 
 
 @dataclass
@@ -77,6 +81,9 @@ class ReconConfig:
         steps and the activation steps.
     lr_bn: Adam learning rate of the unit's BatchNorm scales and shifts, which then absorb the
         mean and scale errors of quantization (0: BatchNorm fixed, as Genie).
+    rounding_init: where AdaRound starts: "nearest" (at the float weights, AdaRound's own start) or "gptq" (at the
+        rounding :mod:`dfq.methods.gptq` gives each layer on the pool, once the grids are set: each weight then
+        chooses between the two grid points around GPTQ's compensated value).
     round_weight: weight of AdaRound's rounding regulariser.
     round_warmup: fraction of the steps before the regulariser starts.
     beta: the regulariser's exponent, annealed from the first to the second value.
@@ -101,6 +108,7 @@ class ReconConfig:
     lr_wstep: float = 1e-5
     lr_astep: float = 4e-5
     lr_bn: float = 0.0
+    rounding_init: str = "nearest"
     round_weight: float = 0.01
     round_warmup: float = 0.2
     beta: tuple[float, float] = (20.0, 2.0)
@@ -115,6 +123,10 @@ class ReconConfig:
             raise DFQError(f"recon.label_weight must be >= 0, got {self.label_weight}")
         if not 0 <= self.drop_prob <= 1 or not 0 <= self.round_warmup < 1 or not 0 <= self.lowpass <= 1:
             raise DFQError("recon.drop_prob and recon.lowpass must be in [0, 1], recon.round_warmup in [0, 1)")
+        if self.rounding_init not in ROUNDING_INITS:
+            raise DFQError(
+                f"recon.rounding_init must be one of {', '.join(ROUNDING_INITS)}, got {self.rounding_init!r}"
+            )
         if not self.spill_mb >= 0:
             raise DFQError(f"recon.spill_mb must be >= 0, got {self.spill_mb}")
         self.beta = tuple(float(b) for b in self.beta)  # type: ignore[assignment]
@@ -238,14 +250,15 @@ def _quantizers(unit: nn.Module) -> tuple[list[tuple[nn.Module, WeightQuantizer]
 
 def reconstruct_unit(
     unit: nn.Module, x_q: torch.Tensor, x_fp: torch.Tensor, y_fp: torch.Tensor, config: ReconConfig,
-    generator: torch.Generator,
+    generator: torch.Generator, starts: dict[nn.Module, torch.Tensor] | None = None,
 ) -> float:  # fmt: skip
-    """Fit one unit of Q to P's outputs; returns the final reconstruction loss."""
+    """Fit one unit of Q to P's outputs, the learned rounding of a layer in ``starts`` starting there; returns the
+    final reconstruction loss."""
     weights, acts = _quantizers(unit)
     if not weights and not acts:
         return 0.0
     learning = QuantizerLearning(weights, acts)
-    learned = learning.begin(rounding=True)
+    learned = learning.begin(rounding=True, starts=starts)
     bns = [m for m in unit.modules() if isinstance(m, nn.BatchNorm2d)] if config.lr_bn else []
     params_bn = [p for m in bns for p in m.parameters(recurse=False)]  # not an output site's learned step
     for p in params_bn:
@@ -344,13 +357,14 @@ def reconstruct(
         low, high = quant.input_range
         pool = _run(lambda b: b.clamp(low, high), pool, config.spill_bytes)
     init_grids(q, pool, config.synth_batch)
+    starts = _gptq_starts(q, pool, config, progress) if config.rounding_init == "gptq" else {}
     chain = units(q)
     x_q = x_fp = pool
     with tqdm(chain, desc="recon: reconstruct", disable=not progress) as bar:
         for unit in bar:
             with quant_disabled(q):
                 y_fp = _run(unit, x_fp, config.spill_bytes)
-            loss = reconstruct_unit(unit, x_q, x_fp, y_fp, config, generator)
+            loss = reconstruct_unit(unit, x_q, x_fp, y_fp, config, generator, starts)
             if not math.isfinite(loss):  # never return a Q with NaN grids as a success
                 raise DFQError(f"recon: the reconstruction of unit {bar.n} diverged (loss {loss}); lower "
                                "method.lr_round, method.lr_wstep and method.lr_astep")  # fmt: skip
@@ -360,3 +374,16 @@ def reconstruct(
     for p in q.parameters():
         p.requires_grad_(True)
     return q.eval()
+
+
+def _gptq_starts(
+    q: nn.Module, pool: torch.Tensor, config: ReconConfig, progress: bool
+) -> dict[nn.Module, torch.Tensor]:
+    """GPTQ's compensated weights of every layer of ``q`` on ``pool``; ``q``'s weights are P's again afterwards (the
+    reconstruction's targets come from them)."""
+    floats = {layer: layer.weight.detach().clone() for layer, _ in weight_quantizers(q)}
+    starts = gptq_round(q, pool, GPTQConfig(synth_batch=config.synth_batch), progress=progress)
+    with torch.no_grad():
+        for layer, w in floats.items():
+            layer.weight.copy_(w)
+    return starts

@@ -10,7 +10,7 @@ weights, so the model is an ordinary quantized model again.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -75,15 +75,16 @@ class QuantizerLearning:
         self.weights = list(weights)
         self.acts = [aq for aq in acts if not aq.fixed]  # a range known without data is not learned
 
-    def begin(self, *, rounding: bool) -> LearnedParameters:
+    def begin(self, *, rounding: bool, starts: Mapping[nn.Module, torch.Tensor] | None = None) -> LearnedParameters:
         """Make the activation steps trainable, and either each weight's rounding and step (``rounding``:
         AdaRound with LSQ steps, the weights fixed) or only the weight steps (LSQ: the weights keep training
-        through the rounding's straight-through gradient). Rounding starts from each quantizer's stored grid,
-        step learning from the min/max grid of the current weights."""
+        through the rounding's straight-through gradient). Rounding starts from each quantizer's stored grid, at
+        the float weights or at a layer's rounding in ``starts`` (:meth:`WeightQuantizer.begin_rounding`); step
+        learning from the min/max grid of the current weights."""
         steps, alphas = [], []
         for layer, wq in self.weights:
             if rounding:
-                alpha, step = wq.begin_rounding(layer.weight)
+                alpha, step = wq.begin_rounding(layer.weight, (starts or {}).get(layer))
                 alphas.append(alpha)
                 steps.append(step)
             else:

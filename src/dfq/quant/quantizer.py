@@ -147,13 +147,22 @@ class WeightQuantizer(nn.Module):
         return torch.clamp(torch.sigmoid(self.alpha) * (self._ZETA - self._GAMMA) + self._GAMMA, 0, 1)
 
     @torch.no_grad()
-    def begin_rounding(self, w: torch.Tensor) -> list[nn.Parameter]:
-        """Start learning the rounding and the step of ``w``; returns the new parameters."""
+    def begin_rounding(self, w: torch.Tensor, start: torch.Tensor | None = None) -> list[nn.Parameter]:
+        """Start learning the rounding and the step of ``w``; returns the new parameters.
+
+        Without ``start`` the soft rounding starts at the float weight. With ``start`` (weights of ``w``'s shape,
+        such as GPTQ's compensated weights) each weight chooses between the two grid points around its ``start``
+        value and leans 0.9 to 0.1 towards the one ``start`` rounds to, so the hard rounding begins at
+        ``start``'s."""
         if not self.stored:
             raise DFQError("learned rounding needs stored weight scales (quant.weight_scales: stored)")
         scale = self.qparams(w)[0]
-        self._base = torch.floor(w.detach() / scale)
-        rest = (w.detach() / scale - self._base).clamp(0.01, 0.99)  # h(alpha) = rest: start at the float weight
+        if start is None:
+            self._base = torch.floor(w.detach() / scale)
+            rest = (w.detach() / scale - self._base).clamp(0.01, 0.99)  # h(alpha) = rest: start at the float weight
+        else:
+            self._base = torch.floor(start.detach() / scale)
+            rest = 0.1 + 0.8 * (torch.round(start.detach() / scale) > self._base).to(w.dtype)
         self.alpha = nn.Parameter(-torch.log((self._ZETA - self._GAMMA) / (rest - self._GAMMA) - 1))
         self.step = nn.Parameter(scale.clone())
         self.soft_rounding = True
