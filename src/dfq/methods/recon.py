@@ -15,7 +15,9 @@ BRECQ/QDrop, built for a small compute budget:
    P's unit output, on inputs that come from the already-quantized units: weights with
    learned rounding (AdaRound) and learned steps (LSQ), activations with learned steps,
    quantization dropped at random per element (QDrop). The rounding is then fixed and
-   written into the weights, so the result is an ordinary Q with stored grids.
+   written into the weights, so the result is an ordinary Q with stored grids. With
+   ``rounding_init="gptq"`` the learned rounding starts at GPTQ's (:mod:`dfq.methods.gptq`)
+   instead of at the float weights.
 """
 
 from __future__ import annotations
