@@ -488,7 +488,6 @@ def test_units_never_cut_at_a_tuple() -> None:
     assert len(chain) == 3 and torch.equal(y, expected)
 
 
-
 @pytest.mark.parametrize("init", ["nearest", "gptq"])
 def test_rounding_init_is_where_the_learned_rounding_starts(init: str) -> None:
     """With every learning rate at 0 the reconstruction keeps its start: round-to-nearest on the initial grids, or
