@@ -64,8 +64,13 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--pools", nargs="+", default=["synthetic", "real256", "real1024"])
     args = parser.parse_args()
+    missing = [str(path) for path in (WEIGHTS, LOSSLESS, JPEG) if not path.is_file()]
+    if missing:
+        print(f"skipped: {', '.join(missing)} not found (see ../shared/data/README.md)", file=sys.stderr)
+        return 0
     p = create_model("resnet8_mlperf_cifar10", weights=WEIGHTS).eval()
     info = p.dfq_info
+    quant, stats = from_preprocessing(p, dfq.QuantConfig(wbits=4, abits=4, weight_scales="stored"))
     test = list(make_loader(open_dataset(LOSSLESS), info.mean, info.std))
     animals = _animals(info)
     result = {"model": "resnet8_mlperf_cifar10", "bits": "W4A4", "protocol": "deploy", "method": "gptq",
@@ -73,7 +78,6 @@ def main() -> int:
     for seed in args.seeds:
         for kind in args.pools:
             seed_everything(seed)
-            quant, stats = from_preprocessing(p, dfq.QuantConfig(wbits=4, abits=4, weight_scales="stored"))
             pool = _pool(kind, p, stats, animals, seed)
             for fit, keys in FITS.items():
                 start = time.perf_counter()

@@ -501,7 +501,8 @@ def test_rounding_init_is_where_the_learned_rounding_starts(init: str) -> None:
         ref = quantize_model(teacher, _stored()).eval()
         init_grids(ref, pool, TINY.synth_batch)
     floats, want = dict(teacher.named_modules()), dict(ref.named_modules())
-    got = [(name, m) for name, m in q.named_modules() if m in _weight_layers(q)]
+    layers = _weight_layers(q)
+    got = [(name, m) for name, m in q.named_modules() if m in layers]
     assert len(got) == 7
     moved = 0
     with torch.no_grad():
